@@ -1,0 +1,296 @@
+"""Semi-autoregressive block decoding: what one denoising step does to a batch of sequences.
+
+A sequence is its prompt followed by a canvas of MASK tokens, decoded in blocks left to right.
+Each step runs the model over some query range, predicts every masked position of the current
+block, and commits some of them for good (never remasked). Two choices make the variants:
+
+* the commit policy (how many of the block's masked positions to commit this step):
+  `vanilla` one per step in confidence order (LLaDA's reference with steps = new tokens),
+  `threshold` all with confidence >= tau, at least one (Fast-dLLM), `factor` the largest n whose
+  i-th confidence is >= 1 - f / (i + 1) (Fast-dLLM);
+* the cache (what each step recomputes): `none` the whole sequence every step; `prefix` a full
+  forward at each block start, then the block and everything after it against the frozen prefix;
+  `dual` a full forward at each block start, then only the block against frozen prefix and suffix.
+
+Sequences in one call may differ in length, policy, cache and progress: they are grouped into
+full and partial forwards, right-padded, and key-masked, so each row computes exactly what it
+would compute alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Literal
+
+import torch
+
+from .model import DiffusionLM, KVCache
+from .tokenizer import IncrementalDetokenizer, SpecialTokens, Tokenizer
+
+POLICIES = ("vanilla", "threshold", "factor")
+CACHES = ("none", "prefix", "dual")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeParams:
+    policy: Literal["vanilla", "threshold", "factor"] = "threshold"
+    cache: Literal["none", "prefix", "dual"] = "dual"
+    threshold: float = 0.9
+    factor: float = 1.0
+    block_size: int = 32
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int | None = None
+    early_stop: bool = True
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.cache not in CACHES:
+            raise ValueError(f"unknown cache {self.cache!r}; choose one of {', '.join(CACHES)}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.factor <= 0:
+            raise ValueError(f"factor must be > 0, got {self.factor}")
+        if self.block_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("block_size and max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+    @property
+    def canvas_len(self) -> int:
+        """max_new_tokens rounded up to whole blocks."""
+        return -(-self.max_new_tokens // self.block_size) * self.block_size
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """One denoising step of one request, for visualization."""
+
+    block: int
+    step: int  # step within the block
+    positions: list[int]  # canvas offsets committed this step
+    tokens: list[int]
+    masked_left: int  # masked positions still in the block
+
+
+@dataclasses.dataclass
+class Stats:
+    prompt_tokens: int
+    new_tokens: int  # committed tokens up to (not including) the first EOS / end of turn
+    forwards: int
+    blocks: int
+    first_text_ms: float | None
+    first_block_ms: float | None
+    total_ms: float
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / max(self.forwards, 1)
+
+
+@dataclasses.dataclass
+class Output:
+    """What a request produced in one engine step. Text arrives strictly in canvas order."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    step: StepInfo | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    stats: Stats | None = None
+    error: str | None = None
+
+
+class Sequence:
+    """Decoding state of one request: its canvas, current block and what was streamed."""
+
+    def __init__(self, request_id: str, prompt: list[int], params: DecodeParams, tokenizer: Tokenizer, device: torch.device) -> None:
+        self.id = request_id
+        self.params = params
+        self.prompt_len = len(prompt)
+        self.length = len(prompt) + params.canvas_len
+        self.n_blocks = params.canvas_len // params.block_size
+        mask = tokenizer.special.mask
+        self.ids = torch.tensor(prompt + [mask] * params.canvas_len, dtype=torch.long, device=device)
+        self.block = 0
+        self.block_step = 0
+        self.slot: int | None = None
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.streamed = 0  # canvas offsets [0, streamed) were emitted
+        self.stopped = False  # a stop token was streamed: the reply is complete
+        self.forwards = 0
+        self.t_start = time.perf_counter()
+        self.t_first_text: float | None = None
+        self.t_first_block: float | None = None
+
+    @property
+    def block_start(self) -> int:
+        return self.prompt_len + self.block * self.params.block_size
+
+    @property
+    def needs_full_forward(self) -> bool:
+        return self.params.cache == "none" or self.block_step == 0
+
+    def query_range(self) -> tuple[int, int]:
+        if self.needs_full_forward:
+            return 0, self.length
+        if self.params.cache == "prefix":
+            return self.block_start, self.length
+        return self.block_start, self.block_start + self.params.block_size
+
+    def stats(self) -> Stats:
+        now = time.perf_counter()
+        ms = lambda t: None if t is None else (t - self.t_start) * 1e3  # noqa: E731
+        return Stats(
+            prompt_tokens=self.prompt_len,
+            new_tokens=len(self.detok.ids),
+            forwards=self.forwards,
+            blocks=self.block + (self.block_step > 0),
+            first_text_ms=ms(self.t_first_text),
+            first_block_ms=ms(self.t_first_block),
+            total_ms=(now - self.t_start) * 1e3,
+        )
+
+
+def commit_counts(conf_sorted: torch.Tensor, policy: torch.Tensor, threshold: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """How many positions each row commits this step, from its confidences sorted descending.
+
+    `conf_sorted` is (N, B) with -inf for positions that are not masked; `policy` holds indices
+    into POLICIES. Every row with a masked position commits at least one.
+    """
+    n_masked = torch.isfinite(conf_sorted).sum(-1)
+    rank = torch.arange(1, conf_sorted.shape[1] + 1, device=conf_sorted.device)
+    above = (conf_sorted >= threshold[:, None]).sum(-1)
+    ok = conf_sorted >= 1 - factor[:, None] / (rank + 1)
+    ok[:, 0] = True
+    by_factor = ok.long().cumprod(-1).sum(-1)
+    count = torch.where(policy == 0, 1, torch.where(policy == 1, above, by_factor))
+    return torch.minimum(count.clamp(min=1), n_masked)
+
+
+def predict(logits: torch.Tensor, temperature: torch.Tensor, generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted tokens and their confidences (softmax probability under the unperturbed logits).
+
+    Rows with temperature > 0 sample by the Gumbel-max trick as LLaDA does, with their own
+    generator so a seeded request decodes the same alone or in a batch.
+    """
+    logits = logits.float()
+    scores = logits
+    if bool((temperature > 0).any()):
+        scores = logits.clone()
+        for i, gen in enumerate(generators):
+            if gen is not None:
+                u = torch.rand(logits.shape[1:], generator=gen, device=logits.device, dtype=torch.float64)
+                scores[i] = (logits[i].double() / float(temperature[i]) - torch.log(-torch.log(u))).float()
+    x0 = scores.argmax(-1)
+    conf = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
+    return x0, conf
+
+
+class Runner:
+    """Runs denoising steps for any mix of sequences against one model and one KV cache."""
+
+    def __init__(self, model: DiffusionLM, tokenizer: Tokenizer, cache: KVCache) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.special: SpecialTokens = tokenizer.special
+        self.cache = cache
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def step(self, seqs: list[Sequence], want_steps: set[str] = frozenset()) -> list[Output]:
+        """One denoising step for every sequence; returns one Output per sequence.
+
+        Sequences that need a full forward and those that need a partial one (and any with a
+        different block size) run as separate batched forwards.
+        """
+        groups: dict[tuple[bool, int], list[Sequence]] = {}
+        for s in seqs:
+            groups.setdefault((s.needs_full_forward, s.params.block_size), []).append(s)
+        return [out for group in groups.values() for out in self._step_group(group, want_steps)]
+
+    def _step_group(self, seqs: list[Sequence], want_steps: set[str]) -> list[Output]:
+        dev, n = self.device, len(seqs)
+        ranges = [s.query_range() for s in seqs]
+        t = max(b - a for a, b in ranges)
+        s_keys = max(s.length for s in seqs)
+        ids = torch.full((n, t), self.special.pad, dtype=torch.long, device=dev)
+        pos = torch.full((n, t), self.cache.scratch, dtype=torch.long, device=dev)
+        key_valid = torch.zeros((n, s_keys), dtype=torch.bool, device=dev)
+        block_idx = torch.empty((n, seqs[0].params.block_size), dtype=torch.long, device=dev)
+        for i, (s, (a, b)) in enumerate(zip(seqs, ranges)):
+            ids[i, : b - a] = s.ids[a:b]
+            pos[i, : b - a] = torch.arange(a, b, device=dev)
+            key_valid[i, : s.length] = True
+            block_idx[i] = torch.arange(s.params.block_size, device=dev) + (s.block_start - a)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
+        hidden = self.model(ids, pos, key_valid, self.cache, slots)
+        hidden = hidden.gather(1, block_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = self.model.logits(hidden)
+
+        block_tokens = ids.gather(1, block_idx)
+        masked = block_tokens == self.special.mask
+        temperature = torch.tensor([s.params.temperature for s in seqs], device=dev)
+        x0, conf = predict(logits, temperature, [s.generator for s in seqs])
+        conf = torch.where(masked, conf, -torch.inf)
+        conf_sorted, order = conf.sort(dim=-1, descending=True, stable=True)
+        policy = torch.tensor([POLICIES.index(s.params.policy) for s in seqs], device=dev)
+        threshold = torch.tensor([s.params.threshold for s in seqs], device=dev)
+        factor = torch.tensor([s.params.factor for s in seqs], device=dev)
+        count = commit_counts(conf_sorted, policy, threshold, factor)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=dev).expand_as(order))
+        commit = masked & (rank < count[:, None])
+        new_block = torch.where(commit, x0, block_tokens)
+
+        new_block_cpu, commit_cpu = new_block.tolist(), commit.tolist()
+        outputs = []
+        for i, s in enumerate(seqs):
+            bs = s.block_start
+            s.ids[bs : bs + s.params.block_size] = new_block[i]
+            s.forwards += 1
+            outputs.append(self._advance(s, new_block_cpu[i], commit_cpu[i], s.id in want_steps))
+        return outputs
+
+    def _advance(self, s: Sequence, block: list[int], committed: list[bool], want_step: bool) -> Output:
+        """Book-keeping after a commit: stream the in-order prefix, move to the next block, stop."""
+        out = Output(request_id=s.id)
+        offset = s.block * s.params.block_size  # canvas offset of the block
+        mask = self.special.mask
+        if want_step:
+            idx = [j for j, c in enumerate(committed) if c]
+            out.step = StepInfo(s.block, s.block_step, [offset + j for j in idx], [block[j] for j in idx], sum(t == mask for t in block))
+        s.block_step += 1
+        # Stream the committed prefix: tokens after a still-masked position cannot be spoken yet.
+        start = s.streamed - offset
+        new: list[int] = []
+        for tok in block[start:]:
+            if tok == mask:
+                break
+            new.append(tok)
+        s.streamed += len(new)
+        if not s.stopped and new:
+            stop_at = next((j for j, tok in enumerate(new) if tok in self.special.stop), None)
+            if stop_at is not None:
+                new, s.stopped = new[:stop_at], True
+            out.token_ids = new
+            out.text = s.detok.push(new)
+            if out.text and s.t_first_text is None:
+                s.t_first_text = time.perf_counter()
+        if mask not in block:
+            if s.t_first_block is None:
+                s.t_first_block = time.perf_counter()
+            s.block += 1
+            s.block_step = 0
+        if (s.stopped and s.params.early_stop) or s.block == s.n_blocks:
+            s.t_first_block = s.t_first_block or time.perf_counter()
+            out.finished = True
+            out.finish_reason = "stop" if s.stopped else "length"
+            out.stats = s.stats()
+        return out

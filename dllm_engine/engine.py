@@ -1,0 +1,217 @@
+"""The async engine: a request queue, continuous batching, streaming and cancellation.
+
+Model work runs on one scheduler thread, never on the caller's event loop. Each loop iteration
+admits waiting requests into free KV-cache slots, drops cancelled ones, and runs one denoising
+step for every active request together (see decoding.Runner). Requests therefore join and leave
+between steps, at their own block boundaries, while sharing forwards with the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from pathlib import Path
+from typing import AsyncIterator, Union
+
+import torch
+
+from .decoding import DecodeParams, Output, Runner, Sequence
+from .loading import load_model
+from .model import DiffusionLM, KVCache
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# A prompt is raw text, token ids, or chat messages rendered with the model's chat template.
+Prompt = Union[str, list[int], list[dict[str, str]]]
+
+
+class RequestError(ValueError):
+    """A request the engine refuses: it names the problem; other requests are unaffected."""
+
+
+class _Request:
+    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop, want_steps: bool) -> None:
+        self.seq = seq
+        self.loop = loop
+        self.want_steps = want_steps
+        self.outputs: asyncio.Queue[Output] = asyncio.Queue()
+        self.cancelled = False
+
+    def post(self, out: Output) -> None:
+        self.loop.call_soon_threadsafe(self.outputs.put_nowait, out)
+
+
+class Engine:
+    """In-process dLLM serving: `async for out in engine.stream(prompt, params): ...`."""
+
+    def __init__(self, model: DiffusionLM, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.max_len = min(max_len or cfg.max_sequence_length, cfg.max_sequence_length)
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = KVCache(cfg, max_batch, self.max_len, param.dtype, self.device)
+        self.runner = Runner(model, tokenizer, self.cache)
+        self.max_batch = max_batch
+        self._ids = itertools.count()
+        self._commands: queue.Queue = queue.Queue()
+        self._requests: dict[str, _Request] = {}  # every request not yet finished
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="dllm-engine", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto", **kwargs) -> "Engine":
+        model, tokenizer = load_model(path, device=device, dtype=dtype)
+        return cls(model, tokenizer, **kwargs)
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt) and prompt:
+            return self.tokenizer.apply_chat_template(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.model.config.vocab_size]
+            if bad:
+                raise RequestError(f"token id(s) {bad[:5]} outside the vocabulary of {self.model.config.vocab_size}")
+            return list(prompt)
+        raise RequestError("a prompt must be a string, a list of token ids, or a non-empty list of chat messages")
+
+    async def stream(
+        self,
+        prompt: Prompt,
+        params: DecodeParams | None = None,
+        request_id: str | None = None,
+        step_events: bool = False,
+    ) -> AsyncIterator[Output]:
+        """Stream a request's outputs; the last one has `finished=True` and its stats.
+
+        Leaving the loop early (break, task cancellation) cancels the request.
+        """
+        req = self._submit(prompt, params or DecodeParams(), request_id, step_events)
+        finished = False
+        try:
+            while True:
+                out = await req.outputs.get()
+                finished = out.finished
+                if out.error and out.finish_reason == "error":
+                    raise RequestError(out.error)
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(req.seq.id)
+
+    async def generate(self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None) -> tuple[str, Output]:
+        """Whole reply text and the final output (with stats)."""
+        text, last = [], None
+        async for out in self.stream(prompt, params, request_id):
+            text.append(out.text)
+            last = out
+        assert last is not None
+        return "".join(text), last
+
+    def cancel(self, request_id: str) -> bool:
+        """Free a request at the next step (barge-in). False if it is not running."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None:
+                return False
+            req.cancelled = True
+        self._commands.put(None)  # wake the loop if it is idle
+        return True
+
+    @property
+    def active_requests(self) -> int:
+        with self._lock:
+            return len(self._requests)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._commands.put(None)
+            self._thread.join(timeout=10)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _submit(self, prompt: Prompt, params: DecodeParams, request_id: str | None, step_events: bool) -> _Request:
+        if self._closed:
+            raise RequestError("the engine is closed")
+        if not isinstance(params, DecodeParams):
+            raise RequestError(f"params must be DecodeParams, got {type(params).__name__}")
+        ids = self.encode_prompt(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        total = len(ids) + params.canvas_len
+        if total > self.max_len:
+            raise RequestError(
+                f"prompt of {len(ids)} tokens + {params.canvas_len} new exceeds the context of {self.max_len} tokens"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        seq = Sequence(request_id, ids, params, self.tokenizer, self.device)
+        req = _Request(seq, asyncio.get_running_loop(), step_events)
+        with self._lock:
+            if request_id in self._requests:
+                raise RequestError(f"request id {request_id!r} is already running")
+            self._requests[request_id] = req
+        self._commands.put(req)
+        return req
+
+    def _loop(self) -> None:
+        waiting: deque[_Request] = deque()
+        active: list[_Request] = []
+        free_slots = list(range(self.max_batch))
+        while not self._closed:
+            block = not active and not waiting
+            try:
+                cmd = self._commands.get(block=block)
+                while True:
+                    if cmd is not None:
+                        waiting.append(cmd)
+                    cmd = self._commands.get_nowait()
+            except queue.Empty:
+                pass
+            for req in [r for r in itertools.chain(waiting, active) if r.cancelled]:
+                (waiting if req in waiting else active).remove(req)
+                self._finish(req, Output(req.seq.id, finished=True, finish_reason="cancelled", stats=req.seq.stats()), free_slots)
+            while waiting and free_slots:
+                req = waiting.popleft()
+                req.seq.slot = free_slots.pop(0)
+                active.append(req)
+            if not active:
+                continue
+            try:
+                outs = self.runner.step([r.seq for r in active], {r.seq.id for r in active if r.want_steps})
+            except Exception as e:  # fail this step's requests, keep serving
+                log.exception("engine step failed")
+                for req in active:
+                    self._finish(req, Output(req.seq.id, finished=True, finish_reason="error", error=f"engine step failed: {e}"), free_slots)
+                active.clear()
+                continue
+            by_id = {r.seq.id: r for r in active}
+            for out in outs:
+                req = by_id[out.request_id]
+                if out.finished:
+                    active.remove(req)
+                    self._finish(req, out, free_slots)
+                elif out.text or out.token_ids or out.step:
+                    req.post(out)
+
+    def _finish(self, req: _Request, out: Output, free_slots: list[int]) -> None:
+        if req.seq.slot is not None:
+            free_slots.append(req.seq.slot)
+            free_slots.sort()
+            req.seq.slot = None
+        with self._lock:
+            self._requests.pop(req.seq.id, None)
+        req.post(out)

@@ -1,0 +1,126 @@
+"""Load and save Hugging Face-layout model directories (config.json, *.safetensors, tokenizer).
+
+Large checkpoints load without two copies in memory: the model is built on the meta device and
+each tensor, read from a memory-mapped safetensors file, is assigned to its parameter directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, LLaDAConfig
+from .model import DiffusionLM
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({directory / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ConfigError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"no *.safetensors weights in {directory}")
+    return files
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto") -> tuple[DiffusionLM, Tokenizer]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"model directory {directory} does not exist")
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    cfg = LLaDAConfig.from_file(directory / "config.json")
+    tokenizer = Tokenizer(directory, cfg)
+    with torch.device("meta"):
+        model = DiffusionLM(cfg)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for path in _weight_files(directory):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name not in expected:
+                        raise ConfigError(f"{path.name}: unexpected weight {name!r} (not in the LLaDA layout for this config)")
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if shape != tuple(expected[name]):
+                        raise ConfigError(f"{path.name}: weight {name!r} has shape {shape}, config expects {tuple(expected[name])}")
+                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        except ConfigError:
+            raise
+        except Exception as e:  # safetensors reports corrupt headers/data as generic errors
+            raise ConfigError(f"cannot read weights from {path}: {e}") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"checkpoint in {directory} lacks weight(s): {shown}")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.eval().requires_grad_(False)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("loaded %s: %.1fM parameters, %s on %s", directory, n / 1e6, str(dtype).removeprefix("torch."), device)
+    return model, tokenizer
+
+
+def save_model(model: DiffusionLM, directory: str | Path, dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 15 * 2**20) -> None:
+    """Write weights as safetensors in LLaDA names, sharded with an index above `max_shard_bytes`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    for old in directory.glob("*.safetensors"):
+        old.unlink()
+    (directory / INDEX_FILE).unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

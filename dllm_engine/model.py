@@ -1,0 +1,187 @@
+"""A bidirectional transformer in the LLaDA layout, in plain PyTorch.
+
+Module names mirror LLaDA's checkpoint names (`model.transformer.blocks.{i}.q_proj`, ...), so a
+state dict loads without renaming. Attention is full (no causal mask): every position sees the
+whole canvas, which is what lets a diffusion LM fill masked tokens anywhere.
+
+The optional `KVCache` is a static per-slot buffer (gpt-fast style). A forward that is given a
+cache first writes its own rotated keys and values at their positions, then attends over the
+slot's first `key_valid.shape[1]` cached entries. With the whole sequence as the query this is
+an ordinary forward that also fills the cache; with only a block as the query it is Fast-dLLM's
+cached step against the (stale) keys and values of everything else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LLaDAConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 as LLaDA does; low-precision variance is visibly off at d=4096.
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return y * self.weight
+
+
+def rotary(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for positions `pos` (N, T), shaped (N, T, 1, head_dim), in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    freqs = pos.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE computed in fp32 (LLaDA's `rope_full_precision`)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class KVCache:
+    """Rotated keys and values per layer, laid out (slot, position, kv_head, head_dim).
+
+    One extra position at index `max_len` is scratch: padded query rows write there, so a padded
+    batch never overwrites real entries and never reads the scratch back.
+    """
+
+    def __init__(self, cfg: LLaDAConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (slots, max_len + 1, cfg.n_kv_heads, cfg.head_dim)
+        self.max_len = max_len
+        self.slots = slots
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+
+    @property
+    def scratch(self) -> int:
+        return self.max_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # gate (SiLU applied)
+        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, object, int] | None,
+    ) -> torch.Tensor:
+        n, t, _ = x.shape
+        h = self.attn_norm(x)
+        q = apply_rotary(self.q_proj(h).view(n, t, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(h).view(n, t, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(h).view(n, t, self.n_kv_heads, self.head_dim)
+        if kv is not None:
+            ck, cv, write_idx, rows, n_keys = kv
+            ck[write_idx] = k
+            cv[write_idx] = v
+            k, v = ck[rows, :n_keys], cv[rows, :n_keys]
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=attn_mask,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        x = x + self.attn_out(y.transpose(1, 2).reshape(n, t, -1))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.embedding_size, cfg.d_model),
+                blocks=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+                ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
+            )
+        )
+        if not cfg.weight_tying:
+            self.transformer["ff_out"] = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+
+
+class DiffusionLM(nn.Module):
+    """LLaDA-layout mask predictor: hidden states for every query position, logits on demand."""
+
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Transformer(cfg)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (N, T, d) for query tokens `ids` (N, T) at positions `pos`.
+
+        Without a cache the queries are also the keys; `key_valid` (N, T) masks padding.
+        With a cache, row i writes its keys/values into `cache` slot `slots[i]` at `pos[i]`
+        (padding rows should point `pos` at `cache.scratch`) and attends over that slot's
+        positions [0, key_valid.shape[1]) where `key_valid` is True.
+        """
+        cfg = self.config
+        n, t = ids.shape
+        if pos is None:
+            pos = torch.arange(t, device=ids.device).expand(n, t)
+        cos, sin = rotary(pos, cfg.head_dim, cfg.rope_theta)
+        attn_mask = None
+        if key_valid is not None and not bool(key_valid.all()):
+            attn_mask = key_valid[:, None, None, :]
+        if cache is not None:
+            assert slots is not None and key_valid is not None, "a cached forward needs slots and key_valid"
+            write_idx, rows = _cache_index(slots, pos)
+        tr = self.model.transformer
+        x = tr["wte"](ids)
+        for i, block in enumerate(tr["blocks"]):
+            kv = None if cache is None else (cache.k[i], cache.v[i], write_idx, rows, key_valid.shape[1])
+            x = block(x, cos, sin, attn_mask, kv)
+        return tr["ln_f"](x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        tr = self.model.transformer
+        weight = tr["wte"].weight if self.config.weight_tying else tr["ff_out"].weight
+        return F.linear(hidden, weight)[..., : self.config.vocab_size]
+
+
+def _cache_index(slots: torch.Tensor, pos: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], object]:
+    """Index for writing (slot, position) pairs, and the row selector for reading slots back.
+
+    Consecutive slots read as a slice (a view, no copy); anything else gathers.
+    """
+    write = (slots[:, None].expand_as(pos), pos)
+    first = int(slots[0])
+    if bool((slots == torch.arange(first, first + len(slots), device=slots.device)).all()):
+        return write, slice(first, first + len(slots))
+    return write, slots

@@ -1,0 +1,154 @@
+"""Tokenizer, chat template and special token ids, read from a Hugging Face-layout directory.
+
+Uses the `tokenizers` library and a sandboxed Jinja environment (as transformers does) rather than
+transformers' tokenizer classes: it loads in milliseconds and behaves the same for LLaDA's files
+and the project's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from .config import ConfigError, LLaDAConfig
+
+# Token strings tried, in order, when the config does not name an id.
+MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end_of_turn|>")
+
+
+def _token_str(value: Any) -> str | None:
+    """tokenizer_config.json writes special tokens as strings or AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    mask: int
+    eos: int
+    pad: int
+    bos: int | None
+    end_of_turn: int | None
+
+    @property
+    def stop(self) -> frozenset[int]:
+        """Tokens after which nothing more belongs to the reply."""
+        return frozenset(t for t in (self.eos, self.end_of_turn) if t is not None)
+
+
+class Tokenizer:
+    def __init__(self, directory: str | Path, config: LLaDAConfig) -> None:
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on missing/corrupt files
+            raise ConfigError(f"cannot load tokenizer {path}: {e}") from None
+        tc_path = directory / "tokenizer_config.json"
+        tc: dict[str, Any] = json.loads(tc_path.read_text()) if tc_path.exists() else {}
+        self.bos_token = _token_str(tc.get("bos_token"))
+        self.eos_token = _token_str(tc.get("eos_token"))
+        template = tc.get("chat_template")
+        jinja_path = directory / "chat_template.jinja"
+        if template is None and jinja_path.exists():
+            template = jinja_path.read_text()
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template
+        self._compiled = _jinja().from_string(template) if template else None
+        self.special = self._resolve_special(config)
+
+    def _resolve_special(self, cfg: LLaDAConfig) -> SpecialTokens:
+        def tid(token: str | None) -> int | None:
+            return None if token is None else self._tok.token_to_id(token)
+
+        def first(tokens: Iterable[str]) -> int | None:
+            return next((i for i in map(tid, tokens) if i is not None), None)
+
+        mask = cfg.mask_token_id if cfg.mask_token_id is not None else first(MASK_TOKENS)
+        eos = cfg.eos_token_id if cfg.eos_token_id is not None else tid(self.eos_token)
+        if mask is None:
+            raise ConfigError(f"no mask token: set mask_token_id in config.json or add one of {MASK_TOKENS}")
+        if eos is None:
+            raise ConfigError("no EOS token: set eos_token_id in config.json or eos_token in tokenizer_config.json")
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
+        bos = cfg.bos_token_id if cfg.bos_token_id is not None else tid(self.bos_token)
+        for name, value in (("mask", mask), ("eos", eos), ("pad", pad)):
+            if not 0 <= value < cfg.vocab_size:
+                raise ConfigError(f"{name} token id {value} is outside the vocabulary of {cfg.vocab_size}")
+        return SpecialTokens(mask=mask, eos=eos, pad=pad, bos=bos, end_of_turn=first(END_OF_TURN_TOKENS))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    @property
+    def has_system_role(self) -> bool:
+        return bool(self.chat_template) and "system" in self.chat_template
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if self._compiled is None:
+            raise ConfigError("this model has no chat template (tokenizer_config.json or chat_template.jinja)")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"a chat message must be {{'role': str, 'content': str}}, got {m!r}")
+        try:
+            return self._compiled.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as e:
+            raise ValueError(f"chat template rejected the conversation: {e}") from None
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _jinja() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    return env
+
+
+class IncrementalDetokenizer:
+    """Turns a growing token list into text deltas that never split a UTF-8 character.
+
+    Byte-level BPE can end a token in the middle of a multi-byte character; the decoded text then
+    ends in U+FFFD until the next token completes it, so such text is held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        text = self._tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.text = text[len(self.text) :], text
+        return delta
