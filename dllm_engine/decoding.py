@@ -290,6 +290,7 @@ class Runner:
             s.block_step = 0
         if (s.stopped and s.params.early_stop) or s.block == s.n_blocks:
             s.t_first_block = s.t_first_block or time.perf_counter()
+            out.text += s.detok.flush()
             out.finished = True
             out.finish_reason = "stop" if s.stopped else "length"
             out.stats = s.stats()

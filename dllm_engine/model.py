@@ -99,8 +99,8 @@ class Block(nn.Module):
         v = self.v_proj(h).view(n, t, self.n_kv_heads, self.head_dim)
         if kv is not None:
             ck, cv, write_idx, rows, n_keys = kv
-            ck[write_idx] = k
-            cv[write_idx] = v
+            ck[write_idx] = k.to(ck.dtype)
+            cv[write_idx] = v.to(cv.dtype)
             k, v = ck[rows, :n_keys], cv[rows, :n_keys]
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),

@@ -152,3 +152,9 @@ class IncrementalDetokenizer:
             return ""
         delta, self.text = text[len(self.text) :], text
         return delta
+
+    def flush(self) -> str:
+        """Whatever was held back, once no more tokens will come."""
+        text = self._tokenizer.decode(self.ids)
+        delta, self.text = text[len(self.text) :], text
+        return delta

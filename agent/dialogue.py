@@ -1,0 +1,30 @@
+"""Conversation history rendered with the model's own chat template, within a token budget."""
+
+from __future__ import annotations
+
+from dllm_engine.tokenizer import Tokenizer
+
+
+class Dialogue:
+    """User/assistant turns; `prompt()` renders them, dropping the oldest exchanges past the budget."""
+
+    def __init__(self, tokenizer: Tokenizer, system_prompt: str | None = None, max_history_tokens: int = 512) -> None:
+        if system_prompt and not tokenizer.has_system_role:
+            raise ValueError("this model's chat template has no system role; drop the system prompt")
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.max_history_tokens = max_history_tokens
+        self.turns: list[dict[str, str]] = []
+
+    def add(self, role: str, text: str) -> None:
+        self.turns.append({"role": role, "content": text.strip()})
+
+    def prompt(self) -> list[int]:
+        """Token ids ending in the assistant header; always keeps the last user turn."""
+        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        turns = list(self.turns)
+        while True:
+            ids = self.tokenizer.apply_chat_template(head + turns)
+            if len(ids) <= self.max_history_tokens or len(turns) <= 1:
+                return ids
+            turns = turns[2:] if len(turns) > 2 else turns[1:]

@@ -1,0 +1,744 @@
+"""Train the default model: `dllm train --config CONFIG [--resume] [--minutes M]`, `dllm export`.
+
+Objective (LLaDA SFT, see `diffusion_loss`): a training row is the chat-template prompt (history
+ending with the assistant header), never masked, followed by a reply region of `reply_len` tokens:
+the reply, <|eot_id|>, then <|endoftext|> padding. Per row t ~ U(eps, 1); each reply-region token
+is replaced by the mask token with probability t; the loss is the cross-entropy on masked tokens
+weighted 1/t and normalized by the reply-region length, averaged over rows. An optional first phase
+(`pretrain_steps`) trains the same way on plain utterances (BOS, then utterance + EOS as the region).
+
+Rows are bucketed by length (right-padded within a batch, padded keys masked with `key_valid`),
+the learning rate warms up linearly then follows a cosine to `min_lr_ratio * lr` at `max_steps`.
+
+Run directory (`out_dir`):
+  checkpoint.pt   model + optimizer + step + data position + RNG states (atomic; resumes exactly)
+  best.pt         model weights with the lowest eval loss so far
+  model/          the exported model (HF layout, bf16, tokenizer copied) written when the run ends
+  metrics.jsonl   one line per log / eval event
+`dllm export --run DIR --out DIR [--last]` exports best (default) or last weights at any time.
+
+Resuming: `--resume` continues from `out_dir/checkpoint.pt` if there is one (else starts fresh);
+without it an existing checkpoint is an error, so nothing is overwritten by accident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, LLaDAConfig
+from .data import DataError
+from .loading import _cpu_has_bf16, save_model
+from .model import DiffusionLM
+from .tokenizer import Tokenizer
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+MODEL_KEYS = {f.name for f in dataclasses.fields(LLaDAConfig)} - {"mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"}
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Top-level keys of the TOML file; the `[model]` table holds LLaDA config.json field names."""
+
+    data_dir: str
+    out_dir: str
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    threads: int = 2  # torch intra-op threads (0: torch's default)
+    autocast_bf16: str | bool = "auto"  # auto: only where the CPU has native bf16 (avx512_bf16/amx)
+    # data
+    reply_len: int = 64  # reply + <|eot_id|> + EOS padding; longer replies are cut at a sentence end or dropped
+    max_prompt_tokens: int = 192  # older history turns are dropped (in user/assistant pairs) beyond this
+    batch_tokens: int = 8192  # padded tokens per batch; batch size = batch_tokens // bucket length
+    max_batch_size: int = 128
+    bucket_step: int = 16  # length buckets are multiples of this
+    # optimisation
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 500
+    max_steps: int = 100_000  # cosine horizon and the end of the run
+    max_minutes: float = 0.0  # stop (checkpoint and exit) after this many minutes of one invocation; 0: no limit
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eps: float = 1e-3  # t ~ U(eps, 1)
+    init_std: float = 0.02
+    # optional pretraining on plain utterances (the first pretrain_steps steps of the schedule)
+    pretrain_steps: int = 0
+    pretrain_max_tokens: int = 96
+    # evaluation and checkpoints
+    eval_interval: int = 500  # steps
+    eval_examples: int = 1000  # held-out examples used (an evenly spaced, fixed subset)
+    eval_ratios: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5, 0.75])
+    checkpoint_minutes: float = 10.0
+    log_interval: int = 50  # steps between log lines (the tqdm bar updates every step)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], base_dir: Path | None = None) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        missing = [k for k in ("data_dir", "out_dir") if k not in raw]
+        if missing:
+            raise ConfigError(f"config lacks required key(s): {', '.join(missing)}")
+        model = raw.get("model", {})
+        if not isinstance(model, dict):
+            raise ConfigError("[model] must be a table of LLaDA config fields")
+        bad = sorted(set(model) - MODEL_KEYS)
+        if bad:
+            raise ConfigError(f"unknown [model] key(s): {', '.join(bad)} (LLaDA field names: {', '.join(sorted(MODEL_KEYS))})")
+        cfg = cls(**raw)
+        if base_dir is not None:  # relative paths are relative to the config file
+            cfg.data_dir = str((base_dir / cfg.data_dir).resolve())
+            cfg.out_dir = str((base_dir / cfg.out_dir).resolve())
+        for name in ("reply_len", "batch_tokens", "max_steps", "eval_interval", "log_interval", "bucket_step", "max_batch_size"):
+            if getattr(cfg, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if not 0 < cfg.eps < 1:
+            raise ConfigError(f"eps must be in (0, 1), got {cfg.eps}")
+        if cfg.autocast_bf16 not in ("auto", True, False):
+            raise ConfigError(f"autocast_bf16 must be auto, true or false, got {cfg.autocast_bf16!r}")
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config {path} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+        try:
+            return cls.from_dict(raw, path.parent)
+        except TypeError as e:
+            raise ConfigError(f"config {path}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"config {path}: {e}") from None
+
+    def use_autocast(self) -> bool:
+        return _cpu_has_bf16() if self.autocast_bf16 == "auto" else bool(self.autocast_bf16)
+
+    def model_config(self, tokenizer_dir: Path) -> LLaDAConfig:
+        """The LLaDA config: `[model]` plus the vocabulary size and special ids of the tokenizer."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        n_vocab = HFTokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+        fields = dict(self.model)
+        if fields.setdefault("vocab_size", n_vocab) < n_vocab:
+            raise ConfigError(f"[model] vocab_size={fields['vocab_size']} is smaller than the tokenizer's {n_vocab} tokens")
+        cfg = LLaDAConfig(**fields)
+        tok = Tokenizer(tokenizer_dir, cfg)
+        s = tok.special
+        return dataclasses.replace(cfg, mask_token_id=s.mask, eos_token_id=s.eos, pad_token_id=s.pad, bos_token_id=s.bos)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    prompt: Sequence[int]  # never masked
+    region: Sequence[int]  # maskable: reply + eot + EOS padding (or an utterance + EOS)
+
+    @classmethod
+    def compact(cls, prompt: list[int], region: list[int]) -> "Row":
+        """Stored as int32 arrays: 125k rows of Python int lists would take gigabytes."""
+        return cls(np.asarray(prompt, dtype=np.int32), np.asarray(region, dtype=np.int32))
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.region)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Chat examples; an empty file or a malformed line is a DataError naming file and line."""
+    if not path.exists():
+        raise DataError(f"{path}: not found (run `dllm prepare-data` first)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON line: {e}") from None
+            msgs = ex.get("messages") if isinstance(ex, dict) else None
+            if (
+                not isinstance(msgs, list)
+                or not msgs
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
+                or not isinstance(ex.get("reply"), str)
+            ):
+                raise DataError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": str, \"content\": str}}, ...], \"reply\": str}}")
+            rows.append(ex)
+    if not rows:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return rows
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def fit_reply(tok: Tokenizer, reply: str, budget: int) -> list[int] | None:
+    """Reply token ids within `budget` tokens: whole, else cut after its last fitting sentence."""
+    ids = tok.encode(reply)
+    if len(ids) <= budget:
+        return ids
+    sentences = _SENTENCE_END.split(reply)
+    for k in range(len(sentences) - 1, 0, -1):
+        ids = tok.encode(" ".join(sentences[:k]))
+        if len(ids) <= budget:
+            return ids
+    return None
+
+
+def encode_chat(tok: Tokenizer, examples: list[dict], reply_len: int, max_prompt_tokens: int) -> tuple[list[Row], int]:
+    """Rows for chat examples, and how many were dropped (reply or last user turn too long).
+
+    Prompts over `max_prompt_tokens` lose their oldest user/assistant pairs. For speed each distinct
+    message is tokenized once and prompts are assembled from the pieces; `_piece_ids` checks on a
+    sample that this equals tokenizing the whole rendered template.
+    """
+    eot, eos = tok.special.end_of_turn, tok.special.eos
+    if eot is None:
+        raise ConfigError("the tokenizer has no end-of-turn token (<|eot_id|>)")
+    piece, head, tail = _piece_ids(tok, examples)
+    replies = _encode_batch(tok, [ex["reply"] for ex in examples])
+    rows, dropped = [], 0
+    for ex, reply in zip(examples, replies):
+        if len(reply) > reply_len - 1:
+            reply = fit_reply(tok, ex["reply"], reply_len - 1)
+        msgs = [piece[(m["role"], m["content"])] for m in ex["messages"]]
+        while len(head) + sum(map(len, msgs)) + len(tail) > max_prompt_tokens and len(msgs) > 2:
+            msgs = msgs[2:]  # drop the oldest user/assistant pair; the history still starts with the user
+        prompt = head + [t for m in msgs for t in m] + tail
+        if reply is None or len(prompt) > max_prompt_tokens:
+            dropped += 1
+            continue
+        region = reply + [eot] + [eos] * (reply_len - 1 - len(reply))
+        rows.append(Row.compact(prompt, region))
+    return rows, dropped
+
+
+def _piece_ids(tok: Tokenizer, examples: list[dict]) -> tuple[dict[tuple[str, str], list[int]], list[int], list[int]]:
+    """Token ids of each distinct (role, content) message as the chat template renders it, and of
+    what the template puts before the first message (BOS) and after the last (assistant header)."""
+    one = tok.render_chat([{"role": "user", "content": "x"}], add_generation_prompt=False)
+    both = tok.render_chat([{"role": "user", "content": "x"}], add_generation_prompt=True)
+    bos_text = tok.bos_token if tok.bos_token and one.startswith(tok.bos_token) else ""
+    head, tail = tok.encode(bos_text), tok.encode(both[len(one) :])
+    keys = list(dict.fromkeys((m["role"], m["content"]) for ex in examples for m in ex["messages"]))
+    texts = [tok.render_chat([{"role": r, "content": c}], add_generation_prompt=False)[len(bos_text) :] for r, c in keys]
+    piece = dict(zip(keys, _encode_batch(tok, texts)))
+    for ex in examples[:: max(1, len(examples) // 50)]:  # the assembly must equal the real template
+        whole = tok.apply_chat_template(ex["messages"])
+        if whole != head + [t for m in ex["messages"] for t in piece[(m["role"], m["content"])]] + tail:
+            raise ConfigError("the chat template does not tokenize message by message; cannot assemble prompts")
+    return piece, head, tail
+
+
+def _encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """`tok.encode` for many texts at once (the Rust tokenizer encodes them in parallel)."""
+    return [e.ids for e in tok._tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def encode_utterances(tok: Tokenizer, path: Path, max_tokens: int) -> list[Row]:
+    if not path.exists():
+        raise DataError(f"{path}: not found (run `dllm prepare-data` first)")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"{path}: no utterances (the file is empty)")
+    bos = [tok.special.bos] if tok.special.bos is not None else []
+    rows = []
+    for ids in _encode_batch(tok, lines):
+        rows.append(Row.compact(bos, ids[: max_tokens - 1] + [tok.special.eos]))
+    return rows
+
+
+class Batches:
+    """Length-bucketed batches over `rows`, reshuffled every epoch from (seed, epoch) alone.
+
+    Its position (epoch, index) is all that a checkpoint needs to continue the same sequence.
+    """
+
+    def __init__(self, rows: list[Row], batch_tokens: int, max_batch: int, bucket_step: int, seed: int) -> None:
+        self.rows, self.seed = rows, seed
+        self.batch_tokens, self.max_batch, self.bucket_step = batch_tokens, max_batch, bucket_step
+        self.epoch, self.index = 0, 0
+        self._plan: list[list[int]] | None = None
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        buckets: dict[int, list[int]] = {}
+        for i, r in enumerate(self.rows):
+            buckets.setdefault(-(-len(r) // self.bucket_step) * self.bucket_step, []).append(i)
+        batches = []
+        for length, idx in sorted(buckets.items()):
+            rng.shuffle(idx)
+            size = max(1, min(self.max_batch, self.batch_tokens // length))
+            batches += [idx[i : i + size] for i in range(0, len(idx), size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __next__(self) -> list[Row]:
+        if self._plan is None:
+            self._plan = self.plan(self.epoch)
+        if self.index >= len(self._plan):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._plan = self.plan(self.epoch)
+        batch = self._plan[self.index]
+        self.index += 1
+        return [self.rows[i] for i in batch]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._plan = state["epoch"], state["index"], None
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """ids (N, T) right-padded; region (N, T) marks maskable tokens; key_valid (N, T) real tokens."""
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    region = torch.zeros((len(rows), t), dtype=torch.bool)
+    key_valid = torch.zeros((len(rows), t), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        p, n = len(r.prompt), len(r)
+        ids[i, :n] = torch.from_numpy(np.concatenate([r.prompt, r.region]).astype(np.int64))
+        region[i, p:n] = True
+        key_valid[i, :n] = True
+    return {"ids": ids, "region": region, "key_valid": key_valid}
+
+
+# ---- objective ----------------------------------------------------------------------------------
+
+
+def diffusion_loss(model: DiffusionLM, batch: dict[str, torch.Tensor], mask_id: int, eps: float, gen: torch.Generator) -> torch.Tensor:
+    """LLaDA SFT loss: mask each region token w.p. t ~ U(eps, 1); CE on masked tokens / t / region length."""
+    ids, region, key_valid = batch["ids"], batch["region"], batch["key_valid"]
+    n = ids.shape[0]
+    t = eps + (1 - eps) * torch.rand(n, 1, generator=gen)
+    masked = region & (torch.rand(ids.shape, generator=gen) < t)
+    noisy = torch.where(masked, mask_id, ids)
+    hidden = model(noisy, key_valid=key_valid)
+    logits = model.logits(hidden[masked]).float()
+    ce = F.cross_entropy(logits, ids[masked], reduction="none")
+    weight = (1 / t / region.sum(1, keepdim=True)).expand_as(ids)[masked]
+    return (ce * weight).sum() / n
+
+
+@torch.no_grad()
+def eval_loss(model: DiffusionLM, batches: list[dict[str, torch.Tensor]], mask_id: int, ratios: list[float], eos_id: int, seed: int = 1234, autocast: bool = False) -> dict[str, float]:
+    """Mean CE per masked token at fixed mask ratios (same masks every call).
+
+    `loss@r` averages over all masked region tokens (EOS padding included, as trained);
+    `reply_loss@r` over masked reply tokens only (the reply and its end of turn, not the padding).
+    """
+    was_training = model.training
+    model.eval()
+    out = {}
+    for r in ratios:
+        gen = torch.Generator().manual_seed(seed)
+        tot = tot_reply = 0.0
+        cnt = cnt_reply = 0
+        for b in batches:
+            ids, region = b["ids"], b["region"]
+            masked = region & (torch.rand(ids.shape, generator=gen) < r)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                hidden = model(torch.where(masked, mask_id, ids), key_valid=b["key_valid"])
+                ce = F.cross_entropy(model.logits(hidden[masked]).float(), ids[masked], reduction="none")
+            reply = ids[masked] != eos_id
+            tot, cnt = tot + ce.sum().item(), cnt + ce.numel()
+            tot_reply, cnt_reply = tot_reply + ce[reply].sum().item(), cnt_reply + int(reply.sum())
+        out[f"loss@{r:g}"] = tot / max(cnt, 1)
+        out[f"reply_loss@{r:g}"] = tot_reply / max(cnt_reply, 1)
+    out["loss"] = sum(out[f"loss@{r:g}"] for r in ratios) / len(ratios)
+    model.train(was_training)
+    return out
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to lr, then a cosine down to min_lr_ratio * lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---- model, checkpoints, export -----------------------------------------------------------------
+
+
+def init_model(cfg: LLaDAConfig, std: float, seed: int) -> DiffusionLM:
+    """GPT-2 style init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2 L)."""
+    torch.manual_seed(seed)
+    model = DiffusionLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                continue  # RMSNorm gains stay 1
+            residual_out = ".blocks." in name and name.endswith(("attn_out.weight", "ff_out.weight"))
+            p.normal_(0.0, std / math.sqrt(2 * cfg.n_layers) if residual_out else std)
+    return model
+
+
+def make_optimizer(model: DiffusionLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.ndim == 2 and not n.endswith("wte.weight")]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and not n.endswith("wte.weight"))]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def check_shape(ckpt_model: dict[str, Any], model_cfg: LLaDAConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint whose model differs from the config's (names the fields)."""
+    want = dataclasses.asdict(model_cfg)
+    diff = [f"{k}: checkpoint {ckpt_model.get(k)!r} vs config {want[k]!r}" for k in sorted(want) if ckpt_model.get(k) != want[k]]
+    if diff:
+        raise ConfigError(f"{path} was trained with a different model shape ({'; '.join(diff)}); use another out_dir or the matching config")
+
+
+def export(run_dir: str | Path, out_dir: str | Path, which: str = "best", dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the run's best (or last) weights as a HF-layout model dir with the tokenizer files."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    ckpt_path = run_dir / CHECKPOINT
+    if not ckpt_path.exists():
+        raise ConfigError(f"no {CHECKPOINT} in {run_dir}")
+    ckpt = load_checkpoint(ckpt_path)
+    state = ckpt["model"]
+    if which == "best" and (run_dir / BEST).exists():
+        best = load_checkpoint(run_dir / BEST)
+        if best.get("model_config") == ckpt["model_config"]:
+            state = best["model"]
+    model = DiffusionLM(LLaDAConfig(**ckpt["model_config"]))
+    model.load_state_dict(state)
+    save_model(model, out_dir, dtype=dtype)
+    tok_dir = Path(ckpt["tokenizer_dir"])
+    for name in TOKENIZER_FILES:
+        src = run_dir / "tokenizer" / name
+        shutil.copyfile(src if src.exists() else tok_dir / name, out_dir / name)
+    return out_dir
+
+
+# ---- the training loop --------------------------------------------------------------------------
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT: the loop checkpoints and exits at the next step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:  # noqa: ANN001
+        self.requested = True
+
+
+def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, steps: int | None = None, progress: bool | None = None, log=print) -> dict:
+    """Train (or continue) the run in cfg.out_dir; returns a summary dict.
+
+    `minutes` / `steps` end this invocation early (with a checkpoint); the schedule still runs to
+    cfg.max_steps over later `resume=True` calls.
+    """
+    out, data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
+    tok_dir = data_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        raise DataError(f"{tok_dir}/tokenizer.json not found (run `dllm prepare-data --out {data_dir}` first)")
+    model_cfg = cfg.model_config(tok_dir)
+    ckpt_path = out / CHECKPOINT
+    ckpt = None
+    if ckpt_path.exists():
+        if not resume:
+            raise ConfigError(f"{ckpt_path} exists: pass --resume to continue it, or choose another out_dir")
+        ckpt = load_checkpoint(ckpt_path)
+        check_shape(ckpt["model_config"], model_cfg, ckpt_path)  # before anything is written
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tok = Tokenizer(tok_dir, model_cfg)
+    sp = tok.special
+
+    t0 = time.perf_counter()
+    train_rows, dropped = encode_chat(tok, read_jsonl(data_dir / "train.jsonl"), cfg.reply_len, cfg.max_prompt_tokens)
+    eval_all, _ = encode_chat(tok, read_jsonl(data_dir / "eval.jsonl"), cfg.reply_len, cfg.max_prompt_tokens)
+    if not train_rows:
+        raise DataError(f"{data_dir}/train.jsonl: no example fits reply_len={cfg.reply_len} / max_prompt_tokens={cfg.max_prompt_tokens}")
+    stride = max(1, len(eval_all) // cfg.eval_examples) if cfg.eval_examples else 1
+    eval_rows = sorted(eval_all[::stride][: cfg.eval_examples or None], key=len)
+    eval_batches = [collate(eval_rows[i : i + 32], sp.pad) for i in range(0, len(eval_rows), 32)]
+    stream = Batches(train_rows, cfg.batch_tokens, cfg.max_batch_size, cfg.bucket_step, cfg.seed)
+    pre_stream = None
+    if cfg.pretrain_steps > 0:
+        pre_rows = encode_utterances(tok, data_dir / "utterances.txt", cfg.pretrain_max_tokens)
+        pre_stream = Batches(pre_rows, cfg.batch_tokens, cfg.max_batch_size, cfg.bucket_step, cfg.seed + 1)
+    log(f"data: {len(train_rows)} train rows ({dropped} dropped as too long), {len(eval_rows)} eval rows, encoded in {time.perf_counter() - t0:.1f} s")
+
+    model = init_model(model_cfg, cfg.init_std, cfg.seed)
+    opt = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, best, tokens_seen, elapsed_before = 0, math.inf, 0, 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["rng"]["mask"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        stream.load_state_dict(ckpt["data"])
+        if pre_stream is not None and ckpt.get("pretrain_data"):
+            pre_stream.load_state_dict(ckpt["pretrain_data"])
+        step, best, tokens_seen, elapsed_before = ckpt["step"], ckpt["best"], ckpt["tokens"], ckpt["train_seconds"]
+        log(f"resumed {ckpt_path} at step {step} ({tokens_seen / 1e6:.1f}M tokens, best eval {best:.4f})")
+    n_params = sum(p.numel() for p in model.parameters())
+    autocast = cfg.use_autocast()
+    shape = {k: getattr(model_cfg, k) for k in ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")}
+    log(f"model: {n_params / 1e6:.2f}M parameters {shape}; bf16 autocast {'on' if autocast else 'off'}; {torch.get_num_threads()} threads")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer").mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tok_dir / name, out / "tokenizer" / name)
+    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg)}, indent=2) + "\n")
+    metrics = open(out / "metrics.jsonl", "a")
+
+    def save() -> None:
+        atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "best": best,
+                "tokens": tokens_seen,
+                "train_seconds": elapsed_before + time.perf_counter() - t_start,
+                "data": stream.state_dict(),
+                "pretrain_data": pre_stream.state_dict() if pre_stream else None,
+                "rng": {"mask": gen.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
+                "model_config": dataclasses.asdict(model_cfg),
+                "train_config": dataclasses.asdict(cfg),
+                "tokenizer_dir": str(tok_dir),
+            },
+            ckpt_path,
+        )
+
+    def evaluate() -> dict[str, float]:
+        nonlocal best
+        ev = eval_loss(model, eval_batches, sp.mask, cfg.eval_ratios, sp.eos, autocast=autocast)
+        if ev["loss"] < best:
+            best = ev["loss"]
+            atomic_save({"model": model.state_dict(), "step": step, "eval": ev, "model_config": dataclasses.asdict(model_cfg)}, out / BEST)
+        metrics.write(json.dumps({"step": step, "tokens": tokens_seen, "eval": ev}) + "\n")
+        metrics.flush()
+        return ev
+
+    limit_min = minutes if minutes is not None else cfg.max_minutes
+    stop = _Stop()
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not show_bar, dynamic_ncols=True, desc="train")
+    t_start = last_ckpt = last_log = time.perf_counter()
+    log_loss, log_n, log_tokens = 0.0, 0, 0
+    reason = "max_steps"
+    stop_step = cfg.max_steps if steps is None else min(cfg.max_steps, step + steps)
+    model.train()
+    try:
+        while step < stop_step:
+            if stop.requested:
+                reason = "signal"
+                break
+            if limit_min and time.perf_counter() - t_start > limit_min * 60:
+                reason = "minutes"
+                break
+            src = pre_stream if pre_stream is not None and step < cfg.pretrain_steps else stream
+            batch = collate(next(src), sp.pad)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            n_tok = int(batch["key_valid"].sum())
+            tokens_seen += n_tok
+            log_loss, log_n, log_tokens = log_loss + loss.item(), log_n + 1, log_tokens + n_tok
+            now = time.perf_counter()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{log_tokens / max(now - last_log, 1e-9):.0f}", refresh=False)
+            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                rec = {"step": step, "loss": log_loss / log_n, "lr": lr_at(step - 1, cfg), "tok_s": log_tokens / (now - last_log), "tokens": tokens_seen, "elapsed_min": (elapsed_before + now - t_start) / 60}
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+                if not show_bar:
+                    log(f"step {step} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | {rec['tok_s']:.0f} tok/s | {tokens_seen / 1e6:.2f}M tokens | {rec['elapsed_min']:.1f} min")
+                log_loss, log_n, log_tokens, last_log = 0.0, 0, 0, time.perf_counter()
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                ev = evaluate()
+                log(f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()) + f" | best {best:.4f}")
+                last_log = time.perf_counter()
+            if time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60:
+                save()
+                last_ckpt = time.perf_counter()
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    save()
+    metrics.close()
+    if reason == "max_steps" and step < cfg.max_steps:
+        reason = "steps"
+    log(f"stopped at step {step} ({reason}); checkpoint {ckpt_path}")
+    if step >= cfg.max_steps:
+        export(out, out / "model")
+        log(f"exported the best weights to {out / 'model'}")
+    return {"step": step, "best": best, "tokens": tokens_seen, "reason": reason, "out_dir": str(out)}
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ---- a tiny model for tests ---------------------------------------------------------------------
+
+TINY_MODEL = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=128, max_sequence_length=256)
+
+
+def tiny_model(out_dir: str | Path, pairs: list[tuple[str, str]], steps: int = 600, **overrides: Any) -> Path:
+    """Train a tiny model on fixed (prompt, reply) pairs and export it; returns the model directory.
+
+    Deterministic (fixed seed); about 8 s on 2 CPU cores for 600 steps, after which six short pairs
+    are answered verbatim with greedy threshold/dual-cache decoding and end with <|eot_id|>.
+    The pairs are both train and eval data; reply_len 32 (decode with block_size 32,
+    max_new_tokens 32). `overrides` are TrainConfig keys (e.g. seed, lr, model).
+    Layout under out_dir: data/ (corpus + tokenizer), run/ (checkpoints), model/ (the fp32 export).
+    """
+    from .bpe import train_tokenizer
+
+    out_dir = Path(out_dir)
+    data = out_dir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"messages": [{"role": "user", "content": q}], "reply": a}) for q, a in pairs]
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "utterances.txt").write_text("\n".join(t for p in pairs for t in p) + "\n")
+    train_tokenizer([t for p in pairs for t in p] * 4, 512, data / "tokenizer")
+    raw = dict(
+        data_dir=str(data),
+        out_dir=str(out_dir / "run"),
+        model=dict(TINY_MODEL),
+        reply_len=32,
+        batch_tokens=2048,
+        max_batch_size=16,
+        lr=3e-3,
+        warmup_steps=20,
+        max_steps=steps,
+        eval_interval=max(1, steps // 4),
+        log_interval=max(1, steps // 10),
+        threads=0,
+        autocast_bf16=False,
+    )
+    raw.update(overrides)
+    cfg = TrainConfig.from_dict(raw)
+    train(cfg, resume=True, progress=False, log=lambda *a: None)
+    return export(cfg.out_dir, out_dir / "model", which="last", dtype=torch.float32)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    t = subparsers.add_parser(
+        "train",
+        help="train a diffusion LM (the default model) from a TOML config",
+        description="Masked-diffusion SFT (LLaDA objective) on data from `dllm prepare-data`. "
+        "Checkpoints every checkpoint_minutes and on SIGTERM/Ctrl-C; the best weights are exported "
+        "to OUT_DIR/model when max_steps is reached (or any time with `dllm export`).",
+    )
+    t.add_argument("--config", type=Path, required=True, help="TOML training config (e.g. configs/default.toml)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt if it exists")
+    t.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this many minutes; overrides max_minutes")
+    t.add_argument("--steps", type=int, help="stop (with a checkpoint) after this many more steps")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: when stderr is a terminal; else log lines)")
+    t.set_defaults(func=_cmd_train)
+
+    e = subparsers.add_parser("export", help="export a training run's weights as a HF-layout model dir", description="Write bf16 safetensors + config.json + tokenizer files.")
+    e.add_argument("--run", type=Path, required=True, help="the run's out_dir (holds checkpoint.pt)")
+    e.add_argument("--out", type=Path, required=True, help="model directory to write")
+    e.add_argument("--last", action="store_true", help="export the latest weights instead of the best by eval loss")
+    e.set_defaults(func=_cmd_export)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    try:
+        cfg = TrainConfig.load(args.config)
+        train(cfg, resume=args.resume, minutes=args.minutes, steps=args.steps, progress=args.progress, log=lambda m: print(m, flush=True))
+    except (ConfigError, DataError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    try:
+        path = export(args.run, args.out, which="last" if args.last else "best")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"exported {args.run} to {path}")
+
+
+def iter_batches(rows: list[Row], size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Fixed-order batches (for evaluation outside the training loop)."""
+    for i in range(0, len(rows), size):
+        yield collate(rows[i : i + size], pad_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m dllm_engine.train --config C [--resume] [--minutes M]` (same as `dllm train`)."""
+    parser = argparse.ArgumentParser(prog="python -m dllm_engine.train")
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "export"):
+        argv = ["train", *argv]
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Small reusable builders for tests: tiny configs, random-weight models and on-disk model dirs.
+
+Everything is deterministic: weights come from a private `torch.Generator` seeded by the caller,
+so the global RNG is neither consumed nor relied on, and the BPE is trained on fixed sentences.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dllm_engine.bpe import train_tokenizer
+from dllm_engine.config import LLaDAConfig
+from dllm_engine.loading import save_model
+from dllm_engine.model import DiffusionLM
+
+SENTENCES = [
+    "hello there, how are you today?",
+    "hi! good morning, the weather is nice.",
+    "tell me about your weekend.",
+    "I went hiking with my dog in the hills, and we saw a lake.",
+    "What do you like to do? I like to read and to cook.",
+    "tell me a story about a dog and a cat who were friends.",
+    "Thanks, that was a good story. See you tomorrow!",
+    "héllo wörld — ok ✓ 😀",
+]
+
+# Small enough for a 2-core CPU, large enough to have real heads, MLP and several layers.
+TINY = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=96, max_sequence_length=1024, rope_theta=10000.0)
+
+
+def tiny_config(**overrides: Any) -> LLaDAConfig:
+    """A tiny config; `vocab_size` defaults to 64 when no tokenizer is involved."""
+    return LLaDAConfig(**{**TINY, "vocab_size": 64, **overrides})
+
+
+def randomize_(model: DiffusionLM, seed: int = 0) -> DiffusionLM:
+    """Overwrite every parameter in place from a seeded generator (norm gains too, not just ones).
+
+    Linear weights ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norm gains ~ 1 + N(0, 0.1^2).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.ndim == 1:
+                value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+            elif name.endswith("wte.weight"):
+                value = torch.randn(p.shape, generator=gen)
+            else:
+                value = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
+            p.copy_(value.to(p.dtype))
+    return model
+
+
+def random_model(cfg: LLaDAConfig, seed: int = 0) -> DiffusionLM:
+    """A float32 eval-mode DiffusionLM with deterministic random weights."""
+    with torch.random.fork_rng(devices=[]):
+        model = DiffusionLM(cfg)
+    return randomize_(model, seed).eval().requires_grad_(False)
+
+
+def train_tiny_tokenizer(directory: str | Path, vocab_size: int = 384) -> int:
+    """Train the project's BPE on `SENTENCES` into `directory`; returns its vocabulary size."""
+    return train_tokenizer(SENTENCES * 4, vocab_size, directory).get_vocab_size()
+
+
+def make_model_dir(
+    path: str | Path,
+    cfg_overrides: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    shard_bytes: int = 2**40,
+    seed: int = 0,
+) -> Path:
+    """A model directory in the real layout: tokenizer files, config.json and random weights.
+
+    The vocabulary size is the trained tokenizer's unless `cfg_overrides` names one.
+    """
+    path = Path(path)
+    vocab = train_tiny_tokenizer(path)
+    cfg = LLaDAConfig(**{**TINY, "vocab_size": vocab, **(cfg_overrides or {})})
+    save_model(random_model(cfg, seed), path, dtype=dtype, max_shard_bytes=shard_bytes)
+    return path
+
+
+def edit_json(path: str | Path, **changes: Any) -> dict[str, Any]:
+    """Update keys of a JSON object file (a value of `...` deletes the key); returns the result."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is ...:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def llada_8b_instruct_config(**overrides: Any) -> dict[str, Any]:
+    """The full field set of LLaDA-8B-Instruct's config.json (its real values), with `overrides`."""
+    raw = {
+        "activation_type": "silu",
+        "alibi": False,
+        "alibi_bias_max": 8.0,
+        "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0,
+        "attention_layer_norm": False,
+        "attention_layer_norm_with_affine": True,
+        "auto_map": {
+            "AutoConfig": "configuration_llada.LLaDAConfig",
+            "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+            "AutoModel": "modeling_llada.LLaDAModelLM",
+        },
+        "bias_for_layer_norm": False,
+        "block_group_size": 1,
+        "block_type": "llama",
+        "d_model": 4096,
+        "embedding_dropout": 0.0,
+        "embedding_size": 126464,
+        "eos_token_id": 126081,
+        "flash_attention": False,
+        "include_bias": False,
+        "include_qkv_bias": False,
+        "init_cutoff_factor": None,
+        "init_device": "meta",
+        "init_fn": "mitchell",
+        "init_std": 0.02,
+        "input_emb_norm": False,
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "mask_token_id": 126336,
+        "max_sequence_length": 4096,
+        "mlp_hidden_size": 12288,
+        "mlp_ratio": 4,
+        "model_type": "llada",
+        "multi_query_attention": None,
+        "n_heads": 32,
+        "n_kv_heads": 32,
+        "n_layers": 32,
+        "pad_token_id": 126081,
+        "precision": "amp_bf16",
+        "residual_dropout": 0.0,
+        "rms_norm_eps": 1e-05,
+        "rope": True,
+        "rope_full_precision": True,
+        "rope_theta": 500000.0,
+        "scale_logits": False,
+        "transformers_version": "4.46.3",
+        "use_cache": False,
+        "vocab_size": 126464,
+        "weight_tying": False,
+    }
+    raw.update(overrides)
+    return raw

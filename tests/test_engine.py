@@ -1,0 +1,133 @@
+"""The async engine: streaming, continuous batching, cancellation and bad requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dllm_engine.decoding import DecodeParams
+from dllm_engine.engine import Engine, RequestError
+
+
+@pytest.fixture
+def engine(random_model):
+    model, tok = random_model
+    eng = Engine(model, tok, max_batch=3, max_len=512)
+    yield eng
+    eng.close()
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+LONG = DecodeParams(policy="vanilla", cache="none", block_size=16, max_new_tokens=256, early_stop=False)
+
+
+async def collect(engine: Engine, prompt, params: DecodeParams, **kw):
+    outs = [out async for out in engine.stream(prompt, params, **kw)]
+    return "".join(o.text for o in outs), [t for o in outs for t in o.token_ids], outs
+
+
+def test_stream_deltas_are_ordered_and_final_output_has_stats(engine):
+    params = DecodeParams(policy="threshold", cache="dual", threshold=0.3, block_size=8, max_new_tokens=32, early_stop=False)
+    text, ids, outs = asyncio.run(collect(engine, chat("hello"), params, step_events=True))
+    assert outs[-1].finished and outs[-1].stats is not None
+    assert not any(o.finished for o in outs[:-1])
+    assert text == engine.tokenizer.decode(ids)
+    assert outs[-1].stats.new_tokens == len(ids)
+    steps = [o.step for o in outs if o.step]
+    assert steps and sum(len(s.positions) for s in steps) == 32  # every canvas position committed once
+    assert sorted(p for s in steps for p in s.positions) == list(range(32))
+
+
+def test_continuous_batching_matches_one_by_one(engine):
+    """More requests than slots, with different lengths and settings, joining while others run."""
+    cases = [
+        (chat("what do you like to do?"), DecodeParams(policy="vanilla", cache="none", block_size=8, max_new_tokens=24, early_stop=False)),
+        (chat("hi"), DecodeParams(policy="threshold", cache="dual", threshold=0.2, block_size=8, max_new_tokens=40, early_stop=False)),
+        (chat("tell me about your weekend please"), DecodeParams(policy="factor", cache="prefix", block_size=16, max_new_tokens=32, early_stop=False)),
+        (chat("good morning"), DecodeParams(cache="dual", block_size=8, max_new_tokens=16, temperature=0.7, seed=11, early_stop=False)),
+        ("raw text prompt without a template", DecodeParams(cache="dual", block_size=8, max_new_tokens=16, early_stop=False)),
+    ]
+
+    async def main():
+        alone = [await collect(engine, p, params) for p, params in cases]
+        together = await asyncio.gather(*(collect(engine, p, params) for p, params in cases))
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert [a[1] for a in together] == [a[1] for a in alone]
+    assert [a[0] for a in together] == [a[0] for a in alone]
+
+
+def test_cancel_frees_the_request_and_others_continue(engine):
+    short = DecodeParams(cache="dual", block_size=8, max_new_tokens=16, early_stop=False)
+
+    async def main():
+        solo = await collect(engine, chat("keep going"), short)
+        long_stream = engine.stream(chat("talk for a long time"), LONG, request_id="long", step_events=True)
+        first = await long_stream.__anext__()
+        assert engine.active_requests == 1
+        other = asyncio.create_task(collect(engine, chat("keep going"), short))
+        assert engine.cancel("long")
+        rest = [o async for o in long_stream]
+        return solo, first, rest, await other
+
+    solo, first, rest, other = asyncio.run(main())
+    assert not first.finished
+    assert rest[-1].finished and rest[-1].finish_reason == "cancelled"
+    assert rest[-1].stats.forwards < 256
+    assert other[1] == solo[1]
+    assert engine.active_requests == 0
+    assert not engine.cancel("long")  # already gone
+
+
+def test_leaving_the_stream_early_cancels(engine):
+    async def main():
+        async for _ in engine.stream(chat("hello"), LONG, request_id="x", step_events=True):
+            break
+        for _ in range(100):
+            if engine.active_requests == 0:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(main())
+
+
+def test_bad_requests_get_clear_errors_and_engine_keeps_serving(engine):
+    ok = DecodeParams(cache="dual", block_size=8, max_new_tokens=8)
+
+    async def main():
+        with pytest.raises(RequestError, match="exceeds the context of 512 tokens"):
+            await engine.generate("word " * 600, ok)
+        with pytest.raises(RequestError, match="prompt is empty"):
+            await engine.generate("", ok)
+        with pytest.raises(RequestError, match="outside the vocabulary"):
+            await engine.generate([1, 2, 10**9], ok)
+        with pytest.raises(RequestError, match="must be a string"):
+            await engine.generate(42, ok)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="role"):
+            await engine.generate([{"role": "user"}], ok)
+        running = engine.stream(chat("hi"), LONG, request_id="dup", step_events=True)
+        await running.__anext__()
+        with pytest.raises(RequestError, match="request id 'dup' is already running"):
+            await engine.generate(chat("hi"), ok, request_id="dup")
+        await running.aclose()
+        text, out = await engine.generate(chat("still there?"), ok)
+        return out
+
+    out = asyncio.run(main())
+    assert out.finished and out.finish_reason in ("stop", "length")
+
+
+def test_early_stop_reports_stop(eot_model):
+    model, tok = eot_model
+    engine = Engine(model, tok, max_batch=1, max_len=256)
+    try:
+        text, out = asyncio.run(engine.generate(chat("hi"), DecodeParams(max_new_tokens=64, block_size=32)))
+    finally:
+        engine.close()
+    assert out.finish_reason == "stop" and out.stats.forwards == 1 and text == ""

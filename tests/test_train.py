@@ -1,0 +1,364 @@
+"""Data preparation and training: a tiny model really learns, resumes exactly, and bad input fails
+clearly without overwriting anything. Everything runs on tiny synthetic data in seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dllm_engine import data, train
+from dllm_engine.config import ConfigError
+from dllm_engine.data import DataError
+from dllm_engine.decoding import DecodeParams
+from dllm_engine.engine import Engine
+from dllm_engine.loading import load_model
+
+PAIRS = [
+    ("hello, how are you?", "I am fine, thank you."),
+    ("what is your name?", "My name is Tiny."),
+    ("do you like dogs?", "Yes, dogs are great."),
+    ("what do you eat?", "I eat pizza every day."),
+    ("where do you live?", "I live in a small house."),
+    ("tell me a joke.", "Why did the cat sit on the computer?"),
+]
+
+
+def _generate(model_dir: Path, prompt: str) -> tuple[str, str]:
+    engine = Engine.from_pretrained(model_dir, dtype="float32", max_batch=1)
+    try:
+        text, out = asyncio.run(engine.generate([{"role": "user", "content": prompt}], DecodeParams(max_new_tokens=32, block_size=32)))
+    finally:
+        engine.close()
+    return text, out.finish_reason
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tiny_cfg(tmp: Path, **overrides) -> train.TrainConfig:
+    """A config over the tiny corpus `trained` wrote (its data dir), in a fresh out_dir."""
+    raw = dict(
+        data_dir=str(tmp / "data"),
+        out_dir=str(tmp / "run2"),
+        model=dict(train.TINY_MODEL),
+        reply_len=32,
+        batch_tokens=512,
+        max_batch_size=4,
+        lr=3e-3,
+        warmup_steps=5,
+        max_steps=20,
+        eval_interval=10,
+        log_interval=5,
+        threads=0,
+        autocast_bf16=False,
+    )
+    raw.update(overrides)
+    return train.TrainConfig.from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The tiny model of `train.tiny_model`, trained once for this module; returns its out_dir."""
+    out = tmp_path_factory.mktemp("tiny")
+    train.tiny_model(out, PAIRS)
+    return out
+
+
+# ---- training really learns -----------------------------------------------------------------------
+
+
+def test_tiny_model_answers_a_training_prompt_and_stops(trained):
+    text, reason = _generate(trained / "model", "do you like dogs?")
+    assert text.strip() == "Yes, dogs are great."
+    assert reason == "stop"  # the reply ended with <|eot_id|>, not by running out of canvas
+
+
+def test_tiny_model_mostly_memorizes_its_corpus(trained):
+    results = [_generate(trained / "model", q) for q, _ in PAIRS]
+    exact = sum(text.strip() == a for (_, a), (text, _) in zip(PAIRS, results))
+    assert exact >= 5, results
+    assert all(reason == "stop" for _, reason in results), results
+
+
+def test_loss_decreases_and_eval_is_logged(trained):
+    records = [json.loads(line) for line in (trained / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r["eval"] for r in records if "eval" in r]
+    assert losses[-1] < losses[0] / 4
+    assert evals and evals[-1]["loss"] < evals[0]["loss"]
+    assert {"loss@0.25", "loss@0.5", "loss@0.75", "reply_loss@0.5"} <= set(evals[-1])
+    assert (trained / "run" / "best.pt").exists()
+
+
+def test_export_is_a_loadable_hf_layout_dir(trained, tmp_path):
+    out = train.export(trained / "run", tmp_path / "exported")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    model, tok = load_model(out, dtype="float32")
+    assert model.config.mask_token_id == tok.special.mask and model.config.vocab_size == tok.vocab_size
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llada"
+
+
+# ---- the objective ----------------------------------------------------------------------------------
+
+
+def test_loss_never_masks_the_prompt_and_weights_by_one_over_t():
+    """With a model whose logits are uniform, CE = log V per masked token, so the loss is
+    E[sum_masked log V / t / L] = log V per row: masks outside the region would change nothing but
+    masks inside must all be counted. We check the masked positions directly instead."""
+    from dllm_engine.config import LLaDAConfig
+    from dllm_engine.model import DiffusionLM
+
+    cfg = LLaDAConfig(d_model=16, n_layers=1, n_heads=2, mlp_hidden_size=32, vocab_size=40)
+    model = DiffusionLM(cfg)
+    seen = {}
+
+    def spy(ids, key_valid=None):
+        seen["ids"] = ids.clone()
+        return torch.zeros(*ids.shape, cfg.d_model)
+
+    model.forward = spy  # logits of a zero hidden state are uniform: CE = log V everywhere
+    rows = [train.Row([1, 5, 6, 7], [8, 9, 3, 0, 0]), train.Row([1, 5], [10, 3, 0])]
+    batch = train.collate(rows, pad_id=0)
+    gen = torch.Generator().manual_seed(0)
+    loss = train.diffusion_loss(model, batch, mask_id=2, eps=1e-3, gen=gen)
+    masked = seen["ids"] == 2
+    assert not (masked & ~batch["region"]).any()  # prompt and padding are never masked
+    # Recompute t from the same generator: loss = mean over rows of (#masked * log V / t / L).
+    gen = torch.Generator().manual_seed(0)
+    t = 1e-3 + (1 - 1e-3) * torch.rand(2, 1, generator=gen)
+    expected = (masked.sum(1) * torch.log(torch.tensor(40.0)) / t[:, 0] / batch["region"].sum(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_long_replies_are_cut_at_a_sentence_end_or_dropped(trained):
+    from dllm_engine.tokenizer import Tokenizer
+
+    cfg = _tiny_cfg(trained)
+    tok = Tokenizer(trained / "data" / "tokenizer", cfg.model_config(trained / "data" / "tokenizer"))
+    short, long_ = "I am fine.", "I am fine. " + "dogs are great " * 20
+    rows, dropped = train.encode_chat(tok, [{"messages": [{"role": "user", "content": "hi"}], "reply": long_}], 16, 64)
+    region = rows[0].region.tolist()
+    assert dropped == 0 and tok.decode(region) == short and len(region) == 16
+    assert region[len(tok.encode(short))] == tok.special.end_of_turn
+    assert set(region[len(tok.encode(short)) + 1 :]) == {tok.special.eos}
+    rows, dropped = train.encode_chat(tok, [{"messages": [{"role": "user", "content": "hi"}], "reply": "dogs " * 40}], 16, 64)
+    assert (rows, dropped) == ([], 1)
+
+
+# ---- checkpoints and resume -------------------------------------------------------------------------
+
+
+def test_resume_continues_exactly_from_the_saved_step(trained, tmp_path):
+    straight = _tiny_cfg(trained, out_dir=str(tmp_path / "straight"))
+    train.train(straight, progress=False, log=lambda m: None)
+    split = _tiny_cfg(trained, out_dir=str(tmp_path / "split"))
+    first = train.train(split, steps=8, progress=False, log=lambda m: None)
+    assert first["step"] == 8 and first["reason"] == "steps"
+    assert train.load_checkpoint(tmp_path / "split" / train.CHECKPOINT)["step"] == 8
+    logs: list[str] = []
+    second = train.train(split, resume=True, progress=False, log=logs.append)
+    assert any("resumed" in m and "step 8" in m for m in logs)
+    assert second["step"] == 20
+    a = train.load_checkpoint(tmp_path / "straight" / train.CHECKPOINT)["model"]
+    b = train.load_checkpoint(tmp_path / "split" / train.CHECKPOINT)["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    assert (tmp_path / "split" / "model" / "config.json").exists()  # exported when max_steps was reached
+
+
+def test_existing_checkpoint_without_resume_is_refused(trained):
+    ckpt = trained / "run" / train.CHECKPOINT
+    before = _digest(ckpt)
+    cfg = _tiny_cfg(trained, out_dir=str(trained / "run"))
+    with pytest.raises(ConfigError, match="exists: pass --resume"):
+        train.train(cfg, progress=False, log=lambda m: None)
+    assert _digest(ckpt) == before
+
+
+def test_resume_with_another_shape_is_a_clear_error_and_touches_nothing(trained):
+    run = trained / "run"
+    before = {p.name: (_digest(p), p.stat().st_mtime_ns) for p in run.iterdir() if p.is_file()}
+    cfg = _tiny_cfg(trained, out_dir=str(run), model={**train.TINY_MODEL, "d_model": 32, "n_layers": 3})
+    with pytest.raises(ConfigError, match=r"different model shape.*d_model: checkpoint 64 vs config 32"):
+        train.train(cfg, resume=True, progress=False, log=lambda m: None)
+    after = {p.name: (_digest(p), p.stat().st_mtime_ns) for p in run.iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_checkpoint_writes_are_atomic(tmp_path):
+    path = tmp_path / "c.pt"
+    train.atomic_save({"x": 1}, path)
+    assert torch.load(path)["x"] == 1 and not list(tmp_path.glob("*.tmp"))
+
+
+# ---- configuration ----------------------------------------------------------------------------------
+
+
+def test_unknown_config_keys_are_named(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('data_dir = "d"\nout_dir = "o"\nlearning_rate = 1.0\nbogus = 2\n')
+    with pytest.raises(ConfigError, match=r"c.toml.*unknown config key\(s\): bogus, learning_rate"):
+        train.TrainConfig.load(path)
+    path.write_text('data_dir = "d"\nout_dir = "o"\n[model]\nhidden_size = 64\n')
+    with pytest.raises(ConfigError, match=r"unknown \[model\] key\(s\): hidden_size"):
+        train.TrainConfig.load(path)
+    path.write_text('data_dir = "d"\nout_dir = "o"\nlr = \n')
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        train.TrainConfig.load(path)
+
+
+def test_shipped_configs_parse_and_paths_are_relative_to_the_file():
+    root = Path(__file__).resolve().parents[1]
+    cfg = train.TrainConfig.load(root / "configs" / "default.toml")
+    assert cfg.reply_len == 64 and cfg.model["d_model"] % cfg.model["n_heads"] == 0
+    assert not Path(cfg.out_dir).resolve().is_relative_to(root)  # checkpoints live outside the repo
+    tiny = train.TrainConfig.load(root / "configs" / "tiny.toml")
+    assert Path(tiny.data_dir).is_absolute()
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = train.TrainConfig(data_dir="d", out_dir="o", lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    lrs = [train.lr_at(s, cfg) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+
+
+# ---- bad training data ------------------------------------------------------------------------------
+
+
+def _data_copy(trained: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ("train.jsonl", "eval.jsonl", "utterances.txt"):
+        (d / name).write_bytes((trained / "data" / name).read_bytes())
+    (d / "tokenizer").mkdir()
+    for name in train.TOKENIZER_FILES:
+        (d / "tokenizer" / name).write_bytes((trained / "data" / "tokenizer" / name).read_bytes())
+    return d
+
+
+def test_empty_training_file_is_a_clear_error(trained, tmp_path):
+    d = _data_copy(trained, tmp_path)
+    (d / "train.jsonl").write_text("\n")
+    cfg = _tiny_cfg(trained, data_dir=str(d), out_dir=str(tmp_path / "run"))
+    with pytest.raises(DataError, match=r"train.jsonl: no examples \(the file is empty\)"):
+        train.train(cfg, progress=False, log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [('{"messages": [{"role": "user", "content": "hi"}], "reply": "yo"', r"eval.jsonl:2: malformed JSON line"),
+     ('{"messages": "hi", "reply": "yo"}', r"eval.jsonl:2: expected")],
+)
+def test_malformed_jsonl_line_is_named(trained, tmp_path, line, match):
+    d = _data_copy(trained, tmp_path)
+    first = (d / "eval.jsonl").read_text().splitlines()[0]
+    (d / "eval.jsonl").write_text(first + "\n" + line + "\n")
+    cfg = _tiny_cfg(trained, data_dir=str(d), out_dir=str(tmp_path / "run"))
+    with pytest.raises(DataError, match=match):
+        train.train(cfg, progress=False, log=lambda m: None)
+
+
+# ---- data preparation -------------------------------------------------------------------------------
+
+
+def _chitchat(n: int) -> dict:
+    convs = {}
+    for i in range(n):
+        turns = [[{"text": f"Hey there number {i}", "sender": "a"}, {"text": "how are  you?", "sender": "a"}],
+                 [{"text": "I am good thanks, and you?", "sender": "b"}],
+                 [{"text": "Great! I went hiking today.", "sender": "a"}],
+                 [{"text": "Tell me about your weekend.", "sender": "b"}],  # a quality prompt
+                 [{"text": "see http://spam.example", "sender": "a"}],  # junk: cuts the conversation
+                 [{"text": "Nice, where did you go?", "sender": "b"}],
+                 [{"text": "Up in the hills with my dog.", "sender": "a"}]]
+        convs[f"c{i}"] = {"messages": turns}
+    return convs
+
+
+def _corpora(tmp_path: Path, n: int = 40) -> tuple[Path, Path]:
+    chit = tmp_path / "dataset.json"
+    chit.write_text(json.dumps(_chitchat(n)))
+    bot = tmp_path / "english"
+    bot.mkdir()
+    (bot / "greetings.yml").write_text(yaml.safe_dump({"categories": ["greetings"], "conversations": [["Hello", "Hi there!"], ["How are you?", "Fine, thanks."], "stray entry"]}))
+    return chit, bot
+
+
+def test_prepare_builds_examples_split_by_conversation(tmp_path):
+    chit, bot = _corpora(tmp_path)
+    stats = data.prepare(tmp_path / "out", holdout=0.2, seed=1, vocab_size=300, chitchat_path=chit, chatterbot_dir=bot, verbose=False)
+    out = tmp_path / "out"
+    train_ex = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    eval_ex = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert stats["conversations"] == 42 and stats["eval_conversations"] == round(42 * 0.2)
+    assert stats["skipped_malformed_entries"] == ["greetings.yml:2"]
+    ids = lambda exs: {m["content"].split("number ")[-1] for e in exs for m in e["messages"] if "number" in m["content"]}  # noqa: E731
+    assert ids(train_ex) and ids(eval_ex) and not ids(train_ex) & ids(eval_ex)
+    first = train_ex[0]
+    assert first["messages"] == [{"role": "user", "content": "Hey there number " + first["messages"][0]["content"].split("number ")[1]}]
+    assert first["messages"][0]["content"].endswith(". how are you?")  # utterances joined, whitespace cleaned
+    for e in train_ex + eval_ex:
+        roles = [m["role"] for m in e["messages"]]
+        assert roles[0] == "user" and roles[-1] == "user" and all(a != b for a, b in zip(roles, roles[1:]))
+        assert "http" not in e["reply"] and all("http" not in m["content"] for m in e["messages"])
+        assert data.normalize_for_match(e["reply"]) not in {data.normalize_for_match(p) for p in data.QUALITY_PROMPTS}
+        assert data.normalize_for_match(e["messages"][-1]["content"]) != "tell me about your weekend"
+    assert stats["train_dropped_quality_prompts"] > 0
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (out / "tokenizer").iterdir()}
+    assert "Tell me about your weekend." not in (out / "utterances.txt").read_text()
+
+
+def test_prepare_is_deterministic(tmp_path):
+    chit, bot = _corpora(tmp_path)
+    for name in ("a", "b"):
+        data.prepare(tmp_path / name, holdout=0.2, seed=3, vocab_size=300, chitchat_path=chit, chatterbot_dir=bot, verbose=False)
+    for f in ("train.jsonl", "eval.jsonl", "utterances.txt", "tokenizer/tokenizer.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_quality_prompts_are_forty_distinct_spoken_prompts():
+    assert len(data.QUALITY_PROMPTS) == 40
+    assert len({data.normalize_for_match(p) for p in data.QUALITY_PROMPTS}) == 40
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [("", r"dataset.json: corpus file is empty"),
+     ("{not json", r"dataset.json: not valid JSON"),
+     ('{"c1": {"msgs": []}}', r"dataset.json: conversation 'c1' is malformed")],
+)
+def test_bad_chitchat_file_is_named(tmp_path, content, match):
+    chit, bot = _corpora(tmp_path)
+    chit.write_text(content)
+    with pytest.raises(DataError, match=match):
+        data.prepare(tmp_path / "out", chitchat_path=chit, chatterbot_dir=bot, verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [("", r"greetings.yml: corpus file is empty"),
+     ("conversations: [unclosed", r"greetings.yml: not valid YAML"),
+     ("- just a list\n", r"greetings.yml: expected a mapping with a 'conversations' list")],
+)
+def test_bad_chatterbot_file_is_named(tmp_path, content, match):
+    chit, bot = _corpora(tmp_path)
+    (bot / "greetings.yml").write_text(content)
+    with pytest.raises(DataError, match=match):
+        data.prepare(tmp_path / "out", chitchat_path=chit, chatterbot_dir=bot, verbose=False)
+
+
+def test_clean_rejects_junk_and_normalizes():
+    assert data.clean("  Hi\u00a0there \u2019friend\u2019  ") == "Hi there 'friend'"
+    for junk in ("", "   ", "12345 !!", "visit www.example.com", "```code```", "x" * 500, None, 42, "bad \ufffd text"):
+        assert data.clean(junk) is None, junk
