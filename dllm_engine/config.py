@@ -17,6 +17,20 @@ class ConfigError(ValueError):
     """The checkpoint's config asks for something this engine does not implement."""
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file, or a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return raw
+
+
 @dataclasses.dataclass
 class LLaDAConfig:
     d_model: int = 256
@@ -91,16 +105,7 @@ class LLaDAConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LLaDAConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path} not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json that LLaDA's own code would also read."""

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, LLaDAConfig
+from .config import ConfigError, LLaDAConfig, read_json
 from .model import DiffusionLM
 from .tokenizer import Tokenizer
 
@@ -47,7 +47,7 @@ def _cpu_has_bf16() -> bool:
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map", {})
         files = sorted({directory / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:

@@ -8,7 +8,6 @@ and the project's own.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,7 +15,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from .config import ConfigError, LLaDAConfig
+from .config import ConfigError, LLaDAConfig, read_json
 
 # Token strings tried, in order, when the config does not name an id.
 MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
@@ -53,7 +52,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on missing/corrupt files
             raise ConfigError(f"cannot load tokenizer {path}: {e}") from None
         tc_path = directory / "tokenizer_config.json"
-        tc: dict[str, Any] = json.loads(tc_path.read_text()) if tc_path.exists() else {}
+        tc: dict[str, Any] = read_json(tc_path) if tc_path.exists() else {}
         self.bos_token = _token_str(tc.get("bos_token"))
         self.eos_token = _token_str(tc.get("eos_token"))
         template = tc.get("chat_template")
