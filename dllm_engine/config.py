@@ -48,7 +48,7 @@ class LLaDAConfig:
     include_bias: bool = False
     include_qkv_bias: bool = False
     mask_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # HF checkpoints may list several; all stop generation
     pad_token_id: int | None = None
     bos_token_id: int | None = None
 
@@ -65,6 +65,8 @@ class LLaDAConfig:
             raise ConfigError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if isinstance(self.eos_token_id, list) and not (self.eos_token_id and all(isinstance(t, int) for t in self.eos_token_id)):
+            raise ConfigError(f"eos_token_id={self.eos_token_id!r} must be an id or a non-empty list of ids")
         if self.embedding_size < self.vocab_size:
             raise ConfigError(f"embedding_size={self.embedding_size} < vocab_size={self.vocab_size}")
 
@@ -84,6 +86,7 @@ class LLaDAConfig:
         "input_emb_norm": (False,),
         "scale_logits": (False,),
         "block_group_size": (1,),
+        "clip_qkv": (None,),  # OLMo-style clamping of q/k/v activations
     }
 
     @classmethod

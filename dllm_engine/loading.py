@@ -71,6 +71,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
         model = DiffusionLM(cfg)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
+    source: dict[str, Path] = {}  # which file each tensor came from, to refuse duplicates
     for path in _weight_files(directory):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -80,6 +81,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
                     shape = tuple(f.get_slice(name).get_shape())
                     if shape != tuple(expected[name]):
                         raise ConfigError(f"{path.name}: weight {name!r} has shape {shape}, config expects {tuple(expected[name])}")
+                    if name in source:  # a later shard would silently replace the earlier tensor
+                        raise ConfigError(f"weight {name!r} appears in both {source[name].name} and {path.name}")
+                    source[name] = path
                     state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
         except ConfigError:
             raise

@@ -101,7 +101,8 @@ class Block(nn.Module):
             ck, cv, write_idx, rows, n_keys = kv
             ck[write_idx] = k.to(ck.dtype)
             cv[write_idx] = v.to(cv.dtype)
-            k, v = ck[rows, :n_keys], cv[rows, :n_keys]
+            # The cache may be stored in another dtype than the model runs in; SDPA needs one.
+            k, v = ck[rows, :n_keys].to(q.dtype), cv[rows, :n_keys].to(q.dtype)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),

@@ -36,11 +36,12 @@ class SpecialTokens:
     pad: int
     bos: int | None
     end_of_turn: int | None
+    extra_eos: tuple[int, ...] = ()  # the rest of a list-valued eos_token_id in config.json
 
     @property
     def stop(self) -> frozenset[int]:
         """Tokens after which nothing more belongs to the reply."""
-        return frozenset(t for t in (self.eos, self.end_of_turn) if t is not None)
+        return frozenset(t for t in (self.eos, self.end_of_turn, *self.extra_eos) if t is not None)
 
 
 class Tokenizer:
@@ -55,15 +56,21 @@ class Tokenizer:
         tc: dict[str, Any] = read_json(tc_path) if tc_path.exists() else {}
         self.bos_token = _token_str(tc.get("bos_token"))
         self.eos_token = _token_str(tc.get("eos_token"))
-        template = tc.get("chat_template")
+        # Newer HF checkpoints keep the template in its own file, which then wins (as in transformers).
         jinja_path = directory / "chat_template.jinja"
-        if template is None and jinja_path.exists():
-            template = jinja_path.read_text()
+        template = jinja_path.read_text() if jinja_path.exists() else tc.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.chat_template: str | None = template
         self._compiled = _jinja().from_string(template) if template else None
+        self._check_vocab(config)
         self.special = self._resolve_special(config)
+
+    def _check_vocab(self, cfg: LLaDAConfig) -> None:
+        """Ids past the embedding table would fail deep inside a forward (or index out of bounds on GPU)."""
+        n_ids = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        if n_ids > cfg.embedding_size:
+            raise ConfigError(f"tokenizer has token ids up to {n_ids - 1} ({n_ids} ids) but the model's embedding has only {cfg.embedding_size} rows")
 
     def _resolve_special(self, cfg: LLaDAConfig) -> SpecialTokens:
         def tid(token: str | None) -> int | None:
@@ -73,17 +80,19 @@ class Tokenizer:
             return next((i for i in map(tid, tokens) if i is not None), None)
 
         mask = cfg.mask_token_id if cfg.mask_token_id is not None else first(MASK_TOKENS)
-        eos = cfg.eos_token_id if cfg.eos_token_id is not None else tid(self.eos_token)
+        eos_ids = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        eos = eos_ids[0] if eos_ids[0] is not None else tid(self.eos_token)
         if mask is None:
             raise ConfigError(f"no mask token: set mask_token_id in config.json or add one of {MASK_TOKENS}")
         if eos is None:
             raise ConfigError("no EOS token: set eos_token_id in config.json or eos_token in tokenizer_config.json")
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
         bos = cfg.bos_token_id if cfg.bos_token_id is not None else tid(self.bos_token)
-        for name, value in (("mask", mask), ("eos", eos), ("pad", pad)):
+        extra_eos = tuple(eos_ids[1:])
+        for name, value in (("mask", mask), ("eos", eos), ("pad", pad), *(("eos", t) for t in extra_eos)):
             if not 0 <= value < cfg.vocab_size:
                 raise ConfigError(f"{name} token id {value} is outside the vocabulary of {cfg.vocab_size}")
-        return SpecialTokens(mask=mask, eos=eos, pad=pad, bos=bos, end_of_turn=first(END_OF_TURN_TOKENS))
+        return SpecialTokens(mask=mask, eos=eos, pad=pad, bos=bos, end_of_turn=first(END_OF_TURN_TOKENS), extra_eos=extra_eos)
 
     @property
     def vocab_size(self) -> int:

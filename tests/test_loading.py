@@ -125,6 +125,14 @@ def test_chat_template_from_jinja_file_when_tokenizer_config_has_none(model_dir)
     assert tok.render_chat([{"role": "user", "content": "hello"}]) == "[user]hello[assistant]"
 
 
+def test_chat_template_jinja_file_takes_priority_over_tokenizer_config(model_dir):
+    jinja = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    (model_dir / "chat_template.jinja").write_text(jinja)
+    _, tok = load_model(model_dir, dtype="float32")
+    assert tok.chat_template == jinja != CHAT_TEMPLATE
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "<hi>"
+
+
 def test_project_chat_template_renders_llama3_headers(model_dir):
     _, tok = load_model(model_dir, dtype="float32")
     assert tok.chat_template == CHAT_TEMPLATE
@@ -155,6 +163,24 @@ def test_special_tokens_from_config_take_precedence(tmp_path):
     assert (s.mask, s.eos, s.pad, s.bos) == (20, 21, 22, 23)
     assert s.end_of_turn == tok.token_to_id(EOT)  # no config field: always from the tokenizer
     assert s.stop == {21, s.end_of_turn}
+
+
+def test_eos_token_id_list_makes_every_listed_id_a_stop_token(model_dir):
+    _, tok = load_model(model_dir, dtype="float32")
+    eos, eot = tok.token_to_id(EOS), tok.token_to_id(EOT)
+    edit_json(model_dir / "config.json", eos_token_id=[eos, 30, 31])
+    model, tok = load_model(model_dir, dtype="float32")
+    s = tok.special
+    assert (s.eos, s.pad, s.extra_eos) == (eos, eos, (30, 31))
+    assert s.stop == {eos, eot, 30, 31}  # end-of-turn still honoured
+    assert model.config.to_dict()["eos_token_id"] == [eos, 30, 31]
+
+    edit_json(model_dir / "config.json", eos_token_id=[eos, 10**6])
+    with pytest.raises(ConfigError, match="eos token id 1000000 is outside the vocabulary"):
+        load_model(model_dir)
+    edit_json(model_dir / "config.json", eos_token_id=[])
+    with pytest.raises(ConfigError, match="eos_token_id"):
+        load_model(model_dir)
 
 
 def test_llada_8b_config_is_accepted():
@@ -221,11 +247,25 @@ def test_invalid_config_json(model_dir):
         ({"rope": False}, "rope"),
         ({"d_model": ...}, "lacks required field.*d_model"),
         ({"n_heads": 5}, "not divisible by n_heads"),
+        ({"clip_qkv": 8.0}, "clip_qkv"),
     ],
 )
 def test_unsupported_config_values(model_dir, change, match):
     edit_json(model_dir / "config.json", **change)
     with pytest.raises(ConfigError, match=match):
+        load_model(model_dir)
+
+
+def test_null_clip_qkv_is_accepted(model_dir):
+    edit_json(model_dir / "config.json", clip_qkv=None)
+    load_model(model_dir, dtype="float32")
+
+
+def test_tokenizer_larger_than_embedding(model_dir):
+    _, tok = load_model(model_dir, dtype="float32")
+    n = tok.vocab_size
+    edit_json(model_dir / "config.json", vocab_size=n - 8, embedding_size=n - 4)
+    with pytest.raises(ConfigError, match=f"up to {n - 1} .*only {n - 4} rows"):
         load_model(model_dir)
 
 
@@ -274,6 +314,17 @@ def test_index_naming_a_missing_shard(tmp_path):
     gone = sorted(d.glob("*.safetensors"))[1]
     gone.unlink()
     with pytest.raises(ConfigError, match=f"missing: {gone.name}"):
+        load_model(d)
+
+
+def test_tensor_in_two_shards(tmp_path):
+    d = make_model_dir(tmp_path / "m", shard_bytes=40_000)
+    first, second = sorted(d.glob("*.safetensors"))[:2]
+    name = next(iter(load_file(str(first))))
+    state = load_file(str(second))
+    state[name] = load_file(str(first))[name] + 1  # would silently win without the check
+    save_file(state, str(second))
+    with pytest.raises(ConfigError, match=f"{name}.*both {first.name} and {second.name}"):
         load_model(d)
 
 

@@ -350,3 +350,22 @@ def test_low_precision_runs_and_stays_close_to_fp32(model, dtype, device):
     cached = low.logits(low(ids.to(device), torch.arange(16, device=device).expand(2, 16), valid, cache, torch.tensor([0, 1], device=device)))
     rel_cached = ((cached.float().cpu() - got).norm(dim=-1) / got.norm(dim=-1)).max().item()
     assert rel_cached < 0.02
+
+
+@torch.inference_mode()
+def test_cache_in_another_dtype_than_the_model(model):
+    """A bf16 cache under an fp32 model (and the reverse) must not trip SDPA's dtype check."""
+    ids = ids_for(13, 1, 12)
+    valid, pos, slot = torch.ones(1, 12, dtype=torch.bool), torch.arange(12)[None], torch.tensor([0])
+    want = model.logits(model(ids))
+    cache = KVCache(model.config, slots=1, max_len=16, dtype=torch.bfloat16, device="cpu")
+    got = model.logits(model(ids, pos, valid, cache, slot))
+    assert got.dtype == torch.float32 and cache.k[0].dtype == torch.bfloat16
+    assert ((got - want).norm(dim=-1) / want.norm(dim=-1)).max() < 0.05
+    step = model.logits(model(ids[:, 4:8], pos[:, 4:8], valid, cache, slot))  # reads the bf16 cache back
+    close(step, got[:, 4:8], atol=0.1)
+
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    cache32 = KVCache(model.config, slots=1, max_len=16, dtype=torch.float32, device="cpu")
+    out = low.logits(low(ids, pos, valid, cache32, slot))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
