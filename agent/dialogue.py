@@ -19,10 +19,14 @@ class Dialogue:
     def add(self, role: str, text: str) -> None:
         self.turns.append({"role": role, "content": text.strip()})
 
-    def prompt(self) -> list[int]:
-        """Token ids ending in the assistant header; always keeps the last user turn."""
+    def prompt(self, pending: list[dict[str, str]] | None = None) -> list[int]:
+        """Token ids ending in the assistant header; always keeps the last user turn.
+
+        `pending` turns are rendered after the history without joining it (a speculative reply's
+        user turn, kept only if the user really finished).
+        """
         head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        turns = list(self.turns)
+        turns = list(self.turns) + list(pending or [])
         while True:
             ids = self.tokenizer.apply_chat_template(head + turns)
             if len(ids) <= self.max_history_tokens or len(turns) <= 1:

@@ -106,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench
+    from . import bench, data, train
 
     parser = argparse.ArgumentParser(prog="dllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(b)
     bench.add_args(b)
     b.set_defaults(func=cmd_bench)
+
+    data.add_parser(sub)
+    train.add_parser(sub)
     return parser
 
 

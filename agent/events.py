@@ -1,0 +1,106 @@
+"""Typed events a session yields to its transport; each carries the turn it belongs to.
+
+`type` names follow the OpenAI Realtime conventions where one fits, so the server can forward
+them almost as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Event:
+    type: ClassVar[str] = "event"
+    turn: int | None
+
+
+@dataclasses.dataclass
+class SpeechStarted(Event):
+    type: ClassVar[str] = "input_audio_buffer.speech_started"
+    audio_ms: int  # media time into the session's input
+
+
+@dataclasses.dataclass
+class SpeechStopped(Event):
+    type: ClassVar[str] = "input_audio_buffer.speech_stopped"
+    audio_ms: int
+
+
+@dataclasses.dataclass
+class Speculation(Event):
+    """A reply started at a short pause ("started"), kept at the end of turn, or dropped when the user went on."""
+
+    type: ClassVar[str] = "turn.speculation"
+    action: str  # started | kept | cancelled
+
+
+@dataclasses.dataclass
+class Transcript(Event):
+    type: ClassVar[str] = "conversation.item.input_audio_transcription.completed"
+    text: str
+
+
+@dataclasses.dataclass
+class AgentText(Event):
+    """Committed reply text, strictly in order (what the diffusion model has decided so far)."""
+
+    type: ClassVar[str] = "response.text.delta"
+    text: str
+
+
+@dataclasses.dataclass
+class DenoiseStep(Event):
+    """Which positions of the current block one denoising step committed (for visualization)."""
+
+    type: ClassVar[str] = "response.denoise.step"
+    block: int
+    step: int
+    block_size: int
+    positions: list[int]  # offsets within the block
+    tokens: list[str]
+    masked_left: int
+
+
+@dataclasses.dataclass
+class AgentAudio(Event):
+    type: ClassVar[str] = "response.audio.delta"
+    samples: np.ndarray = dataclasses.field(repr=False)  # float32 mono
+    sample_rate: int
+    text: str  # the sentence this audio speaks
+
+
+@dataclasses.dataclass
+class ResponseDone(Event):
+    type: ClassVar[str] = "response.done"
+    text: str  # the reply as generated
+    interrupted: bool = False
+
+
+@dataclasses.dataclass
+class Interrupted(Event):
+    """Barge-in: the transport must drop the agent audio it still holds and report what was played."""
+
+    type: ClassVar[str] = "response.interrupted"
+
+
+@dataclasses.dataclass
+class TurnMetrics(Event):
+    type: ClassVar[str] = "turn.metrics"
+    timeline: dict  # see agent.metrics.TurnTimeline.to_dict
+
+
+@dataclasses.dataclass
+class Error(Event):
+    type: ClassVar[str] = "error"
+    code: str
+    message: str
+
+
+@dataclasses.dataclass
+class HangUp(Event):
+    type: ClassVar[str] = "session.hangup"
+    reason: str  # idle | max_duration | closed

@@ -1,0 +1,51 @@
+"""THE per-turn latency timeline (shared/DESIGN.md), used by every transport, the browser and the benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+# In pipeline order. Times are time.monotonic() seconds on the server.
+STAGES = (
+    "speech_end",  # arrival of the audio in which the VAD saw the user stop
+    "endpoint",  # end-of-turn decision
+    "asr_final",
+    "llm_first_text",
+    "first_sentence",
+    "tts_first_audio",
+    "first_audio_sent",  # the transport took the first reply audio of the turn
+)
+
+
+@dataclasses.dataclass
+class TurnTimeline:
+    turn: int
+    marks: dict[str, float] = dataclasses.field(default_factory=dict)
+    speculative: bool = False  # the kept reply was started at a short pause, before the endpoint
+    interrupted: bool = False
+
+    def mark(self, stage: str, t: float | None = None) -> None:
+        """Record the first time a stage is reached (later calls do not move it)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        self.marks.setdefault(stage, time.monotonic() if t is None else t)
+
+    @property
+    def server_voice_to_voice_ms(self) -> float | None:
+        """First reply audio sent − speech end seen by the server's VAD."""
+        if "speech_end" in self.marks and "first_audio_sent" in self.marks:
+            return (self.marks["first_audio_sent"] - self.marks["speech_end"]) * 1000
+        return None
+
+    def to_dict(self) -> dict:
+        """Each stage in ms after speech end (None where not reached), plus the headline figure."""
+        t0 = self.marks.get("speech_end")
+        rel = {s: (None if s not in self.marks or t0 is None else round((self.marks[s] - t0) * 1000, 1)) for s in STAGES}
+        v2v = self.server_voice_to_voice_ms
+        return {
+            "turn": self.turn,
+            "stages_ms": rel,
+            "server_voice_to_voice_ms": None if v2v is None else round(v2v, 1),
+            "speculative": self.speculative,
+            "interrupted": self.interrupted,
+        }

@@ -1,0 +1,83 @@
+"""Endpointing: speech start, short pause, resume and end of turn, decided over VAD frames in media time."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+@dataclasses.dataclass
+class TurnConfig:
+    vad_threshold: float = 0.5
+    min_speech_ms: int = 160  # speech this long starts a turn (shorter blips are ignored)
+    pause_ms: int = 200  # silence this long: a short pause, where speculative work starts
+    end_ms: int = 600  # silence this long: end of turn
+    max_turn_s: float = 30.0  # longer turns are cut here (and the session says so)
+
+
+class Signal(enum.Enum):
+    SPEECH_START = "speech_start"
+    PAUSE = "pause"
+    RESUME = "resume"
+    END_OF_TURN = "end_of_turn"
+    CAPPED = "capped"  # end of turn forced by max_turn_s
+
+
+class Endpointer:
+    """Feed one speech probability per frame; get the turn signals it implies.
+
+    Everything counts frames of audio, never wall-clock time, so the result depends only on the
+    audio: tests and benchmarks replay it at any speed with the same decisions.
+    """
+
+    def __init__(self, config: TurnConfig, frame_ms: float) -> None:
+        self.config = config
+        self.frame_ms = frame_ms
+        self.in_speech = False  # inside a turn (speech started and not ended)
+        self.speech_frames = 0  # speech frames in the current run (for start and barge-in)
+        self.silence_frames = 0  # silent frames since the last speech frame
+        self.turn_frames = 0
+        self.paused = False
+
+    def _frames(self, ms: float) -> int:
+        return max(1, round(ms / self.frame_ms))
+
+    @property
+    def speech_ms(self) -> float:
+        """Length of the current uninterrupted run of speech."""
+        return self.speech_frames * self.frame_ms
+
+    def push(self, prob: float) -> Signal | None:
+        cfg = self.config
+        speech = prob >= cfg.vad_threshold
+        if speech:
+            self.speech_frames += 1
+            self.silence_frames = 0
+        else:
+            self.silence_frames += 1
+            if self.silence_frames >= self._frames(cfg.pause_ms):
+                self.speech_frames = 0  # a pause ends a run of speech; short gaps inside words do not
+        if not self.in_speech:
+            if speech and self.speech_frames >= self._frames(cfg.min_speech_ms):
+                self.in_speech, self.paused, self.turn_frames = True, False, self.speech_frames
+                return Signal.SPEECH_START
+            return None
+        self.turn_frames += 1
+        if self.turn_frames >= self._frames(cfg.max_turn_s * 1000):
+            self._end()
+            return Signal.CAPPED
+        if speech:
+            if self.paused:
+                self.paused = False
+                return Signal.RESUME
+            return None
+        if self.silence_frames >= self._frames(cfg.end_ms):
+            self._end()
+            return Signal.END_OF_TURN
+        if not self.paused and self.silence_frames >= self._frames(cfg.pause_ms):
+            self.paused = True
+            return Signal.PAUSE
+        return None
+
+    def _end(self) -> None:
+        self.in_speech, self.paused, self.speech_frames, self.turn_frames = False, False, 0, 0

