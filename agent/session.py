@@ -42,12 +42,14 @@ class _Reply:
     timeline: TurnTimeline
     task: asyncio.Task | None = None
     confirmed: bool = False
+    discarded: bool = False  # a speculation the user talked past: never shown, never kept
     pending: list[ev.Event] = dataclasses.field(default_factory=list)
     user_text: str = ""
     text: str = ""
-    sentences: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (sentence, samples) as sent
+    sentences: list[list] = dataclasses.field(default_factory=list)  # [index, text, samples] per sentence sent
     sample_rate: int = 0
-    sent_samples: int = 0
+    sent_samples: int = 0  # taken by the transport
+    audio_samples: int = 0  # produced (sent or still queued): the agent talks until it has all played
     heard_samples: int | None = None  # from played(); None: assume what was sent was heard
     first_sent_at: float | None = None
     done: bool = False
@@ -57,7 +59,7 @@ class _Reply:
         """The words the listener heard: whole sentences, then a proportional share of the next."""
         budget = self.sent_samples if self.heard_samples is None else min(self.heard_samples, self.sent_samples)
         words: list[str] = []
-        for sentence, n in self.sentences:
+        for _, sentence, n in self.sentences:
             if budget >= n:
                 words += sentence.split()
                 budget -= n
@@ -216,11 +218,11 @@ class Session:
     def _on_end_of_turn(self) -> None:
         self._emit(ev.SpeechStopped(self._turn, self._speech_end[0] if self._speech_end else self._media_ms))
         r = self._reply
-        if r and r.turn == self._turn and not r.confirmed:
+        if r and r.turn == self._turn and not r.confirmed and not r.discarded:
             r.timeline.mark("endpoint")
             r.timeline.speculative = True
             self.stats["speculations_kept"] += 1
-            self._queue.put_nowait(ev.Speculation(r.turn, "kept"))
+            self._emit(ev.Speculation(r.turn, "kept"))
             self._confirm(r)
         else:
             self._start_turn_reply(confirmed=True)
@@ -228,10 +230,11 @@ class Session:
 
     def _check_limits(self) -> None:
         cfg = self.config
+        replying = self._reply is not None and not self._reply.done
         idle_ms = (self._media_frames - self._last_speech_frame) * FRAME_MS
         if cfg.max_call_s and self._media_ms >= cfg.max_call_s * 1000:
             self._hang_up("max_duration")
-        elif cfg.idle_timeout_s and idle_ms >= cfg.idle_timeout_s * 1000 and not self._agent_audible():
+        elif cfg.idle_timeout_s and not replying and idle_ms >= cfg.idle_timeout_s * 1000:
             self._hang_up("idle")
 
     # ---- replies -----------------------------------------------------------------------------
@@ -248,7 +251,7 @@ class Session:
             self.stats["speculations_started"] += 1
         self._start_reply(self._turn, timeline, confirmed, audio=np.concatenate(self._turn_audio))
         if not confirmed:
-            self._queue.put_nowait(ev.Speculation(self._turn, "started"))
+            self._emit(ev.Speculation(self._turn, "started"))
 
     def _start_reply(self, turn: int, timeline: TurnTimeline, confirmed: bool, audio: np.ndarray | None = None, fixed_text: str | None = None) -> None:
         if self._reply and not self._reply.done:
@@ -260,11 +263,11 @@ class Session:
 
     def _cancel_speculation(self) -> None:
         r = self._reply
-        if r and not r.confirmed and not r.done:
-            r.done = True
+        if r and not r.confirmed and not r.discarded:
+            r.done = r.discarded = True
             r.task.cancel()
             self.stats["speculations_cancelled"] += 1
-            self._queue.put_nowait(ev.Speculation(r.turn, "cancelled"))
+            self._emit(ev.Speculation(r.turn, "cancelled"))
 
     def _confirm(self, r: _Reply) -> None:
         r.confirmed = True
@@ -277,11 +280,16 @@ class Session:
             self._record(r)
 
     def _emit(self, event: ev.Event) -> None:
-        r = self._reply
-        if r is not None and event.turn == r.turn and not r.confirmed and not r.done:
-            r.pending.append(event)
-        else:
+        self._queue.put_nowait(event)
+
+    def _emit_reply(self, r: _Reply, event: ev.Event) -> None:
+        """A reply's events wait while it is speculative and vanish if it is discarded."""
+        if r.discarded:
+            return
+        if r.confirmed:
             self._queue.put_nowait(event)
+        else:
+            r.pending.append(event)
 
     async def _run_reply(self, r: _Reply, audio: np.ndarray | None, fixed_text: str | None) -> None:
         loop = asyncio.get_running_loop()
@@ -291,7 +299,7 @@ class Session:
             if fixed_text is None:
                 r.user_text = await loop.run_in_executor(agent.asr_pool, agent.asr.transcribe, audio)
                 r.timeline.mark("asr_final")
-                self._emit(ev.Transcript(r.turn, r.user_text))
+                self._emit_reply(r, ev.Transcript(r.turn, r.user_text))
                 if not r.user_text:
                     r.done = True
                     return
@@ -299,18 +307,20 @@ class Session:
                     self.dialogue.add("user", r.user_text)
                 await asyncio.gather(self._generate(r, sentences), self._speak(r, sentences))
             else:
-                await sentences.put(fixed_text)
+                for sentence in SentenceSplitter().push(fixed_text + "\n"):
+                    await sentences.put(sentence)
                 await sentences.put(None)
                 r.text = fixed_text
-                self._emit(ev.AgentText(r.turn, fixed_text))
+                self._emit_reply(r, ev.AgentText(r.turn, fixed_text))
                 await self._speak(r, sentences)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a failed reply is reported; the session and the process go on
             log.exception("reply for turn %d failed", r.turn)
-            self._emit(ev.Error(r.turn, "reply_failed", str(e)))
+            self._emit_reply(r, ev.Error(r.turn, "reply_failed", str(e)))
         r.done = True
-        self._emit(ev.ResponseDone(r.turn, r.text))
+        self._last_speech_frame = max(self._last_speech_frame, self._media_frames)  # idle time counts from here
+        self._emit_reply(r, ev.ResponseDone(r.turn, r.text))
         if r.confirmed:
             self._record(r)
 
@@ -324,11 +334,11 @@ class Session:
             async for out in engine.stream(prompt, params, request_id=f"{id(self):x}-{r.turn}-{next(self._request_ids)}", step_events=True):
                 if out.step is not None:
                     s = out.step
-                    self._emit(ev.DenoiseStep(r.turn, s.block, s.step, params.block_size, [p % params.block_size for p in s.positions], [tok.decode([t]) for t in s.tokens], s.masked_left))
+                    self._emit_reply(r, ev.DenoiseStep(r.turn, s.block, s.step, params.block_size, [p % params.block_size for p in s.positions], [tok.decode([t]) for t in s.tokens], s.masked_left))
                 if out.text:
                     r.timeline.mark("llm_first_text")
                     r.text += out.text
-                    self._emit(ev.AgentText(r.turn, out.text))
+                    self._emit_reply(r, ev.AgentText(r.turn, out.text))
                     for sentence in splitter.push(out.text):
                         r.timeline.mark("first_sentence")
                         await sentences.put(sentence)
@@ -341,12 +351,15 @@ class Session:
     async def _speak(self, r: _Reply, sentences: asyncio.Queue[str | None]) -> None:
         loop = asyncio.get_running_loop()
         tts = self.agent.tts
+        index = 0
         while (sentence := await sentences.get()) is not None:
+            index += 1
             chunks = tts.synthesize(sentence)
             while (chunk := await loop.run_in_executor(self.agent.tts_pool, next, chunks, None)) is not None:
                 r.timeline.mark("tts_first_audio")
                 r.sample_rate = tts.sample_rate
-                self._emit(ev.AgentAudio(r.turn, chunk, tts.sample_rate, sentence))
+                r.audio_samples += len(chunk)
+                self._emit_reply(r, ev.AgentAudio(r.turn, chunk, tts.sample_rate, sentence, index))
 
     # ---- audio out, barge-in and history -----------------------------------------------------
 
@@ -357,7 +370,10 @@ class Session:
         if r.first_sent_at is None:
             r.first_sent_at = time.monotonic()
             r.timeline.mark("first_audio_sent", r.first_sent_at)
-        r.sentences.append((audio.text, len(audio.samples)))
+        if r.sentences and r.sentences[-1][0] == audio.sentence:
+            r.sentences[-1][2] += len(audio.samples)
+        else:
+            r.sentences.append([audio.sentence, audio.text, len(audio.samples)])
         r.sent_samples += len(audio.samples)
         if r.recorded is not None:
             r.recorded["content"] = r.heard_text()
@@ -365,17 +381,17 @@ class Session:
     def _agent_audible(self) -> bool:
         """The agent is talking: its reply audio went out and (as far as we know) is still playing."""
         r = self._reply
-        if r is None or not r.confirmed or r.first_sent_at is None:
+        if r is None or not r.confirmed or r.first_sent_at is None or r.timeline.interrupted:
             return False
         now = time.monotonic()
         if (now - r.first_sent_at) * 1000 < self.config.echo_guard_ms:
             return False
-        played_until = r.first_sent_at + r.sent_samples / max(r.sample_rate, 1)
+        played_until = r.first_sent_at + r.audio_samples / max(r.sample_rate, 1)
         return not r.done or now < played_until
 
     def _interrupt(self) -> None:
         r = self._reply
-        if r is None:
+        if r is None or r.timeline.interrupted:
             return
         self.stats["barge_ins"] += 1
         r.timeline.interrupted = True

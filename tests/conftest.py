@@ -40,3 +40,39 @@ def eot_model(tmp_path_factory):
         tr["ff_out"].weight.zero_()
         tr["ff_out"].weight[tok.special.end_of_turn, 0] = 10.0
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory) -> Path:
+    """A tiny chat model trained in seconds on tests.helpers.PAIRS; returns its out_dir (model/ inside)."""
+    from dllm_engine.train import tiny_model
+    from tests.helpers import PAIRS
+
+    out = tmp_path_factory.mktemp("tiny-chat")
+    tiny_model(out, PAIRS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def voice_agent(tiny_chat):
+    """The real voice agent (faster-whisper, piper, Silero, the engine) on the tiny chat model."""
+    from agent import Agent, AgentConfig
+    from dllm_engine.decoding import DecodeParams
+
+    agent = Agent.load(AgentConfig(model=tiny_chat / "model", dtype="float32", decode=DecodeParams(block_size=32, max_new_tokens=32)))
+    yield agent
+    agent.close()
+
+
+@pytest.fixture(scope="session")
+def piper_speech(voice_agent):
+    """`piper_speech(text, rate=16000)`: the text spoken by the agent's own piper voice, float32."""
+    import numpy as np
+
+    from audio.codec import resample
+
+    def speak(text: str, rate: int = 16000) -> np.ndarray:
+        tts = voice_agent.tts
+        return resample(np.concatenate(list(tts.synthesize(text))), tts.sample_rate, rate)
+
+    return speak

@@ -154,3 +154,48 @@ def llada_8b_instruct_config(**overrides: Any) -> dict[str, Any]:
     }
     raw.update(overrides)
     return raw
+
+
+# Six (prompt, reply) pairs a tiny model memorizes in seconds (`dllm_engine.train.tiny_model`).
+PAIRS = [
+    ("hello, how are you?", "I am fine, thank you."),
+    ("what is your name?", "My name is Tiny."),
+    ("do you like dogs?", "Yes, dogs are great."),
+    ("what do you eat?", "I eat pizza every day."),
+    ("where do you live?", "I live in a small house."),
+    ("tell me a joke.", "Why did the cat sit on the computer?"),
+]
+
+
+def silence(seconds: float, rate: int = 16000):
+    import numpy as np
+
+    return np.zeros(int(seconds * rate), dtype=np.float32)
+
+
+def espeak(text: str, rate: int = 16000):
+    """A second, different synthetic voice (Debian's espeak-ng) at `rate` Hz, float32."""
+    import io
+    import shutil
+    import subprocess
+    import wave
+
+    import numpy as np
+
+    from audio.codec import resample
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng; .ci/run does it)")
+    wav = subprocess.run([exe, "--stdout", "-s", "160", text], check=True, capture_output=True).stdout
+    with wave.open(io.BytesIO(wav)) as w:
+        audio = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768
+        return resample(audio, w.getframerate(), rate)
+
+
+def trim(audio, level: float = 0.01):
+    """Cut a clip's leading and trailing near-silence (piper pads sentences by a random ~0.2-0.3 s)."""
+    import numpy as np
+
+    loud = np.flatnonzero(np.abs(audio) > level)
+    return audio[loud[0] : loud[-1] + 1] if loud.size else audio[:0]

@@ -12,21 +12,15 @@ import pytest
 import torch
 import yaml
 
+
 from dllm_engine import data, train
+from tests.helpers import PAIRS
 from dllm_engine.config import ConfigError
 from dllm_engine.data import DataError
 from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
 from dllm_engine.loading import load_model
 
-PAIRS = [
-    ("hello, how are you?", "I am fine, thank you."),
-    ("what is your name?", "My name is Tiny."),
-    ("do you like dogs?", "Yes, dogs are great."),
-    ("what do you eat?", "I eat pizza every day."),
-    ("where do you live?", "I live in a small house."),
-    ("tell me a joke.", "Why did the cat sit on the computer?"),
-]
 
 
 def _generate(model_dir: Path, prompt: str) -> tuple[str, str]:
@@ -64,11 +58,8 @@ def _tiny_cfg(tmp: Path, **overrides) -> train.TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """The tiny model of `train.tiny_model`, trained once for this module; returns its out_dir."""
-    out = tmp_path_factory.mktemp("tiny")
-    train.tiny_model(out, PAIRS)
-    return out
+def trained(tiny_chat) -> Path:
+    return tiny_chat
 
 
 # ---- training really learns -----------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""Server-wide state shared by every transport: settings, session slots and live connections."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .security import StreamTokens
+
+if TYPE_CHECKING:
+    from .transports.base import Connection
+    from .voice_agent import Agent
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    """What `voice-agent serve` configures; the defaults are the safe local ones."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None  # required from clients when set (and always when bound off loopback)
+    public_url: str | None = None  # https://host[:port] as the outside world sees it (Twilio, signatures)
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the server's own
+    twilio_auth_token: str | None = None  # when set, Twilio requests must carry a valid X-Twilio-Signature
+    max_sessions: int = 4
+    max_frame_bytes: int = 1 << 20  # largest WebSocket message (any endpoint); larger ones close with 1009
+    max_twilio_frame_bytes: int = 16 << 10  # Twilio sends ~300-byte messages; anything near this is not Twilio
+    max_queued_audio_s: float = 60.0  # reply audio waiting to be written to one client
+    send_timeout_s: float = 10.0  # a write blocked this long means the client stopped reading
+    auth_timeout_s: float = 10.0  # time to send the first-message token when no header carried it
+    stream_token_ttl_s: float = 120.0  # a TwiML answer's stream token must be used within this
+    web_dir: Path = WEB_DIR
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.token or self.twilio_auth_token)
+
+
+class Hub:
+    """The one Agent, the session slots, and every open connection (so shutdown can close them properly)."""
+
+    def __init__(self, agent: Agent, settings: ServerSettings) -> None:
+        self.agent = agent
+        self.settings = settings
+        self.connections: set[Connection] = set()
+        self.active_sessions = 0
+        self.stream_tokens = StreamTokens(settings.stream_token_ttl_s)
+        self.closing = False
+
+    def acquire(self) -> bool:
+        """Take a session slot; False when the server is full or shutting down."""
+        if self.closing or self.active_sessions >= self.settings.max_sessions:
+            return False
+        self.active_sessions += 1
+        return True
+
+    def release(self) -> None:
+        self.active_sessions -= 1
+
+    @property
+    def full(self) -> bool:
+        return self.active_sessions >= self.settings.max_sessions
+
+    async def close_all(self, code: int, reason: str, timeout: float = 5.0) -> None:
+        """Refuse new sessions and end every connection with `code` (Ctrl-C: 1001 going away)."""
+        self.closing = True
+        conns = list(self.connections)
+        if not conns:
+            return
+        log.info("closing %d connection(s): %s", len(conns), reason)
+        for c in conns:
+            c.stop(code, reason)
+        await asyncio.wait([asyncio.ensure_future(c.finished.wait()) for c in conns], timeout=timeout)
+
+    def health(self) -> dict:
+        agent, s = self.agent, self.settings
+        return {
+            "status": "closing" if self.closing else "ok",
+            "models": {
+                "llm": str(agent.config.model or "default"),
+                "asr": str(getattr(agent.asr, "path", agent.config.asr_model or "default")),
+                "tts": str(agent.config.voice or "default"),
+                "vad": "silero",
+                "loaded": True,
+            },
+            "agent_sample_rate": agent.tts.sample_rate,
+            "sessions": {"active": self.active_sessions, "max": s.max_sessions},
+            "connections": len(self.connections),
+            "limits": {
+                "max_frame_bytes": s.max_frame_bytes,
+                "max_twilio_frame_bytes": s.max_twilio_frame_bytes,
+                "max_queued_audio_s": s.max_queued_audio_s,
+                "send_timeout_s": s.send_timeout_s,
+            },
+            "auth_required": s.auth_required,
+            "endpoints": {"realtime": "/v1/realtime", "twiml": "/twiml", "twilio": "/twilio/stream"},
+        }

@@ -1,0 +1,174 @@
+"""The ASGI app: health, the browser client, the Realtime-style WebSocket, and Twilio (TwiML + media stream).
+
+    app = create_app(agent, ServerSettings())   # a Starlette app around one loaded Agent
+    run(app)                                    # uvicorn (websockets), Ctrl-C closes sessions with 1001
+
+Admission (Origin, tokens, signatures) happens here, before a WebSocket is accepted; the protocols
+live in agent/transports/.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from urllib.parse import parse_qsl, urlsplit
+from xml.sax.saxutils import quoteattr
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from .hub import Hub, ServerSettings
+from .security import credential, origin_allowed, token_matches, twilio_valid
+from .transports.realtime import RealtimeConnection
+from .transports.twilio import TwilioConnection
+from .voice_agent import Agent
+
+log = logging.getLogger(__name__)
+
+REALTIME_PATH = "/v1/realtime"
+TWIML_PATH = "/twiml"
+TWILIO_PATH = "/twilio/stream"
+MAX_BODY_BYTES = 64 << 10  # Twilio's webhook form is a few hundred bytes
+
+
+def create_app(agent: Agent, settings: ServerSettings | None = None) -> Starlette:
+    settings = settings or ServerSettings()
+    routes = [
+        Route("/health", health),
+        Route(TWIML_PATH, twiml, methods=["POST"]),
+        WebSocketRoute(REALTIME_PATH, realtime),
+        WebSocketRoute(TWILIO_PATH, twilio_stream),
+    ]
+    if settings.web_dir.is_dir():
+        routes.append(Mount("/", StaticFiles(directory=settings.web_dir, html=True)))
+    else:
+        log.warning("no browser client at %s: / will answer 404", settings.web_dir)
+    app = Starlette(routes=routes, max_body_size=MAX_BODY_BYTES)
+    app.state.hub = Hub(agent, settings)
+    return app
+
+
+# ---- HTTP ------------------------------------------------------------------------------------
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.hub.health())
+
+
+async def twiml(request: Request) -> Response:
+    """Twilio's voice webhook: answer the call with a bidirectional media stream back to this server."""
+    hub: Hub = request.app.state.hub
+    s = hub.settings
+    params = parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True)
+    if s.twilio_auth_token:
+        if not twilio_valid(s.twilio_auth_token, request.headers.get("x-twilio-signature"), public_url(request), params):
+            log.warning("POST %s with an invalid X-Twilio-Signature", TWIML_PATH)
+            return PlainTextResponse("invalid X-Twilio-Signature\n", 403)
+    elif s.token and not token_matches(credential(request.headers), s.token):
+        return PlainTextResponse("unauthorized\n", 401, headers={"WWW-Authenticate": 'Basic realm="voice-agent"'})
+    if hub.full or hub.closing:
+        return _xml('<Response><Reject reason="busy"/></Response>')
+    param = f'<Parameter name="token" value={quoteattr(hub.stream_tokens.mint())}/>' if s.auth_required else ""
+    return _xml(f"<Response><Connect><Stream url={quoteattr(stream_url(request))}>{param}</Stream></Connect></Response>")
+
+
+def _xml(body: str) -> Response:
+    return Response('<?xml version="1.0" encoding="UTF-8"?>' + body, media_type="application/xml")
+
+
+def public_url(conn: Request | WebSocket) -> str:
+    """The URL the client used, as the outside world sees it (Twilio signs this one, not ours behind a proxy)."""
+    public = conn.app.state.hub.settings.public_url
+    if not public:
+        return str(conn.url)
+    query = conn.url.query
+    return public.rstrip("/") + conn.url.path + (f"?{query}" if query else "")
+
+
+def stream_url(conn: Request | WebSocket) -> str:
+    """wss:// from --public-url (Twilio accepts only wss and no query string); else the request's own host."""
+    public = conn.app.state.hub.settings.public_url
+    if public:
+        u = urlsplit(public)
+        return f"{'ws' if u.scheme == 'http' else 'wss'}://{u.netloc}{u.path.rstrip('/')}{TWILIO_PATH}"
+    scheme = "wss" if conn.url.scheme in ("https", "wss") else "ws"
+    return f"{scheme}://{conn.headers.get('host', conn.url.netloc)}{TWILIO_PATH}"
+
+
+# ---- WebSockets ------------------------------------------------------------------------------
+
+
+async def _deny(ws: WebSocket, status: int, message: str) -> None:
+    log.info("refused %s: %d %s", ws.url.path, status, message)
+    await ws.send_denial_response(JSONResponse({"error": message}, status))
+
+
+async def realtime(ws: WebSocket) -> None:
+    """Programs send `Authorization: Bearer TOKEN`; browsers, which cannot, send it as the first message."""
+    hub: Hub = ws.app.state.hub
+    s = hub.settings
+    if hub.closing:
+        return await _deny(ws, 503, "server shutting down")
+    if not origin_allowed(ws.headers, s.allowed_origins):
+        return await _deny(ws, 403, f"origin {ws.headers.get('origin')} not allowed")
+    given = credential(ws.headers)
+    if s.token and given is not None and not token_matches(given, s.token):
+        return await _deny(ws, 401, "invalid token")
+    await RealtimeConnection(ws, hub, authed=not s.token or given is not None).serve()
+
+
+async def twilio_stream(ws: WebSocket) -> None:
+    """Twilio signs the handshake (X-Twilio-Signature over the stream URL); the stream token comes in `start`."""
+    hub: Hub = ws.app.state.hub
+    s = hub.settings
+    if hub.closing:
+        return await _deny(ws, 503, "server shutting down")
+    if not origin_allowed(ws.headers, s.allowed_origins):
+        return await _deny(ws, 403, f"origin {ws.headers.get('origin')} not allowed")
+    if s.twilio_auth_token and not twilio_valid(s.twilio_auth_token, ws.headers.get("x-twilio-signature"), stream_url(ws)):
+        return await _deny(ws, 403, "invalid X-Twilio-Signature")
+    await TwilioConnection(ws, hub).serve()
+
+
+# ---- running it ------------------------------------------------------------------------------
+
+
+class VoiceServer(uvicorn.Server):
+    """uvicorn whose shutdown first ends every session with 1001 (going away) and only then stops."""
+
+    def __init__(self, config: uvicorn.Config, hub: Hub) -> None:
+        super().__init__(config)
+        self.hub = hub
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.hub.close_all(1001, "server shutting down")
+        await super().shutdown(sockets)
+
+
+def server_for(app: Starlette, ssl_certfile: str | None = None, ssl_keyfile: str | None = None, log_level: str = "info") -> VoiceServer:
+    """A uvicorn server for `app` with the WebSocket settings this protocol needs."""
+    s: ServerSettings = app.state.hub.settings
+    config = uvicorn.Config(
+        app,
+        host=s.host,
+        port=s.port,
+        ws="websockets-sansio",  # the websockets library, in uvicorn's current (non-deprecated) binding
+        ws_max_size=s.max_frame_bytes,  # larger messages: close 1009
+        ws_per_message_deflate=False,  # base64 audio barely compresses; keep the 2 cores for the models
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        log_level=log_level,
+    )
+    return VoiceServer(config, app.state.hub)
+
+
+def run(app: Starlette, **kwargs) -> None:
+    """Serve until Ctrl-C (or SIGTERM): sessions get close code 1001, then the process exits."""
+    server_for(app, **kwargs).run()

@@ -1,0 +1,127 @@
+"""audio/: codec, resampling, framing, Silero VAD, faster-whisper and piper, on real models."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+import numpy as np
+import pytest
+
+from audio import codec
+from audio.codec import AudioError, Framer, Resampler, to_float32, ulaw_decode, ulaw_encode
+from audio.tts import speakable
+from audio.vad import FRAME, SileroVAD, load_session
+from tests.helpers import espeak, silence
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, words(a), words(b)).ratio()
+
+
+# ---- codec ------------------------------------------------------------------------------------
+
+
+def test_ulaw_matches_the_g711_reference_for_every_sample():
+    audioop = pytest.importorskip("audioop")  # the stdlib's G.711 (Python <= 3.12) is the reference
+    x = np.arange(-32768, 32768, dtype=np.int16)
+    assert ulaw_encode(x) == audioop.lin2ulaw(x.tobytes(), 2)
+    every_byte = bytes(range(256))
+    assert (ulaw_decode(every_byte) == np.frombuffer(audioop.ulaw2lin(every_byte, 2), dtype=np.int16)).all()
+
+
+def test_ulaw_round_trip_keeps_the_signal():
+    t = np.arange(8000) / 8000
+    x = (np.sin(2 * np.pi * 440 * t) * 12000).astype(np.int16)
+    y = ulaw_decode(ulaw_encode(x))
+    assert len(ulaw_encode(x)) == len(x)
+    snr = 10 * np.log10(np.sum(x.astype(float) ** 2) / np.sum((x.astype(float) - y) ** 2))
+    assert snr > 30  # μ-law keeps ~35-38 dB SNR on a loud tone
+
+
+@pytest.mark.parametrize(
+    "samples, rate, message",
+    [
+        (np.array([0.0, np.nan], dtype=np.float32), 16000, "NaN"),
+        (np.array([0.0, np.inf]), 16000, "NaN or infinite"),
+        (np.zeros((100, 2), dtype=np.float32), 16000, "mono"),
+        (np.zeros(100, dtype=np.int32), 16000, "int16 or float"),
+        (np.zeros(100, dtype=np.float32), 12345, "unsupported sample rate"),
+    ],
+)
+def test_bad_audio_is_refused_with_a_reason(samples, rate, message):
+    with pytest.raises(AudioError, match=message):
+        to_float32(samples, rate)
+
+
+def test_int16_and_column_vectors_are_accepted():
+    x = to_float32(np.array([[16384], [-32768]], dtype=np.int16), 8000)
+    assert x.dtype == np.float32 and x.tolist() == [0.5, -1.0]
+
+
+def test_streaming_resampler_matches_the_expected_length_and_tone():
+    t = np.arange(48000) / 48000
+    tone = np.sin(2 * np.pi * 300 * t).astype(np.float32)
+    rs = Resampler(48000, 16000)
+    out = np.concatenate([rs(tone[i : i + 960]) for i in range(0, len(tone), 960)] + [rs(np.zeros(0, np.float32), last=True)])
+    assert abs(len(out) - 16000) <= 2
+    spectrum = np.abs(np.fft.rfft(out[:16000]))
+    assert abs(np.argmax(spectrum) - 300) <= 1  # 1 Hz bins over one second
+
+
+def test_framer_cuts_exact_frames_and_keeps_the_rest():
+    f = Framer(4)
+    frames = f.push(np.arange(6, dtype=np.float32)) + f.push(np.arange(6, 9, dtype=np.float32))
+    assert [fr.tolist() for fr in frames] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_supported_rates_include_phone_and_browser_rates():
+    assert {8000, 16000, 44100, 48000} <= set(codec.SUPPORTED_RATES)
+
+
+# ---- VAD --------------------------------------------------------------------------------------
+
+
+def test_silero_tells_speech_from_silence(piper_speech):
+    vad = SileroVAD(load_session())
+    audio = np.concatenate([silence(1.0), piper_speech("The quick brown fox jumps over the lazy dog."), silence(1.0)])
+    probs = np.array([vad(audio[i : i + FRAME]) for i in range(0, len(audio) - FRAME + 1, FRAME)])
+    lead = int(1.0 * 16000 / FRAME) - 2
+    assert probs[:lead].max() < 0.3
+    assert probs.max() > 0.9
+    assert (probs > 0.5).sum() * FRAME / 16000 > 1.0  # over a second of the sentence is speech
+    with pytest.raises(ValueError, match="512"):
+        vad(np.zeros(100, dtype=np.float32))
+
+
+# ---- ASR and TTS ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("voice", ["piper", "espeak"])
+def test_whisper_transcribes_two_different_voices(voice, voice_agent, piper_speech):
+    text = "What do you like to do on the weekend?"
+    audio = piper_speech(text) if voice == "piper" else espeak(text)
+    heard = voice_agent.asr.transcribe(np.concatenate([silence(0.3), audio, silence(0.3)]))
+    assert similarity(heard, text) >= 0.8, heard
+
+
+def test_whisper_says_nothing_about_silence(voice_agent):
+    assert voice_agent.asr.transcribe(silence(2.0)) == ""
+    assert voice_agent.asr.transcribe(silence(0.05)) == ""
+
+
+def test_piper_streams_one_chunk_per_sentence(voice_agent):
+    chunks = list(voice_agent.tts.synthesize("Hello there. How are you today? I am fine."))
+    assert len(chunks) == 3
+    assert all(c.dtype == np.float32 and len(c) > 0.2 * voice_agent.tts.sample_rate for c in chunks)
+
+
+def test_tts_handles_unusual_characters(voice_agent):
+    assert speakable("hi 😀\x00 there\n\n!") == "hi there !"
+    assert list(voice_agent.tts.synthesize("😀😀 \x07")) == []
+    audio = list(voice_agent.tts.synthesize("Ünïcödé — “quotes” & 100% ½…"))
+    assert audio and np.isfinite(np.concatenate(audio)).all()

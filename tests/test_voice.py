@@ -1,0 +1,198 @@
+"""The voice pipeline end to end through the embedding API: real Silero, faster-whisper, piper and engine.
+
+Audio is fed faster than real time: endpointing counts media time, so decisions are the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from agent import events as ev
+from agent.sentences import SentenceSplitter
+from agent.turns import Endpointer, Signal, TurnConfig
+from audio.codec import resample
+from tests.helpers import espeak, silence, trim
+from tests.test_audio import similarity
+
+QUESTION = "Hello, how are you today?"
+
+
+async def converse(session, audio: np.ndarray, rate: int = 16000, chunk_ms: int = 20, until=ev.TurnMetrics, timeout: float = 60.0) -> list[ev.Event]:
+    """Feed `audio` in chunks, then collect events until one of type `until` (or a hang-up) arrives."""
+    got: list[ev.Event] = []
+
+    async def collect() -> None:
+        async for e in session.events():
+            got.append(e)
+            if isinstance(e, (until, ev.HangUp)):
+                return
+
+    reader = asyncio.create_task(collect())
+    step = rate * chunk_ms // 1000
+    for i in range(0, len(audio), step):
+        await session.send_audio(audio[i : i + step], rate)
+        await asyncio.sleep(0)
+    try:
+        await asyncio.wait_for(reader, timeout)
+    except TimeoutError:
+        raise AssertionError(f"no {until.__name__} within {timeout} s; got {got}") from None
+    return got
+
+
+def of(events: list[ev.Event], kind: type) -> list:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def utterance(speech: np.ndarray, rate: int = 16000) -> np.ndarray:
+    return np.concatenate([silence(0.5, rate), speech, silence(1.2, rate)])
+
+
+# ---- pieces -----------------------------------------------------------------------------------
+
+
+def test_endpointer_signals_in_media_time():
+    ep = Endpointer(TurnConfig(min_speech_ms=64, pause_ms=96, end_ms=192, max_turn_s=60), frame_ms=32)
+    probs = [0.9] * 1 + [0.0] * 3 + [0.9] * 4 + [0.0] * 3 + [0.9] * 2 + [0.0] * 6
+    signals = [(i, s) for i, p in enumerate(probs) if (s := ep.push(p)) is not None]
+    # a 1-frame blip starts nothing; speech starts at its 2nd frame; a 3-frame gap is a pause, not an end
+    assert signals == [(5, Signal.SPEECH_START), (10, Signal.PAUSE), (11, Signal.RESUME), (15, Signal.PAUSE), (18, Signal.END_OF_TURN)]
+
+
+def test_endpointer_caps_long_turns():
+    ep = Endpointer(TurnConfig(min_speech_ms=32, max_turn_s=0.32), frame_ms=32)
+    signals = [s for _ in range(20) if (s := ep.push(1.0)) is not None]
+    assert signals[:2] == [Signal.SPEECH_START, Signal.CAPPED]
+
+
+def test_sentence_splitter_waits_for_proof_of_an_end():
+    s = SentenceSplitter()
+    assert s.push("It costs 3.") == []
+    assert s.push("5 dollars. Nice") == ["It costs 3.5 dollars."]
+    assert s.push("! Really?\nYes") == ["Nice!", "Really?"]
+    assert s.flush() == ["Yes"] and s.flush() == []
+
+
+# ---- sessions ---------------------------------------------------------------------------------
+
+
+async def test_a_spoken_question_gets_a_spoken_reply(voice_agent, piper_speech):
+    async with voice_agent.session() as s:
+        got = await converse(s, utterance(piper_speech(QUESTION)))
+    [transcript] = of(got, ev.Transcript)
+    assert similarity(transcript.text, QUESTION) >= 0.8, transcript.text
+    audio = of(got, ev.AgentAudio)
+    assert audio and sum(len(a.samples) for a in audio) > 0.3 * audio[0].sample_rate
+    done = of(got, ev.ResponseDone)[-1]
+    assert done.text.strip() and not done.interrupted
+    assert "".join(e.text for e in of(got, ev.AgentText)) == done.text
+    assert of(got, ev.DenoiseStep)
+    metrics = of(got, ev.TurnMetrics)[-1].timeline
+    stages = metrics["stages_ms"]
+    assert all(stages[k] is not None for k in stages), stages
+    assert stages["asr_final"] <= stages["llm_first_text"] <= stages["tts_first_audio"] <= stages["first_audio_sent"]
+    assert metrics["server_voice_to_voice_ms"] == stages["first_audio_sent"]
+    assert {e.turn for e in got if not isinstance(e, ev.HangUp)} == {1}
+    assert [t["role"] for t in s.dialogue.turns] == ["user", "assistant"]
+    assert s.dialogue.turns[1]["content"] == done.text.strip()
+
+
+async def test_a_pause_starts_speculation_that_resuming_cancels(voice_agent, piper_speech):
+    first, second = "I would like to know", "what time it is in Paris."
+    audio = utterance(np.concatenate([trim(piper_speech(first)), silence(0.4), trim(piper_speech(second))]))
+    async with voice_agent.session(speculation=True) as s:
+        got = await converse(s, audio)
+    actions = [e.action for e in of(got, ev.Speculation)]
+    assert "cancelled" in actions and actions[-1] == "kept", (actions, [e for e in got if not isinstance(e, ev.DenoiseStep)])
+    [transcript] = of(got, ev.Transcript)  # the cancelled attempt's transcript never went out
+    assert similarity(transcript.text, f"{first} {second}") >= 0.7, transcript.text
+    assert len(of(got, ev.SpeechStarted)) == 1 and s.stats["speculations_cancelled"] >= 1
+    assert of(got, ev.TurnMetrics)[-1].timeline["speculative"] is True
+
+
+async def test_without_speculation_the_reply_starts_at_the_endpoint(voice_agent, piper_speech):
+    async with voice_agent.session(speculation=False) as s:
+        got = await converse(s, utterance(piper_speech(QUESTION)))
+    assert not of(got, ev.Speculation)
+    assert of(got, ev.TurnMetrics)[-1].timeline["speculative"] is False
+
+
+async def test_barge_in_cancels_the_reply_and_history_keeps_what_was_heard(voice_agent, piper_speech):
+    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=200) as s:
+        got = await converse(s, utterance(piper_speech("Tell me a joke.")), until=ev.AgentAudio)
+        turn = got[-1].turn
+        s.played(turn, 0.4)  # the listener heard the first 0.4 s, then talked over it
+        later = await converse(s, np.concatenate([piper_speech("Stop, wait a moment please."), silence(1.2)]), until=ev.Interrupted)
+    assert later[-1].turn == turn and s.stats["barge_ins"] == 1
+    reply = [t for t in s.dialogue.turns if t["role"] == "assistant"][0]["content"]
+    spoken = " ".join(a.text for a in of(got + later, ev.AgentAudio) if a.turn == turn)
+    assert len(reply.split()) < len(spoken.split()), (reply, spoken)
+
+
+async def test_two_sessions_at_once_keep_their_own_state(voice_agent, piper_speech):
+    questions = ["Do you like dogs?", "Where do you live?"]
+
+    async def one(q: str):
+        async with voice_agent.session() as s:
+            got = await converse(s, utterance(piper_speech(q)))
+            return got, s.dialogue.turns
+
+    results = await asyncio.gather(*(one(q) for q in questions))
+    for q, (got, history) in zip(questions, results):
+        [t] = of(got, ev.Transcript)
+        assert similarity(t.text, q) >= 0.8 and history[0]["content"] == t.text
+        assert of(got, ev.AgentAudio)
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 44100, 48000])
+async def test_common_sample_rates_are_accepted(rate, voice_agent):
+    speech = espeak("What is your name?", rate)
+    async with voice_agent.session() as s:
+        got = await converse(s, utterance(speech, rate), rate=rate, until=ev.Transcript)
+    assert similarity(got[-1].text, "What is your name?") >= 0.75, got[-1].text
+
+
+async def test_bad_audio_gives_error_events_and_the_session_goes_on(voice_agent, piper_speech):
+    async with voice_agent.session() as s:
+        for samples, rate in [
+            (np.array([np.nan] * 320, dtype=np.float32), 16000),
+            (np.zeros(320, dtype=np.int32), 16000),
+            (np.zeros((320, 2), dtype=np.float32), 16000),
+            (np.zeros(320, dtype=np.float32), 12345),
+        ]:
+            await s.send_audio(samples, rate)
+        await s.send_audio(np.zeros(0, dtype=np.float32), 16000)  # empty: nothing to do, not an error
+        got = await converse(s, utterance(piper_speech(QUESTION)), until=ev.Transcript)
+    errors = of(got, ev.Error)
+    assert [e.code for e in errors] == ["bad_audio"] * 4
+    assert "NaN" in errors[0].message and "unsupported sample rate" in errors[3].message
+    assert similarity(got[-1].text, QUESTION) >= 0.8
+
+
+async def test_an_overlong_turn_is_cut_and_said_so(voice_agent, piper_speech):
+    async with voice_agent.session(turns=TurnConfig(max_turn_s=1.0)) as s:
+        got = await converse(s, utterance(piper_speech("This is a rather long sentence that keeps going on and on for a while.")), until=ev.Transcript)
+    assert any(e.code == "turn_too_long" for e in of(got, ev.Error))
+
+
+async def test_greeting_idle_hang_up_and_call_limit(voice_agent):
+    async with voice_agent.session(greeting="Hello! How can I help?", idle_timeout_s=1.0) as s:
+        greeting = await converse(s, silence(0.1), until=ev.ResponseDone)
+        assert s.dialogue.turns == [{"role": "assistant", "content": "Hello! How can I help?"}]
+        got = await converse(s, silence(1.5), until=ev.HangUp)
+    assert of(greeting, ev.AgentAudio)[0].turn == 0 and got[-1].reason == "idle"
+    async with voice_agent.session(max_call_s=0.5) as s:
+        got = await converse(s, silence(1.0), until=ev.HangUp)
+    assert got[-1].reason == "max_duration"
+
+
+async def test_live_settings_are_checked(voice_agent):
+    async with voice_agent.session() as s:
+        s.update(threshold=0.7, end_ms=500, echo_guard_ms=100)
+        assert s.config.decode.threshold == 0.7 and s.endpointer.config.end_ms == 500 and s.config.echo_guard_ms == 100
+        with pytest.raises(ValueError, match="unknown setting"):
+            s.update(volume=11)
+        with pytest.raises(ValueError, match="threshold"):
+            s.update(threshold=2.0)
