@@ -43,7 +43,10 @@ class _Request:
         self.cancelled = False
 
     def post(self, out: Output) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, out)
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, out)
+        except RuntimeError:  # the caller's event loop is gone: nobody will read this request again
+            self.cancelled = True
 
 
 class Engine:

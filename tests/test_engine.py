@@ -97,6 +97,20 @@ def test_leaving_the_stream_early_cancels(engine):
     assert asyncio.run(main())
 
 
+def test_a_caller_whose_event_loop_closed_does_not_kill_the_engine(engine):
+    """A client loop that ends mid-request (a closed test, a dropped server loop) only drops its request."""
+
+    async def start_and_walk_away():
+        agen = engine.stream(chat("hello"), LONG, request_id="orphan")
+        await agen.__anext__()  # the request runs; this loop now ends without closing the stream
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(start_and_walk_away())
+    loop.close()
+    text, _, outs = asyncio.run(asyncio.wait_for(collect(engine, chat("hi"), DecodeParams(block_size=8, max_new_tokens=16)), 60))
+    assert outs[-1].finished and engine._thread.is_alive()
+
+
 def test_bad_requests_get_clear_errors_and_engine_keeps_serving(engine):
     ok = DecodeParams(cache="dual", block_size=8, max_new_tokens=8)
 
