@@ -108,6 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"models loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     try:
         run(create_app(agent, settings), ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level="debug" if args.verbose else "info")
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it has already handled: sessions are closed, just exit
     finally:
         agent.close()
 

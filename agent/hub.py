@@ -7,6 +7,7 @@ import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from .security import StreamTokens
 
@@ -34,13 +35,21 @@ class ServerSettings:
     max_twilio_frame_bytes: int = 16 << 10  # Twilio sends ~300-byte messages; anything near this is not Twilio
     max_queued_audio_s: float = 60.0  # reply audio waiting to be written to one client
     send_timeout_s: float = 10.0  # a write blocked this long means the client stopped reading
-    auth_timeout_s: float = 10.0  # time to send the first-message token when no header carried it
+    open_timeout_s: float = 10.0  # time for what must come first: the token message (no header), Twilio's start
     stream_token_ttl_s: float = 120.0  # a TwiML answer's stream token must be used within this
     web_dir: Path = WEB_DIR
 
     @property
     def auth_required(self) -> bool:
         return bool(self.token or self.twilio_auth_token)
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """Browser origins besides the Host's own; behind a proxy the public one is what browsers send."""
+        if not self.public_url:
+            return self.allowed_origins
+        u = urlsplit(self.public_url)
+        return (*self.allowed_origins, f"{u.scheme}://{u.netloc}")
 
 
 class Hub:
@@ -85,7 +94,7 @@ class Hub:
             "status": "closing" if self.closing else "ok",
             "models": {
                 "llm": str(agent.config.model or "default"),
-                "asr": str(getattr(agent.asr, "path", agent.config.asr_model or "default")),
+                "asr": str(agent.asr.path),
                 "tts": str(agent.config.voice or "default"),
                 "vad": "silero",
                 "loaded": True,

@@ -23,8 +23,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def token_matches(given: str | None, expected: str | None) -> bool:
-    return bool(given and expected) and hmac.compare_digest(given.encode(), expected.encode())
+def token_matches(given: object, expected: str | None) -> bool:
+    return isinstance(given, str) and bool(given and expected) and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def credential(headers: Mapping[str, str]) -> str | None:

@@ -114,7 +114,7 @@ async def realtime(ws: WebSocket) -> None:
     s = hub.settings
     if hub.closing:
         return await _deny(ws, 503, "server shutting down")
-    if not origin_allowed(ws.headers, s.allowed_origins):
+    if not origin_allowed(ws.headers, s.origins):
         return await _deny(ws, 403, f"origin {ws.headers.get('origin')} not allowed")
     given = credential(ws.headers)
     if s.token and given is not None and not token_matches(given, s.token):
@@ -128,7 +128,7 @@ async def twilio_stream(ws: WebSocket) -> None:
     s = hub.settings
     if hub.closing:
         return await _deny(ws, 503, "server shutting down")
-    if not origin_allowed(ws.headers, s.allowed_origins):
+    if not origin_allowed(ws.headers, s.origins):
         return await _deny(ws, 403, f"origin {ws.headers.get('origin')} not allowed")
     if s.twilio_auth_token and not twilio_valid(s.twilio_auth_token, ws.headers.get("x-twilio-signature"), stream_url(ws)):
         return await _deny(ws, 403, "invalid X-Twilio-Signature")

@@ -133,7 +133,7 @@ class Connection:
         try:
             await self.ws.accept()
             await self._race(self.open())
-            outcome = await self._run_session()
+            await self._run_session()  # it ends by an exception: Close (a reason to close) or ClientGone
         except Close as c:
             outcome = c
         except ClientGone:
@@ -147,7 +147,7 @@ class Connection:
                 await self._close(outcome)
             self.finished.set()
 
-    async def _run_session(self) -> Close:
+    async def _run_session(self) -> None:
         if not self.hub.acquire():
             n = self.settings.max_sessions
             raise Close(1013, f"server busy: all {n} sessions are in use, try again later", "session_limit")
@@ -159,7 +159,6 @@ class Connection:
         finally:
             self.hub.release()
             self.session = None
-        return Close(1000, "bye")
 
     async def _race(self, primary: Coroutine[Any, Any, None], *others: Coroutine[Any, Any, None]) -> None:
         """Run the coroutines until `primary` returns, any of them raises, or a stop is requested."""

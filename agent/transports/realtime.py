@@ -13,14 +13,20 @@ import dataclasses
 import json
 import logging
 import secrets
+from typing import TYPE_CHECKING
 
 import numpy as np
+from starlette.websockets import WebSocket
 
 from audio.codec import SUPPORTED_RATES, resample, to_int16
 
 from .. import events as ev
 from ..security import token_matches
 from .base import Close, Connection, Outgoing
+
+if TYPE_CHECKING:
+    from ..hub import Hub
+    from ..voice_agent import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +55,13 @@ def encode(e: ev.Event) -> dict:
     elif isinstance(e, ev.ResponseDone):
         body.update(text=e.text, status="interrupted" if e.interrupted else "completed")
     elif isinstance(e, ev.Error):
-        body["error"] = {"code": e.code, "message": e.message}
+        body["error"] = {"code": e.code, "message": e.message, "event": None}
     else:
         body.update({f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "turn"})
     return body
 
 
-def live_settings(cfg) -> dict:  # noqa: ANN001 (AgentConfig)
+def live_settings(cfg: AgentConfig) -> dict:
     """The settings `session.update` may change during a call, as the session now has them."""
     return {
         "threshold": cfg.decode.threshold,
@@ -74,7 +80,7 @@ def live_settings(cfg) -> dict:  # noqa: ANN001 (AgentConfig)
 class RealtimeConnection(Connection):
     kind = "realtime"
 
-    def __init__(self, ws, hub, authed: bool) -> None:  # noqa: ANN001
+    def __init__(self, ws: WebSocket, hub: Hub, authed: bool) -> None:
         super().__init__(ws, hub)
         self.authed = authed
         self.id = "sess_" + secrets.token_hex(8)
@@ -98,11 +104,11 @@ class RealtimeConnection(Connection):
         if self.authed:
             return
         try:
-            async with asyncio.timeout(self.settings.auth_timeout_s):
+            async with asyncio.timeout(self.settings.open_timeout_s):
                 data = await self.receive()
         except TimeoutError:
             raise Close(1008, "unauthorized: no session.auth message in time", "unauthorized") from None
-        msg = _loads(data) if isinstance(data, str) else None
+        msg = _loads(data) if isinstance(data, str) else None  # None also for a JSON null: not an auth either
         if not (isinstance(msg, dict) and msg.get("type") == "session.auth" and token_matches(msg.get("token"), self.settings.token)):
             raise Close(1008, "unauthorized: send Authorization: Bearer TOKEN or a first message {type: session.auth, token}", "unauthorized")
 
@@ -124,8 +130,9 @@ class RealtimeConnection(Connection):
     # ---- client → server ---------------------------------------------------------------------
 
     async def on_text(self, text: str) -> None:
-        msg = _loads(text)
-        if msg is None:
+        try:
+            msg = json.loads(text)
+        except ValueError:
             return self.error("invalid_json", "the message is not valid JSON")
         kind = msg.get("type") if isinstance(msg, dict) else None
         if not isinstance(kind, str):
@@ -151,7 +158,11 @@ class RealtimeConnection(Connection):
     async def _feed(self, data: bytes) -> None:
         if len(data) % 2:
             return self.error("invalid_audio", f"pcm16 audio has an even number of bytes, got {len(data)}")
-        await self.session.send_audio(np.frombuffer(data, dtype="<i2"), self.input_rate)
+        samples = np.frombuffer(data, dtype="<i2")
+        step = self.input_rate // 4
+        for i in range(0, len(samples), step):  # VAD runs on the loop: let other sessions in between slices
+            await self.session.send_audio(samples[i : i + step], self.input_rate)
+            await asyncio.sleep(0)
 
     async def _commit(self, msg: dict) -> None:
         """End the user's turn now: enough silence for the endpointer (push-to-talk release, end of a file)."""
@@ -215,6 +226,7 @@ class RealtimeConnection(Connection):
             "sample_rate": self.output_rate,
             "audio_start_ms": round(start * 1000),
             "text": e.text,
+            "sentence": e.sentence,
         }
         self.outbox.put(Outgoing(json.dumps(body), e.turn, seconds, playback=True))
 

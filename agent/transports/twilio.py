@@ -13,11 +13,17 @@ import base64
 import binascii
 import json
 import logging
+from typing import TYPE_CHECKING
+
+from starlette.websockets import WebSocket
 
 from audio.codec import resample, to_int16, ulaw_decode, ulaw_encode
 
 from .. import events as ev
 from .base import Close, Connection, Outgoing
+
+if TYPE_CHECKING:
+    from ..hub import Hub
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,7 @@ ULAW_SILENCE = b"\xff"
 class TwilioConnection(Connection):
     kind = "twilio"
 
-    def __init__(self, ws, hub) -> None:  # noqa: ANN001
+    def __init__(self, ws: WebSocket, hub: Hub) -> None:
         super().__init__(ws, hub)
         self.stream_sid: str | None = None
         self._clock = 0.0  # loop time when the audio written so far has finished playing
@@ -44,6 +50,13 @@ class TwilioConnection(Connection):
     # ---- Twilio → server ---------------------------------------------------------------------
 
     async def open(self) -> None:
+        try:
+            async with asyncio.timeout(self.settings.open_timeout_s):
+                await self._until_start()
+        except TimeoutError:
+            raise Close(1008, "no 'start' in time", "protocol_error") from None
+
+    async def _until_start(self) -> None:
         while True:
             msg = self._parse(await self.receive())
             event = msg["event"]
@@ -81,9 +94,12 @@ class TwilioConnection(Connection):
         elif event == "mark":
             self._mark_echo(msg.get("mark"))
         elif event == "dtmf":
-            digit = msg.get("dtmf", {}).get("digit") if isinstance(msg.get("dtmf"), dict) else None
-            log.info("twilio stream %s: DTMF %r interrupts the agent", self.stream_sid, digit)
-            self.session.flush()
+            dtmf = msg.get("dtmf")
+            log.info("twilio stream %s: DTMF %r interrupts the agent", self.stream_sid, dtmf.get("digit") if isinstance(dtmf, dict) else None)
+            self.session.flush()  # a reply still being generated: its Interrupted event clears
+            turn, _ = self._queued
+            if turn is not None and (self.outbox.audio_s or self._clock > asyncio.get_running_loop().time()):
+                self._clear(turn)  # a reply generated already but still playing
         elif event == "stop":
             self._report_heard()
             raise Close(1000, "stream stopped")
@@ -161,6 +177,8 @@ class TwilioConnection(Connection):
 
     def _clear(self, turn: int) -> None:
         """Barge-in: drop what is queued, flush Twilio's buffer, and tell the session what was heard."""
+        if turn in self.outbox.dropped:
+            return
         heard = self.heard(turn)
         self.outbox.drop(turn)
         self.outbox.put(Outgoing(json.dumps({"event": "clear", "streamSid": self.stream_sid})), front=True)
