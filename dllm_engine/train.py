@@ -84,6 +84,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     eps: float = 1e-3  # t ~ U(eps, 1)
+    # Block-diffusion masking (see `diffusion_loss`): block sizes drawn per batch; [] = plain LLaDA SFT.
+    block_sizes: list[int] = dataclasses.field(default_factory=list)
     init_std: float = 0.02
     # optional pretraining on plain utterances (the first pretrain_steps steps of the schedule)
     pretrain_steps: int = 0
@@ -117,6 +119,8 @@ class TrainConfig:
         for name in ("reply_len", "batch_tokens", "max_steps", "eval_interval", "log_interval", "bucket_step", "max_batch_size"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if any(not isinstance(b, int) or b < 1 for b in cfg.block_sizes):
+            raise ConfigError(f"block_sizes must be positive integers, got {cfg.block_sizes}")
         if not 0 < cfg.eps < 1:
             raise ConfigError(f"eps must be in (0, 1), got {cfg.eps}")
         if cfg.autocast_bf16 not in ("auto", True, False):
@@ -338,17 +342,44 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
 # ---- objective ----------------------------------------------------------------------------------
 
 
-def diffusion_loss(model: DiffusionLM, batch: dict[str, torch.Tensor], mask_id: int, eps: float, gen: torch.Generator) -> torch.Tensor:
-    """LLaDA SFT loss: mask each region token w.p. t ~ U(eps, 1); CE on masked tokens / t / region length."""
+def diffusion_loss(
+    model: DiffusionLM,
+    batch: dict[str, torch.Tensor],
+    mask_id: int,
+    eps: float,
+    gen: torch.Generator,
+    block_size: int | None = None,
+    eos_id: int | None = None,
+) -> torch.Tensor:
+    """LLaDA SFT loss: mask each region token w.p. t ~ U(eps, 1); CE on masked tokens / t / region length.
+
+    With `block_size`, the noise is the one semi-autoregressive decoding meets instead: per row a
+    block-aligned window of the region up to the block holding the first EOS is drawn; tokens
+    before it are clean, tokens after it fully masked, and inside it each token is masked w.p. t.
+    The loss covers the window's masked tokens (weighted 1/t, normalized by the block size). A small
+    model learns the distribution it is decoded from much faster than the whole-reply one.
+    """
     ids, region, key_valid = batch["ids"], batch["region"], batch["key_valid"]
     n = ids.shape[0]
     t = eps + (1 - eps) * torch.rand(n, 1, generator=gen)
-    masked = region & (torch.rand(ids.shape, generator=gen) < t)
+    coin = torch.rand(ids.shape, generator=gen) < t
+    if block_size is None:
+        masked = region & coin
+        scored, norm = masked, region.sum(1, keepdim=True)
+    else:
+        at = torch.cumsum(region, 1) - 1  # position within the region
+        eos = region & (ids == eos_id)
+        first_eos = torch.where(eos.any(1), torch.where(eos, at, ids.shape[1]).min(1).values, region.sum(1) - 1)
+        n_blocks = first_eos // block_size + 1
+        start = (torch.rand(n, generator=gen) * n_blocks).long().clamp(max=n_blocks - 1)[:, None] * block_size
+        window = region & (at >= start) & (at < start + block_size)
+        masked = (window & coin) | (region & (at >= start + block_size))
+        scored, norm = window & coin, torch.full((n, 1), block_size)
     noisy = torch.where(masked, mask_id, ids)
     hidden = model(noisy, key_valid=key_valid)
-    logits = model.logits(hidden[masked]).float()
-    ce = F.cross_entropy(logits, ids[masked], reduction="none")
-    weight = (1 / t / region.sum(1, keepdim=True)).expand_as(ids)[masked]
+    logits = model.logits(hidden[scored]).float()
+    ce = F.cross_entropy(logits, ids[scored], reduction="none")
+    weight = (1 / t / norm).expand_as(ids)[scored]
     return (ce * weight).sum() / n
 
 
@@ -588,7 +619,8 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen)
+                block = cfg.block_sizes[int(torch.randint(len(cfg.block_sizes), (1,), generator=gen))] if cfg.block_sizes else None
+                loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen, block, sp.eos)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -128,6 +128,27 @@ def test_loss_never_masks_the_prompt_and_weights_by_one_over_t():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_block_masking_matches_semi_autoregressive_decoding():
+    """Clean before the drawn block, fully masked after it, partly masked inside; never past the first EOS block."""
+    from dllm_engine.config import LLaDAConfig
+    from dllm_engine.model import DiffusionLM
+
+    cfg = LLaDAConfig(d_model=16, n_layers=1, n_heads=2, mlp_hidden_size=32, vocab_size=40)
+    model = DiffusionLM(cfg)
+    seen = []
+    model.forward = lambda ids, key_valid=None: seen.append(ids.clone()) or torch.zeros(*ids.shape, cfg.d_model)
+    eos = 3
+    region = [10, 11, 12, 13, 14, 15, eos, eos, eos, eos, eos, eos]  # first EOS at 6: blocks of 4 -> start 0 or 4
+    batch = train.collate([train.Row([1, 5], region)], pad_id=0)
+    starts = set()
+    for seed in range(40):
+        train.diffusion_loss(model, batch, mask_id=2, eps=1e-3, gen=torch.Generator().manual_seed(seed), block_size=4, eos_id=eos)
+        m = (seen[-1][0, 2:] == 2).tolist()
+        start = next(b for b in (0, 4, 8) if all(m[b + 4 :]) and not any(m[:b]))
+        starts.add(start)
+    assert starts == {0, 4}
+
+
 def test_long_replies_are_cut_at_a_sentence_end_or_dropped(trained):
     from dllm_engine.tokenizer import Tokenizer
 
