@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FRAME_MS = FRAME * 1000 / SAMPLE_RATE
 PRE_ROLL_FRAMES = 10  # audio kept from before the speech start was confirmed (320 ms)
+VAD_INLINE_FRAMES = 8  # up to 256 ms of audio is scored on the event loop (~0.2 ms a frame)
 
 
 @dataclasses.dataclass
@@ -90,6 +91,7 @@ class Session:
         self._media_frames = 0
         self._last_speech_frame = 0
         self._timelines: dict[int, TurnTimeline] = {}
+        self._audio_lock = asyncio.Lock()
         self._request_ids = itertools.count()
         self.closed = False
         self.stats = collections.Counter()  # speculations started/kept/cancelled, barge-ins, turns
@@ -131,7 +133,8 @@ class Session:
 
     def flush(self) -> None:
         """Stop the agent now (an interrupt button, or a transport-detected barge-in)."""
-        if self._reply and not self._reply.done:
+        r = self._reply
+        if r and (not r.done or self._agent_audible(echo_guard=False)):
             self._interrupt()
 
     def played(self, turn: int, seconds: float) -> None:
@@ -173,14 +176,19 @@ class Session:
             return
         if self._resampler is None or self._resampler.in_rate != sample_rate:
             self._resampler = Resampler(sample_rate, SAMPLE_RATE)
-        for frame in self.framer.push(self._resampler(audio)):
-            self._on_frame(frame, arrival)
-            if self.closed:
-                return
+        async with self._audio_lock:  # chunks are framed and scored strictly in arrival order
+            frames = self.framer.push(self._resampler(audio))
+            if len(frames) > VAD_INLINE_FRAMES:  # a big chunk: keep the event loop (and others' pacing) free
+                probs = await asyncio.to_thread(lambda: [self.vad(f) for f in frames])
+            else:
+                probs = [self.vad(f) for f in frames]
+            for frame, prob in zip(frames, probs):
+                self._on_frame(frame, prob, arrival)
+                if self.closed:
+                    return
 
-    def _on_frame(self, frame: np.ndarray, arrival: float) -> None:
+    def _on_frame(self, frame: np.ndarray, prob: float, arrival: float) -> None:
         self._media_frames += 1
-        prob = self.vad(frame)
         if self.endpointer.in_speech:
             self._turn_audio.append(frame)
         else:
@@ -254,7 +262,8 @@ class Session:
             self._emit(ev.Speculation(self._turn, "started"))
 
     def _start_reply(self, turn: int, timeline: TurnTimeline, confirmed: bool, audio: np.ndarray | None = None, fixed_text: str | None = None) -> None:
-        if self._reply and not self._reply.done:
+        r = self._reply
+        if r and (not r.done or self._agent_audible(echo_guard=False)):
             self._interrupt() if self._reply.confirmed else self._cancel_speculation()
         r = _Reply(turn, timeline, confirmed=confirmed)
         self._timelines[turn] = timeline
@@ -378,13 +387,13 @@ class Session:
         if r.recorded is not None:
             r.recorded["content"] = r.heard_text()
 
-    def _agent_audible(self) -> bool:
+    def _agent_audible(self, echo_guard: bool = True) -> bool:
         """The agent is talking: its reply audio went out and (as far as we know) is still playing."""
         r = self._reply
         if r is None or not r.confirmed or r.first_sent_at is None or r.timeline.interrupted:
             return False
         now = time.monotonic()
-        if (now - r.first_sent_at) * 1000 < self.config.echo_guard_ms:
+        if echo_guard and (now - r.first_sent_at) * 1000 < self.config.echo_guard_ms:
             return False
         played_until = r.first_sent_at + r.audio_samples / max(r.sample_rate, 1)
         return not r.done or now < played_until

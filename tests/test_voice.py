@@ -196,3 +196,19 @@ async def test_live_settings_are_checked(voice_agent):
             s.update(volume=11)
         with pytest.raises(ValueError, match="threshold"):
             s.update(threshold=2.0)
+
+
+async def test_flush_stops_a_reply_that_is_still_playing(voice_agent, piper_speech):
+    """The interrupt button works after generation ended too: the audio may still be playing."""
+    async with voice_agent.session() as s:
+        got = await converse(s, utterance(piper_speech("Tell me a joke.")), until=ev.ResponseDone)
+        assert of(got, ev.AgentAudio)
+        s.flush()
+        later = await converse(s, silence(0.1), until=ev.Interrupted)
+    assert later[-1].turn == got[-1].turn and s.stats["barge_ins"] == 1
+
+
+async def test_one_big_chunk_is_the_same_as_many_small_ones(voice_agent, piper_speech):
+    async with voice_agent.session() as s:
+        got = await converse(s, utterance(piper_speech(QUESTION)), chunk_ms=3000, until=ev.Transcript)
+    assert similarity(got[-1].text, QUESTION) >= 0.8
