@@ -1,41 +1,82 @@
 """Voice-to-voice latency, measured from the caller's side: `voice-agent bench` / `python -m benchmarks.latency`.
 
-Callers stream prepared speech in real time (20 ms frames) into sessions of the embedding API and
-keep streaming silence after speaking, as a phone line does. The true end of each utterance is
-known from the audio itself (it was synthesized and trimmed), so:
+Callers stream prepared speech in real time (20 ms frames) and keep streaming silence after
+speaking, as a phone line does; they never commit a turn: endpointing is the server's alone.
+The true end of each utterance is known from the audio itself (it is trimmed), so:
 
     caller voice-to-voice = first audible reply audio (> -40 dBFS) of the turn − true end of speech
 
-next to the server's own timeline for the same turn. Endpointing is the server's alone. Utterances
-with inserted 300-700 ms pauses measure the premature-endpoint rate; transcripts give the ASR word
-error rate. The same load runs against a baseline configuration (no speculation, vanilla decoding,
-800 ms endpointing) so every gain shows as a ratio.
+next to the server's own timeline for the same turn (`turn.metrics`). Utterances with 300-700 ms
+pauses measure the premature-endpoint rate; transcripts give the ASR word error rate. The same
+load runs against a baseline configuration (no speculation, vanilla decoding, 800 ms endpointing)
+so every gain shows as a ratio.
+
+Transports (--transport):
+  ws      the Realtime-style WebSocket (/v1/realtime), pcm16 16 kHz in binary frames
+  twilio  Twilio Media Streams (/twilio/stream), μ-law 8 kHz; the protocol carries no turn ids,
+          transcripts or server timelines, so only caller figures (no WER, no server stages)
+  inproc  sessions of the embedding API in this process: no network at all
+WebRTC (/v1/webrtc/offer) is not benchmarked yet: it needs a client line on aiortc.
+
+Server: --url ws://HOST:PORT (a running `voice-agent serve`; its --token via --token) or, by
+default, one the benchmark starts in this process on a free loopback port with the same models.
+Against --url the baseline is set per session with session.update (speculation off, end_ms 800,
+threshold 1.0 = one token per step; the server's KV-cache mode cannot be changed remotely).
+
+Speech (--speech-dir DIR): WAV files, 16-bit PCM, mono, 8000-48000 Hz, plus DIR/transcripts.tsv
+with one line per WAV:   FILE.wav<TAB>what is said[<TAB>paused]
+`paused` marks an utterance with a natural 300-700 ms pause (it counts towards the premature-
+endpoint rate); blank lines and lines starting with # are ignored. Leading and trailing audio
+below -40 dBFS is trimmed: the last sample above it is the true end of speech. Without
+--speech-dir, the question set is synthesized with the agent's piper voice before the run.
+
+Output: a table, --json OUT (every figure and every turn; rewritten after each run so partial
+results survive), --report OUT.html (self-contained charts). A turn without an audible reply
+within --timeout seconds counts as failed and the run goes on.
+
+Examples:
+  voice-agent bench --callers 1,2,4,8 --json latency.json --report latency.html
+  voice-agent bench --url ws://127.0.0.1:8000 --transport twilio --speech-dir my-speech/
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
 import re
 import time
+import wave
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from audio.codec import resample
+from audio.codec import SUPPORTED_RATES, AudioError, resample, to_float32
 
+from . import bench_report
 from . import events as ev
+from .bench_lines import NETWORK_LINES, BenchError, Line, LineError, LocalServer, Target, base_url, check_reachable, inproc_line
 
 log = logging.getLogger(__name__)
 
 RATE = 16000
 FRAME_S = 0.02
+FRAME_MS = 20
 AUDIBLE_DBFS = -40.0
+AUDIBLE = 10 ** (AUDIBLE_DBFS / 20)  # the same level as an amplitude: what trimming keeps
+AFTER_REPLY_S = 1.0  # the caller listens this long after the reply has played before speaking again
+PREMATURE_SLACK_MS = 250  # a speech_stopped this far before the true end is premature (VAD tails are shorter, pauses longer)
+TRANSCRIPTS = "transcripts.tsv"
+BASELINE_LIVE = {"speculation": False, "end_ms": 800, "threshold": 1.0}  # the baseline as session.update settings
+SILENCE = np.zeros(int(RATE * FRAME_S), dtype=np.float32)
 
 QUESTIONS = [
     "Hello, how are you doing today?",
@@ -71,19 +112,24 @@ class TurnResult:
     caller: int
     text: str
     paused: bool
+    server_turn: int | None = None
     transcript: str | None = None
     caller_v2v_ms: float | None = None
     server: dict | None = None  # the server's timeline for the turn
     premature: bool = False  # the server decided the turn had ended before the speaker had
+    send_lag_ms: float = 0.0  # how far the caller fell behind real time while speaking (an overloaded bench machine)
     failed: str | None = None
 
 
-def _trim(audio: np.ndarray, level: float = 0.01) -> np.ndarray:
+# ---- speech, prepared before the run ---------------------------------------------------------
+
+
+def _trim(audio: np.ndarray, level: float = AUDIBLE) -> np.ndarray:
     loud = np.flatnonzero(np.abs(audio) > level)
     return audio[loud[0] : loud[-1] + 1] if loud.size else audio
 
 
-def prepare_speech(tts, n: int, seed: int = 0) -> list[Utterance]:
+def prepare_speech(tts, seed: int = 0) -> list[Utterance]:  # noqa: ANN001 (audio.tts.Synthesizer)
     """Synthesize the question set (and paused utterances) before the run, never during it."""
     rng = np.random.default_rng(seed)
 
@@ -95,8 +141,58 @@ def prepare_speech(tts, n: int, seed: int = 0) -> list[Utterance]:
     for a, b in PAUSED:
         gap = np.zeros(int(rng.uniform(0.3, 0.7) * RATE), dtype=np.float32)
         paused.append(Utterance(f"{a} {b}", np.concatenate([say(a), gap, say(b)]), paused=True))
-    pool = [u for pair in zip(plain, paused + paused) for u in pair] + plain[len(paused) * 2 :]
-    return [pool[i % len(pool)] for i in range(n)]
+    return [u for pair in zip(plain, paused + paused) for u in pair] + plain[len(paused) * 2 :]
+
+
+def load_speech(folder: Path) -> list[Utterance]:
+    """WAV files plus transcripts.tsv (the format is in the module doc); each problem names its file."""
+    if not folder.is_dir():
+        raise BenchError(f"--speech-dir {folder}: not a directory")
+    index = folder / TRANSCRIPTS
+    if not index.is_file():
+        raise BenchError(f"{index} is missing: --speech-dir needs one line per WAV: FILE.wav<TAB>transcript[<TAB>paused]")
+    entries = _read_transcripts(index)
+    wavs = sorted(p.name for p in folder.glob("*.wav"))
+    if not wavs:
+        raise BenchError(f"{folder}: no .wav files")
+    if missing := [w for w in wavs if w not in entries]:
+        raise BenchError(f"{index}: no transcript for {', '.join(missing)}")
+    if absent := [n for n in entries if n not in wavs]:
+        raise BenchError(f"{index} lists {', '.join(absent)}, not found in {folder}")
+    return [Utterance(text, _trim(read_wav(folder / name)), paused) for name, (text, paused) in entries.items()]
+
+
+def _read_transcripts(path: Path) -> dict[str, tuple[str, bool]]:
+    out = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        cols = [c.strip() for c in line.split("\t")]
+        if len(cols) not in (2, 3) or not cols[1] or cols[2:] not in ([], ["paused"]):
+            raise BenchError(f"{path}:{n}: expected FILE.wav<TAB>transcript[<TAB>paused], got {line!r}")
+        out[cols[0]] = (cols[1], cols[2:] == ["paused"])
+    return out
+
+
+def read_wav(path: Path) -> np.ndarray:
+    """A 16-bit PCM mono WAV at a supported rate, as 16 kHz float32."""
+    try:
+        with wave.open(str(path)) as w:
+            width, channels, rate, data = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.readframes(w.getnframes())
+    except (wave.Error, EOFError) as e:
+        raise BenchError(f"{path}: not a PCM WAV file ({e}); convert it, e.g. `sox IN -b 16 -c 1 -e signed-integer OUT.wav`") from None
+    if width != 2 or channels != 1:
+        raise BenchError(f"{path}: {8 * width}-bit with {channels} channel(s); need 16-bit PCM mono")
+    try:
+        audio = to_float32(np.frombuffer(data, dtype="<i2").astype(np.int16), rate)
+    except AudioError as e:
+        raise BenchError(f"{path}: {e}") from None
+    if not (np.abs(audio) > AUDIBLE).any():
+        raise BenchError(f"{path}: no audio above {AUDIBLE_DBFS:g} dBFS")
+    return resample(audio, rate, RATE)
+
+
+# ---- what is measured ------------------------------------------------------------------------
 
 
 def word_error_rate(refs: list[str], hyps: list[str]) -> float:
@@ -125,81 +221,146 @@ def first_audible_s(samples: np.ndarray, rate: int) -> float | None:
     return None if loud.size == 0 else loud[0] * win / rate
 
 
-async def run_caller(agent, caller: int, utterances: list[Utterance], start_delay: float, overrides: dict, timeout: float, progress) -> list[TurnResult]:
-    """One caller: speak, keep streaming silence until the reply has played + 1 s, repeat."""
-    results: list[TurnResult] = []
-    silence = np.zeros(int(RATE * FRAME_S), dtype=np.float32)
-    await asyncio.sleep(start_delay)
-    async with agent.session(**overrides) as s:
-        state = {"turns": [], "audio": {}, "done": {}, "transcripts": {}, "metrics": {}, "stopped": []}
+@dataclasses.dataclass
+class Probe:
+    """What a caller hears of the turn of the utterance it is speaking, filled in as events arrive."""
 
-        async def listen() -> None:
-            async for e in s.events():
-                now = time.monotonic()
-                if isinstance(e, ev.SpeechStarted):
-                    state["turns"].append((now, e.turn))
-                elif isinstance(e, ev.SpeechStopped):
-                    state["stopped"].append((now, e.turn))
-                elif isinstance(e, ev.Transcript):
-                    state["transcripts"][e.turn] = e.text
-                elif isinstance(e, ev.AgentAudio):
-                    first, total = state["audio"].get(e.turn, (None, 0.0))
-                    if first is None and (off := first_audible_s(e.samples, e.sample_rate)) is not None:
-                        first = now + off
-                    state["audio"][e.turn] = (first, total + len(e.samples) / e.sample_rate)
-                elif isinstance(e, ev.ResponseDone):
-                    state["done"][e.turn] = now
-                elif isinstance(e, ev.TurnMetrics):
-                    state["metrics"][e.turn] = e.timeline
+    began_ms: int  # media time (audio sent on this line) at which the utterance starts
+    speech_end: float | None = None  # monotonic time the last speech sample was spoken; None while speaking
+    turn: int | None = None  # the server's turn id, from its speech_started
+    first_audible: float | None = None  # when the first audible reply sample plays at the caller
+    playback_end: float = 0.0  # when the reply audio received so far has finished playing
+    early_audio: bool = False  # audible reply audio arrived while the caller was still speaking
+    done: bool = False  # the turn's last event (turn.metrics) arrived
+    transcript: str | None = None
+    server: dict | None = None
+    stops_ms: list[int] = dataclasses.field(default_factory=list)  # media times of the server's speech_stopped
 
-        listener = asyncio.create_task(listen())
-        clock = time.monotonic()
+    def hear(self, samples: np.ndarray, rate: int, now: float) -> None:
+        """Reply audio plays from its arrival or from the end of the audio before it, whichever is later."""
+        start = max(now, self.playback_end)
+        self.playback_end = start + len(samples) / rate
+        offset = first_audible_s(samples, rate)
+        if offset is None:
+            return
+        if self.speech_end is None:
+            self.early_audio = True
+        elif self.first_audible is None:
+            self.first_audible = start + offset
 
-        async def send(frame: np.ndarray) -> None:
-            nonlocal clock
-            await s.send_audio(frame, RATE)
-            clock += FRAME_S
-            await asyncio.sleep(max(0.0, clock - time.monotonic()))
 
+class Listener:
+    """Routes a line's events to the probe of the utterance being spoken."""
+
+    def __init__(self, turn_ids: bool) -> None:
+        self.turn_ids = turn_ids
+        self.probe: Probe | None = None
+        self.ended: str | None = None  # why the server ended the line
+
+    def on(self, e: ev.Event, now: float) -> None:
+        p = self.probe
+        if isinstance(e, ev.HangUp):
+            self.ended = e.reason
+        elif p is None:
+            return
+        elif isinstance(e, ev.SpeechStarted):
+            p.turn = e.turn
+        elif isinstance(e, ev.SpeechStopped):
+            p.stops_ms.append(e.audio_ms)
+        elif self.turn_ids and e.turn != p.turn:
+            return  # a turn the server ended early, or one before this utterance
+        elif isinstance(e, ev.AgentAudio):
+            p.hear(e.samples, e.sample_rate, now)
+        elif isinstance(e, ev.Transcript):
+            p.transcript = e.text
+        elif isinstance(e, ev.TurnMetrics):
+            p.server, p.done = e.timeline, True
+
+    def finished(self, p: Probe, now: float) -> bool:
+        """The reply has played and a second has passed; without turn events, its audio stopped a second ago."""
+        if self.turn_ids and not p.done:
+            return False
+        if p.first_audible is None:
+            return self.turn_ids  # the turn is over and nothing audible came
+        return now > p.playback_end + AFTER_REPLY_S
+
+
+class Caller:
+    """One caller on one line: speaks in real time and never commits; listens in the background."""
+
+    def __init__(self, line: Line, index: int, timeout: float) -> None:
+        self.line, self.index, self.timeout = line, index, timeout
+        self.listener = Listener(line.turn_ids)
+        self.clock = time.monotonic()  # when the audio sent so far has been spoken
+        self.sent_ms = 0
+        self.lag = 0.0
+
+    async def receive(self) -> None:
+        async for e in self.line.events():
+            self.listener.on(e, time.monotonic())
+
+    async def send(self, frame: np.ndarray) -> None:
+        """As a microphone does: a frame goes out once its last sample has been spoken."""
+        self.clock += FRAME_S
+        await asyncio.sleep(max(0.0, self.clock - time.monotonic()))
+        await self.line.send(frame)
+        self.sent_ms += FRAME_MS
+        self.lag = max(self.lag, time.monotonic() - self.clock)
+
+    async def speak(self, u: Utterance) -> TurnResult:
         step = int(RATE * FRAME_S)
-        for u in utterances:
-            res = TurnResult(caller, u.text, u.paused)
-            began = time.monotonic()
-            for i in range(0, len(u.audio), step):
-                await send(np.pad(u.audio[i : i + step], (0, max(0, step - len(u.audio[i : i + step])))))
-            speech_end = time.monotonic()  # the last speech sample was just handed over
-            premature = [t for t, _ in state["stopped"] if began < t < speech_end]
-            res.premature = bool(premature)
-            turn_ids: list[int] = []
-            deadline = speech_end + timeout
-            # Keep the line open until this utterance's reply has played, plus a second.
-            while time.monotonic() < deadline:
-                await send(silence)
-                turn_ids = [t for when, t in state["turns"] if when >= began]
-                if not turn_ids:
-                    continue
-                turn = turn_ids[-1]
-                done = state["done"].get(turn)
-                first, total = state["audio"].get(turn, (None, 0.0))
-                if done is not None and (first is None or time.monotonic() > first + total + 1.0):
-                    break
-            else:
-                res.failed = f"no reply within {timeout:g} s"
-            if turn_ids:
-                turn = turn_ids[-1]
-                first, _ = state["audio"].get(turn, (None, 0.0))
-                res.transcript = state["transcripts"].get(turn)
-                res.server = state["metrics"].get(turn)
-                if first is not None:
-                    res.caller_v2v_ms = (first - speech_end) * 1000
-                elif not res.failed:
-                    res.failed = "the reply had no audible audio"
-            elif not res.failed:
-                res.failed = "the server never heard speech"
-            results.append(res)
+        pad = -len(u.audio) % step
+        audio = np.pad(u.audio, (0, pad))
+        p = self.listener.probe = Probe(self.sent_ms)
+        self.lag = 0.0
+        for i in range(0, len(audio), step):
+            await self.send(audio[i : i + step])
+        p.speech_end = self.clock - pad / RATE
+        end_ms = self.sent_ms - pad * 1000 / RATE
+        res = TurnResult(self.index, u.text, u.paused, send_lag_ms=round(self.lag * 1000, 1))
+        res.failed = await self.wait_reply(p)
+        res.server_turn, res.transcript, res.server = p.turn, p.transcript, p.server
+        res.premature = p.early_audio or any(p.began_ms <= s < end_ms - PREMATURE_SLACK_MS for s in p.stops_ms)
+        if p.first_audible is not None:
+            res.caller_v2v_ms = round((p.first_audible - p.speech_end) * 1000, 1)
+        elif res.failed is None:
+            res.failed = "the reply had no audible audio"
+        return res
+
+    async def wait_reply(self, p: Probe) -> str | None:
+        """Stream silence until the reply has played + 1 s; returns why the turn failed, if it did."""
+        while not self.listener.finished(p, time.monotonic()):
+            if self.listener.ended:
+                raise LineError(f"the server ended the session ({self.listener.ended})")
+            if p.first_audible is None and time.monotonic() > p.speech_end + self.timeout:
+                unheard = self.line.turn_ids and p.turn is None
+                return f"no reply within {self.timeout:g} s" + (" (the server never detected speech)" if unheard else "")
+            if p.first_audible is not None and time.monotonic() > p.playback_end + self.timeout:
+                return f"the reply did not end within {self.timeout:g} s of its last audio"
+            await self.send(SILENCE)
+        return None
+
+
+async def run_caller(target: Target, index: int, utterances: list[Utterance], start_delay: float, timeout: float, progress: tqdm) -> list[TurnResult]:
+    """One caller's turns; a line that fails fails its remaining turns (kept, with the reason), not the run."""
+    results: list[TurnResult] = []
+    await asyncio.sleep(start_delay)
+    try:
+        async with target() as line:
+            caller = Caller(line, index, timeout)
+            listener = asyncio.create_task(caller.receive())
+            try:
+                for u in utterances:
+                    results.append(await caller.speak(u))
+                    progress.update(1)
+            finally:
+                await line.close()
+                await listener
+    except LineError as e:
+        log.warning("caller %d: %s", index, e)
+        for u in utterances[len(results) :]:
+            results.append(TurnResult(index, u.text, u.paused, failed=str(e)))
             progress.update(1)
-        await s.close()
-        await listener
     return results
 
 
@@ -221,6 +382,7 @@ def summarize(results: list[TurnResult], wall_s: float, cpu_s: float) -> dict:
         "paused_utterances": len(paused),
         "asr_wer": None if not heard else round(word_error_rate([r.text for r in heard], [r.transcript for r in heard]), 3),
         "cpu_util": round(cpu_s / wall_s / (os.cpu_count() or 1), 3),
+        "max_send_lag_ms": max((r.send_lag_ms for r in results), default=0.0),
     }
     stages = [r.server["stages_ms"] for r in results if r.server]
     if stages:
@@ -228,7 +390,7 @@ def summarize(results: list[TurnResult], wall_s: float, cpu_s: float) -> dict:
     return out
 
 
-def baseline_overrides(agent) -> dict:
+def baseline_overrides(agent) -> dict:  # noqa: ANN001 (Agent)
     from dllm_engine.decoding import DecodeParams
 
     d = agent.config.decode
@@ -239,11 +401,33 @@ def baseline_overrides(agent) -> dict:
     )
 
 
-async def run_load(agent, utterances: list[Utterance], callers: int, turns: int, overrides: dict, timeout: float, label: str) -> dict:
-    per = [utterances[(c * 3) % len(utterances) :] + utterances[: (c * 3) % len(utterances)] for c in range(callers)]
+def configured(agent, baseline: bool):  # noqa: ANN001, ANN201 (Agent)
+    """The agent, or for the baseline a view of it with the baseline config that shares its loaded models."""
+    if not baseline:
+        return agent
+    view = copy.copy(agent)
+    view.config = dataclasses.replace(agent.config, **baseline_overrides(agent))
+    return view
+
+
+@asynccontextmanager
+async def open_target(args: argparse.Namespace, agent, baseline: bool, max_sessions: int) -> AsyncIterator[Target]:  # noqa: ANN001 (Agent)
+    """Where callers connect for one configuration: sessions here, the --url server, or a server started here."""
+    if args.transport == "inproc":
+        yield functools.partial(inproc_line, configured(agent, baseline))
+    elif args.url:
+        yield functools.partial(NETWORK_LINES[args.transport], args.url, args.token, BASELINE_LIVE if baseline else {})
+    else:
+        with LocalServer(configured(agent, baseline), max_sessions) as server:
+            yield functools.partial(NETWORK_LINES[args.transport], server.url, None, {})
+
+
+async def run_load(target: Target, utterances: list[Utterance], callers: int, turns: int, timeout: float, label: str) -> dict:
+    """K callers at once, uniformly staggered over 2 s, each starting at a different point of the speech pool."""
+    per = [[utterances[(c * 3 + i) % len(utterances)] for i in range(turns)] for c in range(callers)]
     with tqdm(total=callers * turns, desc=f"{label} K={callers}", unit="turn") as bar:
         t0, c0 = time.monotonic(), sum(os.times()[:2])
-        tasks = [run_caller(agent, c, per[c][:turns], start_delay=c * 2.0 / callers, overrides=overrides, timeout=timeout, progress=bar) for c in range(callers)]
+        tasks = [run_caller(target, c, per[c], c * 2.0 / callers, timeout, bar) for c in range(callers)]
         results = [r for rs in await asyncio.gather(*tasks) for r in rs]
         wall, cpu = time.monotonic() - t0, sum(os.times()[:2]) - c0
     summary = summarize(results, wall, cpu)
@@ -251,12 +435,32 @@ async def run_load(agent, utterances: list[Utterance], callers: int, turns: int,
     return summary
 
 
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(k) for k in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated caller counts >= 1, e.g. 1,2,4,8; got {text!r}")
+    return levels
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--callers", default="1", help="comma-separated concurrency levels (default: %(default)s; the issue's sweep: 1,2,4,8)")
-    p.add_argument("--turns", type=int, default=10, help="turns per caller (default: %(default)s)")
-    p.add_argument("--no-baseline", action="store_true", help="skip the baseline configuration (no speculation, vanilla, 800 ms endpointing)")
-    p.add_argument("--timeout", type=float, default=20.0, help="seconds a turn may take before it counts as failed (default: %(default)s)")
-    p.add_argument("--json", type=Path, help="write the figures (and every turn) here")
+    t = p.add_argument_group("target")
+    t.add_argument("--transport", choices=("ws", "twilio", "inproc"), default="ws", help="how callers reach the agent (default: %(default)s; see above)")
+    t.add_argument("--url", help="a running server, ws://HOST:PORT (default: start one in this process on a free loopback port)")
+    t.add_argument("--token", default=os.environ.get("VOICE_AGENT_TOKEN"), help="the --url server's token (default: $VOICE_AGENT_TOKEN)")
+    t.add_argument("--model", type=Path, help="dLLM directory for the agent loaded here (default: the shipped model); not with --url")
+    t.add_argument("--voice", type=Path, help="piper voice .onnx that synthesizes the questions (default: the agent's voice)")
+    t.add_argument("--speech-dir", type=Path, help="WAVs + transcripts.tsv to speak instead of synthesized questions (format above)")
+    load = p.add_argument_group("load")
+    load.add_argument("--callers", type=_levels, default=[1], metavar="K[,K...]", help="concurrency levels (default: 1; the issue's sweep: 1,2,4,8)")
+    load.add_argument("--turns", type=int, default=10, help="turns per caller (default: %(default)s)")
+    load.add_argument("--no-baseline", action="store_true", help="skip the baseline configuration (no speculation, vanilla decoding, 800 ms endpointing)")
+    load.add_argument("--timeout", type=float, default=20.0, help="seconds from the end of speech to the first audible reply before a turn fails (default: %(default)s)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", type=Path, help="write the figures (and every turn) here")
+    out.add_argument("--report", type=Path, help="write a self-contained HTML report with charts here")
 
 
 def print_table(runs: list[dict]) -> None:
@@ -270,25 +474,67 @@ def print_table(runs: list[dict]) -> None:
         )
 
 
-async def bench(agent, args: argparse.Namespace) -> dict:
-    levels = [int(k) for k in str(args.callers).split(",")]
-    utterances = prepare_speech(agent.tts, args.turns)
-    configs = [("ours", {})] + ([] if args.no_baseline else [("baseline", baseline_overrides(agent))])
-    runs = []
-    for label, overrides in configs:
-        for k in levels:
-            runs.append(await run_load(agent, utterances, k, args.turns, overrides, args.timeout, label))
-    report = {"machine": machine(), "runs": runs}
-    ours = {r["callers"]: r for r in runs if r["config"] == "ours"}
-    base = {r["callers"]: r for r in runs if r["config"] == "baseline"}
+def headline(report: dict) -> None:
+    """The ratios and the load limit, from the runs so far."""
+    ours = {r["callers"]: r for r in report["runs"] if r["config"] == "ours"}
+    base = {r["callers"]: r for r in report["runs"] if r["config"] == "baseline"}
     report["speedup_caller_p50"] = {k: round(base[k]["caller_v2v_ms"]["p50"] / ours[k]["caller_v2v_ms"]["p50"], 2) for k in ours if k in base and ours[k]["caller_v2v_ms"]["p50"] and base[k]["caller_v2v_ms"]["p50"]}
     fits = [k for k, r in ours.items() if r["caller_v2v_ms"]["p90"] is not None and r["caller_v2v_ms"]["p90"] <= 1200]
     report["max_callers_p90_under_1200ms"] = max(fits) if fits else 0
-    print_table(runs)
+
+
+def save(report: dict, args: argparse.Namespace) -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if args.report:
+        bench_report.write(report, args.report)
+
+
+def configs(args: argparse.Namespace) -> list[str]:
+    if args.no_baseline:
+        return ["ours"]
+    if args.url and args.transport == "twilio":
+        log.warning("no baseline over Twilio against --url: the protocol cannot change a session's settings")
+        return ["ours"]
+    return ["ours", "baseline"]
+
+
+def describe(args: argparse.Namespace) -> dict:
+    """What was measured, so a figure is never read without its setup."""
+    if args.transport == "inproc":
+        where, cpu = "in-process sessions", "this process: callers + agent"
+    elif args.url:
+        where, cpu = args.url, "this process: callers only (the server's CPU is not measured)"
+    else:
+        where, cpu = "server started in this process", "this process: callers + server"
+    baseline = BASELINE_LIVE if args.url else {"speculation": False, "decode": "vanilla, no KV cache", "end_ms": 800}
+    return {"transport": args.transport, "server": where, "cpu_scope": cpu, "baseline": baseline, "speech": str(args.speech_dir or "synthesized")}
+
+
+async def bench(args: argparse.Namespace, agent=None, utterances: list[Utterance] | None = None) -> dict:  # noqa: ANN001 (Agent)
+    """Every configuration × concurrency level; `agent` is None against --url."""
+    report: dict = {"machine": machine(), **describe(args), "runs": []}
+    if args.url:
+        report["server_health"] = check_reachable(args.url)
+    if utterances is None:
+        utterances = prepare_speech(agent.tts if agent and not args.voice else _synthesizer(args.voice))
+    for label in configs(args):
+        async with open_target(args, agent, label == "baseline", max(args.callers)) as target:
+            for k in args.callers:
+                report["runs"].append(await run_load(target, utterances, k, args.turns, args.timeout, label))
+                headline(report)
+                save(report, args)  # after every run: an interrupted benchmark keeps what it measured
+    print_table(report["runs"])
+    for path in (args.json, args.report):
+        if path:
+            print(f"wrote {path}")
     return report
+
+
+def _synthesizer(voice: Path | None):  # noqa: ANN202 (audio.tts.Synthesizer)
+    from audio.tts import Synthesizer
+
+    return Synthesizer(voice)
 
 
 def machine() -> dict:
@@ -300,17 +546,37 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m benchmarks.latency`: load the agent in-process and run the caller load."""
+def run(args: argparse.Namespace) -> dict:
+    """Check the inputs, load only what this run needs, benchmark. Bad input: one line, exit status 1."""
     from .voice_agent import Agent, AgentConfig
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="dLLM directory (default: the shipped model)")
-    add_args(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    agent = Agent.load(AgentConfig(model=args.model))
     try:
-        asyncio.run(bench(agent, args))
-    finally:
-        agent.close()
+        if args.url:
+            if args.transport == "inproc":
+                raise BenchError("--transport inproc runs sessions in this process: it takes no --url")
+            if args.model:
+                raise BenchError("--model loads a model here; against --url the server's own model answers")
+            args.url = base_url(args.url)
+            check_reachable(args.url)
+        utterances = load_speech(args.speech_dir) if args.speech_dir else None
+        agent = None if args.url else Agent.load(AgentConfig(model=args.model))
+        try:
+            return asyncio.run(bench(args, agent, utterances))
+        finally:
+            if agent:
+                agent.close()
+    except BenchError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m benchmarks.latency`: the same as `voice-agent bench`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run(args)

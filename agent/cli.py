@@ -1,4 +1,4 @@
-"""`voice-agent`: the voice agent's command line: `serve` (voice over WebSocket and phone) and `chat` (text)."""
+"""`voice-agent`: the voice agent's command line: `serve` (voice over WebSocket and phone), `chat` (text), `bench` (latency)."""
 
 from __future__ import annotations
 
@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", help="system prompt (if the model's chat template has a system role)")
     c.add_argument("--max-history-tokens", type=int, default=512, help="drop the oldest turns past this many prompt tokens (default: %(default)s)")
     c.set_defaults(func=cmd_chat)
+    from . import bench
+
+    b = sub.add_parser("bench", help="caller-side voice-to-voice latency benchmark (as python -m benchmarks.latency)",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_args(b)
+    b.set_defaults(func=bench.run)
     return parser
 
 

@@ -1,0 +1,108 @@
+"""The latency benchmark: its measuring functions, one short real run over the WebSocket, and its bad-input messages.
+
+The run streams in real time against a server started on loopback with the tiny chat model; it
+checks the report's structure, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import bench
+from agent.bench import first_audible_s, word_error_rate
+
+
+def test_word_error_rate_counts_substitutions_insertions_deletions() -> None:
+    assert word_error_rate(["hello there"], ["Hello, there!"]) == 0.0
+    assert word_error_rate(["a b c d"], ["a x c"]) == 0.5  # one substitution, one deletion
+    assert word_error_rate(["a b", "c d"], ["a b e", "c d"]) == 0.25  # one insertion over four words
+    assert word_error_rate([], []) == 0.0
+
+
+def test_first_audible_skips_leading_silence_and_quiet_audio() -> None:
+    rate = 16000
+    quiet = np.full(rate // 2, 0.005, dtype=np.float32)  # about -46 dBFS: not audible
+    tone = 0.3 * np.sin(np.linspace(0, 400 * np.pi, rate // 2)).astype(np.float32)
+    assert first_audible_s(np.concatenate([np.zeros(rate // 4, np.float32), tone]), rate) == pytest.approx(0.25, abs=0.02)
+    assert first_audible_s(quiet, rate) is None
+    assert first_audible_s(np.zeros(10, np.float32), rate) is None  # shorter than one 20 ms window
+
+
+def test_short_run_over_websocket(voice_agent, tmp_path: Path) -> None:
+    out, html = tmp_path / "bench.json", tmp_path / "bench.html"
+    args = bench.build_parser().parse_args(["--transport", "ws", "--callers", "1", "--turns", "2", "--no-baseline", "--timeout", "60", "--json", str(out), "--report", str(html)])
+    report = asyncio.run(bench.bench(args, voice_agent))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["transport"] == "ws" and report["server"] == "server started in this process"
+    (run,) = report["runs"]
+    assert run["config"] == "ours" and run["callers"] == 1 and run["turns"] == 2
+    assert set(run["caller_v2v_ms"]) == {"p50", "p90"}  # p99 only with >= 100 turns
+    assert {"server_v2v_ms", "premature_endpoint_rate", "asr_wer", "cpu_util", "failed"} <= set(run)
+    assert run["paused_utterances"] == 1  # the synthesized pool alternates plain and paused questions
+    assert len(run["results"]) == 2
+    for turn in run["results"]:
+        if turn["failed"] is None:  # answered: the caller heard it, and the server's timeline is paired with it
+            assert turn["caller_v2v_ms"] is not None
+            assert turn["server"]["turn"] == turn["server_turn"]
+    text = html.read_text()
+    assert text.count("<svg") == 3 and "<script" not in text and "http" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_short_run_as_a_twilio_call(voice_agent, tmp_path: Path) -> None:
+    """μ-law 8 kHz both ways; the protocol carries no turn ids, transcripts or timelines: caller figures only."""
+    args = bench.build_parser().parse_args(["--transport", "twilio", "--turns", "1", "--no-baseline", "--timeout", "60", "--json", str(tmp_path / "b.json")])
+    report = asyncio.run(bench.bench(args, voice_agent))
+    (turn,) = report["runs"][0]["results"]
+    assert turn["server"] is None and turn["transcript"] is None and report["runs"][0]["asr_wer"] is None
+    assert (turn["caller_v2v_ms"] is not None) == (turn["failed"] is None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def test_unreachable_server_is_one_clear_error() -> None:
+    url = f"ws://127.0.0.1:{_free_port()}"
+    with pytest.raises(SystemExit, match=f"error: cannot reach the server at {url}"):
+        bench.main(["--url", url])
+
+
+def _wav(path: Path, width: int = 2, channels: int = 1, rate: int = 16000) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setsampwidth(width)
+        w.setnchannels(channels)
+        w.setframerate(rate)
+        w.writeframes((np.sin(np.arange(rate // 2) / 5) * 0.5 * (2 ** (8 * width - 1) - 1)).astype(f"<i{width}").repeat(channels).tobytes())
+
+
+def test_wav_in_unsupported_format_names_the_file(tmp_path: Path) -> None:
+    _wav(tmp_path / "stereo.wav", channels=2)
+    (tmp_path / "transcripts.tsv").write_text("stereo.wav\thello\n")
+    with pytest.raises(SystemExit, match=r"stereo\.wav: 16-bit with 2 channel\(s\); need 16-bit PCM mono"):
+        bench.main(["--speech-dir", str(tmp_path)])
+    (tmp_path / "stereo.wav").write_bytes(b"not a wav at all")
+    with pytest.raises(SystemExit, match=r"stereo\.wav: not a PCM WAV file"):
+        bench.main(["--speech-dir", str(tmp_path)])
+
+
+def test_missing_transcripts_are_named(tmp_path: Path) -> None:
+    _wav(tmp_path / "a.wav")
+    _wav(tmp_path / "b.wav")
+    with pytest.raises(SystemExit, match=r"transcripts\.tsv is missing"):
+        bench.main(["--speech-dir", str(tmp_path)])
+    (tmp_path / "transcripts.tsv").write_text("# name, text, paused\na.wav\thello there\tpaused\n")
+    with pytest.raises(SystemExit, match=r"no transcript for b\.wav"):
+        bench.main(["--speech-dir", str(tmp_path)])
+    (tmp_path / "transcripts.tsv").write_text("a.wav\thello there\tpaused\nb.wav\tgood bye\n")
+    speech = bench.load_speech(tmp_path)
+    assert [(u.text, u.paused) for u in speech] == [("hello there", True), ("good bye", False)]
+    assert all(u.audio.dtype == np.float32 and len(u.audio) > 0 for u in speech)
