@@ -26,7 +26,7 @@ from . import events as ev
 from .dialogue import Dialogue
 from .metrics import TurnTimeline
 from .sentences import SentenceSplitter
-from .turns import Endpointer, Signal
+from .turns import Endpointer, Signal, transcript_end_ms
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +278,13 @@ class Session:
             self.stats["speculations_cancelled"] += 1
             self._emit(ev.Speculation(r.turn, "cancelled"))
 
+    def _move_endpoint(self, r: _Reply) -> None:
+        """A speculative transcript moves the end of the pause: soon after a question, late mid-phrase."""
+        if r is self._reply and not r.confirmed and not r.discarded and r.turn == self._turn:
+            if self.endpointer.set_end(transcript_end_ms(r.user_text, self.config.turns)):
+                self.endpointer.end()
+                self._on_end_of_turn()
+
     def _confirm(self, r: _Reply) -> None:
         r.confirmed = True
         if r.user_text:
@@ -309,6 +316,7 @@ class Session:
                 r.user_text = await loop.run_in_executor(agent.asr_pool, agent.asr.transcribe, audio)
                 r.timeline.mark("asr_final")
                 self._emit_reply(r, ev.Transcript(r.turn, r.user_text))
+                self._move_endpoint(r)
                 if not r.user_text:
                     r.done = True
                     return

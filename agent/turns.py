@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 
 
 @dataclasses.dataclass
@@ -11,7 +12,10 @@ class TurnConfig:
     vad_threshold: float = 0.5
     min_speech_ms: int = 160  # speech this long starts a turn (shorter blips are ignored)
     pause_ms: int = 200  # silence this long: a short pause, where speculative work starts
-    end_ms: int = 600  # silence this long: end of turn
+    end_ms: int = 600  # silence this long: end of turn (no transcript yet, or one that reads as a statement)
+    # With speculation, the transcript taken at the pause moves the end (0 disables either rule):
+    question_end_ms: int = 300  # it ends in "?": the user asked and is waiting
+    unfinished_end_ms: int = 1200  # it stops mid-phrase ("I was thinking about", "my favorite food is")
     max_turn_s: float = 30.0  # longer turns are cut here (and the session says so)
 
 
@@ -21,6 +25,24 @@ class Signal(enum.Enum):
     RESUME = "resume"
     END_OF_TURN = "end_of_turn"
     CAPPED = "capped"  # end of turn forced by max_turn_s
+
+
+# Words a finished English sentence rarely ends on: the speaker is mid-phrase.
+_CONTINUES = set(
+    "a an the and or but so because if then than that which who whose to of in on at by for from with about as into "
+    "is are was were be am my your his her our their its i we you he she they it um uh like just very really".split()
+)
+
+
+def transcript_end_ms(text: str, config: TurnConfig) -> int:
+    """The end-of-turn silence a pause transcript calls for (Whisper punctuates what it hears)."""
+    text = text.strip()
+    words = re.findall(r"[\w']+", text.lower())
+    if text.endswith("?") and config.question_end_ms:
+        return config.question_end_ms
+    if config.unfinished_end_ms and (not words or not re.search(r"[.!?]$", text) or words[-1] in _CONTINUES):
+        return config.unfinished_end_ms
+    return config.end_ms
 
 
 class Endpointer:
@@ -38,6 +60,12 @@ class Endpointer:
         self.silence_frames = 0  # silent frames since the last speech frame
         self.turn_frames = 0
         self.paused = False
+        self.end_ms: float = config.end_ms  # the current turn's end-of-turn silence (see `set_end`)
+
+    def set_end(self, ms: float) -> bool:
+        """Move this pause's end-of-turn silence; True if the silence so far already reaches it."""
+        self.end_ms = ms
+        return self.in_speech and self.paused and self.silence_frames >= self._frames(ms)
 
     def _frames(self, ms: float) -> int:
         return max(1, round(ms / self.frame_ms))
@@ -59,25 +87,26 @@ class Endpointer:
                 self.speech_frames = 0  # a pause ends a run of speech; short gaps inside words do not
         if not self.in_speech:
             if speech and self.speech_frames >= self._frames(cfg.min_speech_ms):
-                self.in_speech, self.paused, self.turn_frames = True, False, self.speech_frames
+                self.in_speech, self.paused, self.turn_frames, self.end_ms = True, False, self.speech_frames, cfg.end_ms
                 return Signal.SPEECH_START
             return None
         self.turn_frames += 1
         if self.turn_frames >= self._frames(cfg.max_turn_s * 1000):
-            self._end()
+            self.end()
             return Signal.CAPPED
         if speech:
             if self.paused:
-                self.paused = False
+                self.paused, self.end_ms = False, cfg.end_ms
                 return Signal.RESUME
             return None
-        if self.silence_frames >= self._frames(cfg.end_ms):
-            self._end()
+        if self.silence_frames >= self._frames(self.end_ms):
+            self.end()
             return Signal.END_OF_TURN
         if not self.paused and self.silence_frames >= self._frames(cfg.pause_ms):
             self.paused = True
             return Signal.PAUSE
         return None
 
-    def _end(self) -> None:
+    def end(self) -> None:
         self.in_speech, self.paused, self.speech_frames, self.turn_frames = False, False, 0, 0
+        self.end_ms = self.config.end_ms

@@ -12,7 +12,7 @@ import pytest
 
 from agent import events as ev
 from agent.sentences import SentenceSplitter
-from agent.turns import Endpointer, Signal, TurnConfig
+from agent.turns import Endpointer, Signal, TurnConfig, transcript_end_ms
 from audio.codec import resample
 from tests.helpers import espeak, silence, trim
 from tests.test_audio import similarity
@@ -65,6 +65,20 @@ def test_endpointer_caps_long_turns():
     ep = Endpointer(TurnConfig(min_speech_ms=32, max_turn_s=0.32), frame_ms=32)
     signals = [s for _ in range(20) if (s := ep.push(1.0)) is not None]
     assert signals[:2] == [Signal.SPEECH_START, Signal.CAPPED]
+
+
+def test_the_pause_transcript_moves_the_end_of_turn():
+    cfg = TurnConfig(end_ms=600, question_end_ms=300, unfinished_end_ms=1200)
+    assert transcript_end_ms("What do you like to do?", cfg) == 300
+    assert transcript_end_ms("Tell me about your weekend.", cfg) == 600
+    for fragment in ["I was thinking about", "My favorite food is.", "On Sunday, I usually", "Well, um.", ""]:
+        assert transcript_end_ms(fragment, cfg) == 1200, fragment
+    assert transcript_end_ms("I was thinking about", TurnConfig(unfinished_end_ms=0)) == TurnConfig().end_ms
+    ep = Endpointer(cfg, frame_ms=32)
+    for p in [1.0] * 10 + [0.0] * 12:  # 384 ms of silence: paused, not ended at 600 ms
+        assert ep.push(p) is not Signal.END_OF_TURN
+    assert ep.set_end(300) is True  # already past a question's 300 ms
+    assert ep.set_end(1200) is False and ep.push(0.0) is None
 
 
 def test_sentence_splitter_waits_for_proof_of_an_end():
@@ -212,3 +226,13 @@ async def test_one_big_chunk_is_the_same_as_many_small_ones(voice_agent, piper_s
     async with voice_agent.session() as s:
         got = await converse(s, utterance(piper_speech(QUESTION)), chunk_ms=3000, until=ev.Transcript)
     assert similarity(got[-1].text, QUESTION) >= 0.8
+
+
+async def test_a_question_ends_the_turn_before_the_plain_endpoint(voice_agent, piper_speech):
+    """end_ms is 5 s here, and only 0.8 s of silence follows: the '?' in the pause transcript ends the turn."""
+    turns = TurnConfig(end_ms=5000, question_end_ms=300)
+    async with voice_agent.session(turns=turns) as s:
+        speech = np.concatenate([silence(0.5), trim(piper_speech("What is your name?")), silence(0.8)])
+        got = await converse(s, speech, until=ev.TurnMetrics)
+    assert of(got, ev.SpeechStopped) and of(got, ev.Transcript)[0].text.endswith("?")
+    assert of(got, ev.TurnMetrics)[-1].timeline["speculative"] is True
