@@ -109,5 +109,5 @@ class Hub:
                 "send_timeout_s": s.send_timeout_s,
             },
             "auth_required": s.auth_required,
-            "endpoints": {"realtime": "/v1/realtime", "twiml": "/twiml", "twilio": "/twilio/stream"},
+            "endpoints": {"realtime": "/v1/realtime", "webrtc": "/v1/webrtc/offer", "twiml": "/twiml", "twilio": "/twilio/stream"},
         }

@@ -1,4 +1,4 @@
-"""The ASGI app: health, the browser client, the Realtime-style WebSocket, and Twilio (TwiML + media stream).
+"""The ASGI app: health, the browser client, the Realtime-style WebSocket, WebRTC signaling, and Twilio.
 
     app = create_app(agent, ServerSettings())   # a Starlette app around one loaded Agent
     run(app)                                    # uvicorn (websockets), Ctrl-C closes sessions with 1001
@@ -9,6 +9,7 @@ live in agent/transports/.
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from urllib.parse import parse_qsl, urlsplit
@@ -26,6 +27,7 @@ from .hub import Hub, ServerSettings
 from .security import credential, origin_allowed, token_matches, twilio_valid
 from .transports.realtime import RealtimeConnection
 from .transports.twilio import TwilioConnection
+from .transports.webrtc import OfferError, answer, check_offer
 from .voice_agent import Agent
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,8 @@ log = logging.getLogger(__name__)
 REALTIME_PATH = "/v1/realtime"
 TWIML_PATH = "/twiml"
 TWILIO_PATH = "/twilio/stream"
-MAX_BODY_BYTES = 64 << 10  # Twilio's webhook form is a few hundred bytes
+WEBRTC_PATH = "/v1/webrtc/offer"
+MAX_BODY_BYTES = 64 << 10  # Twilio's webhook form is a few hundred bytes; a browser's SDP offer a few KiB
 
 
 def create_app(agent: Agent, settings: ServerSettings | None = None) -> Starlette:
@@ -41,6 +44,7 @@ def create_app(agent: Agent, settings: ServerSettings | None = None) -> Starlett
     routes = [
         Route("/health", health),
         Route(TWIML_PATH, twiml, methods=["POST"]),
+        Route(WEBRTC_PATH, webrtc_offer, methods=["POST"]),
         WebSocketRoute(REALTIME_PATH, realtime),
         WebSocketRoute(TWILIO_PATH, twilio_stream),
     ]
@@ -50,6 +54,8 @@ def create_app(agent: Agent, settings: ServerSettings | None = None) -> Starlett
         log.warning("no browser client at %s: / will answer 404", settings.web_dir)
     app = Starlette(routes=routes, max_body_size=MAX_BODY_BYTES)
     app.state.hub = Hub(agent, settings)
+    app.state.webrtc_offers = set()  # ICE ufrags of the calls answered and not yet ended
+    app.state.webrtc_tasks = set()
     return app
 
 
@@ -75,6 +81,51 @@ async def twiml(request: Request) -> Response:
         return _xml('<Response><Reject reason="busy"/></Response>')
     param = f'<Parameter name="token" value={quoteattr(hub.stream_tokens.mint())}/>' if s.auth_required else ""
     return _xml(f"<Response><Connect><Stream url={quoteattr(stream_url(request))}>{param}</Stream></Connect></Response>")
+
+
+async def webrtc_offer(request: Request) -> JSONResponse:
+    """WebRTC signaling in one round trip: `{type: "offer", sdp}` in, `{type: "answer", sdp}` out.
+
+    One offer per call: an offer whose ICE credentials belong to a call already answered is a
+    retry or a renegotiation, neither of which this server does (409).
+    """
+    hub: Hub = request.app.state.hub
+    s = hub.settings
+    if hub.closing:
+        return _refuse(503, "server shutting down")
+    if not origin_allowed(request.headers, s.origins):
+        return _refuse(403, f"origin {request.headers.get('origin')} not allowed")
+    if s.token and not token_matches(credential(request.headers), s.token):
+        return _refuse(401, "invalid or missing token: send Authorization: Bearer TOKEN")
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        return _refuse(400, "the body must be JSON: {\"type\": \"offer\", \"sdp\": \"v=0...\"}")
+    if not isinstance(body, dict) or body.get("type") != "offer":
+        return _refuse(400, "expected {\"type\": \"offer\", \"sdp\": ...}")
+    offers: set[str] = request.app.state.webrtc_offers
+    try:
+        ufrag = check_offer(body.get("sdp"))
+    except OfferError as e:
+        return _refuse(e.status, str(e))
+    if ufrag in offers:
+        return _refuse(409, "this offer was already answered: one offer per call (no renegotiation); create a new RTCPeerConnection")
+    if hub.full:
+        return _refuse(503, f"server busy: all {s.max_sessions} sessions are in use, try again later")
+    offers.add(ufrag)
+    try:
+        sdp, task = await answer(hub, body["sdp"], lambda: offers.discard(ufrag))
+    except OfferError as e:
+        offers.discard(ufrag)
+        return _refuse(e.status, str(e))
+    request.app.state.webrtc_tasks.add(task)  # the loop keeps only weak references to tasks
+    task.add_done_callback(request.app.state.webrtc_tasks.discard)
+    return JSONResponse({"type": "answer", "sdp": sdp})
+
+
+def _refuse(status: int, message: str) -> JSONResponse:
+    log.info("refused %s: %d %s", WEBRTC_PATH, status, message)
+    return JSONResponse({"error": message}, status)
 
 
 def _xml(body: str) -> Response:
