@@ -1,13 +1,15 @@
 """The browser client in a real headless Chromium against the real server, over WebRTC and WebSocket.
 
 Chromium's fake microphone plays a WAV (silence, a spoken question, silence) once; the page is
-driven like a person would: open it, press the button. Plus the WebRTC signaling endpoint's
-refusals over plain HTTP, with offers made by aiortc.
+driven like a person would: open it, press the button. Plus, without a browser: the same WebRTC
+call from an aiortc caller (interrupt included), the signaling endpoint's refusals over plain
+HTTP, and the paced reply track.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -17,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
-from aiortc.mediastreams import AudioStreamTrack
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
 from agent.transports.webrtc import FRAME, RATE, ReplyTrack
 from audio.codec import to_int16
@@ -140,6 +142,66 @@ def test_a_spoken_question_in_the_browser(srv, browser, transport, tmp_path):
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     browser.save_screenshot(str(tmp_path / f"{transport}-phone.png"))
     browser.find_element("id", "talk").click()  # hang up: the session ends on the server too
+    asyncio.run(srv.wait_idle())
+
+
+# ---- the same call from aiortc (no browser needed): events, reply audio, interrupt ------------
+
+
+async def aiortc_call(srv, wav: Path) -> dict:
+    """Call the agent with the WAV as the mic; once the reply is done and being heard, interrupt its playback."""
+    from aiortc.contrib.media import MediaPlayer
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    seen: list[dict] = []
+    got = {"loud_frames": 0}
+    done, heard, interrupted = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    channel = pc.createDataChannel("events")
+
+    async def listen(track) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                if np.abs((await track.recv()).to_ndarray()).max() > 300:
+                    got["loud_frames"] += 1
+                    heard.set()
+
+    def on_message(text: str) -> None:
+        msg = json.loads(text)
+        seen.append(msg)
+        if msg["type"] == "session.created":
+            channel.send(json.dumps({"type": "session.update", "session": {"denoise_steps": True}}))
+        elif msg["type"] == "response.done" and msg["turn"] == 1:
+            done.set()
+        elif msg["type"] == "response.interrupted":
+            interrupted.set()
+
+    pc.on("track", lambda track: asyncio.ensure_future(listen(track)))
+    channel.on("message", on_message)
+    pc.addTrack(MediaPlayer(str(wav)).audio)
+    await pc.setLocalDescription(await pc.createOffer())
+    status, _, text = await asyncio.to_thread(http, srv, OFFER, json.dumps({"type": "offer", "sdp": pc.localDescription.sdp}).encode())
+    assert status == 200, text
+    answer = json.loads(text)
+    await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+    try:
+        await asyncio.wait_for(asyncio.gather(done.wait(), heard.wait()), WAIT)
+        channel.send(json.dumps({"type": "response.cancel"}))  # the reply is still playing (paced in real time)
+        await asyncio.wait_for(interrupted.wait(), WAIT)
+    finally:
+        await pc.close()
+    return {"events": seen, **got}
+
+
+def test_webrtc_call_from_aiortc(srv, question_wav):
+    out = asyncio.run(aiortc_call(srv, question_wav))
+    types = [e["type"] for e in out["events"]]
+    assert types[0] == "session.created" and out["events"][0]["session"]["audio"] == "webrtc"
+    assert "session.updated" in types and "response.denoise.step" in types
+    transcript = next(e["transcript"] for e in out["events"] if e["type"].endswith("transcription.completed"))
+    assert "name" in transcript.lower()
+    assert "response.audio.delta" not in types  # the voice is on the track
+    assert out["loud_frames"] > 0
+    assert types.index("response.interrupted") > types.index("response.done")
     asyncio.run(srv.wait_idle())
 
 
