@@ -87,6 +87,7 @@ class TrainConfig:
     # Block-diffusion masking (see `diffusion_loss`): block sizes drawn per batch; [] = plain LLaDA SFT.
     block_sizes: list[int] = dataclasses.field(default_factory=list)
     init_std: float = 0.02
+    init_from: str = ""  # start from the weights of another run's checkpoint/best .pt (same shape), not from random
     # optional pretraining on plain utterances (the first pretrain_steps steps of the schedule)
     pretrain_steps: int = 0
     pretrain_max_tokens: int = 96
@@ -116,6 +117,7 @@ class TrainConfig:
         if base_dir is not None:  # relative paths are relative to the config file
             cfg.data_dir = str((base_dir / cfg.data_dir).resolve())
             cfg.out_dir = str((base_dir / cfg.out_dir).resolve())
+            cfg.init_from = str((base_dir / cfg.init_from).resolve()) if cfg.init_from else ""
         for name in ("reply_len", "batch_tokens", "max_steps", "eval_interval", "log_interval", "bucket_step", "max_batch_size"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -539,6 +541,11 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     log(f"data: {len(train_rows)} train rows ({dropped} dropped as too long), {len(eval_rows)} eval rows, encoded in {time.perf_counter() - t0:.1f} s")
 
     model = init_model(model_cfg, cfg.init_std, cfg.seed)
+    if cfg.init_from and ckpt is None:
+        src = load_checkpoint(Path(cfg.init_from))
+        check_shape(src["model_config"], model_cfg, Path(cfg.init_from))
+        model.load_state_dict(src["model"])
+        log(f"initialized from {cfg.init_from} (step {src.get('step')})")
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, best, tokens_seen, elapsed_before = 0, math.inf, 0, 0.0

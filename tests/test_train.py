@@ -204,6 +204,18 @@ def test_resume_with_another_shape_is_a_clear_error_and_touches_nothing(trained)
     assert after == before
 
 
+def test_init_from_starts_a_new_run_from_another_runs_weights(trained, tmp_path):
+    src = trained / "run" / "checkpoint.pt"
+    cfg = _tiny_cfg(trained, out_dir=str(tmp_path / "ft"), init_from=str(src), max_steps=1, lr=1e-9, warmup_steps=1)
+    train.train(cfg, progress=False, log=lambda m: None)
+    before = torch.load(src, weights_only=False)["model"]
+    after = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)  # lr ~0: the weights carried over
+    bad = _tiny_cfg(trained, out_dir=str(tmp_path / "ft2"), init_from=str(src), model={**train.TINY_MODEL, "d_model": 32})
+    with pytest.raises(ConfigError, match="d_model"):
+        train.train(bad, progress=False, log=lambda m: None)
+
+
 def test_checkpoint_writes_are_atomic(tmp_path):
     path = tmp_path / "c.pt"
     train.atomic_save({"x": 1}, path)

@@ -1,0 +1,144 @@
+"""Quality of a chat model: `python -m benchmarks.quality [--model DIR] --json OUT`.
+
+- held-out masked-token loss at several mask ratios (the eval split of `dllm prepare-data`);
+- replies to the 40 everyday prompts of `data.QUALITY_PROMPTS` with the default decoding
+  (threshold 0.9, dual cache), written out for reading: how many end (EOS / end of turn) within
+  48 tokens, how many repeat a word three times in a row, distinct-2;
+- the same prompts with the vanilla reference decoder: how many threshold replies equal the vanilla
+  reply exactly, and the tokens/s of both;
+- a few multi-turn dialogues (for the model card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .data import QUALITY_PROMPTS
+from .decoding import DecodeParams
+from .engine import Engine
+
+DIALOGUES = [
+    ["Hi, how are you?", "What did you do today?", "That sounds nice. Anything fun planned for the weekend?"],
+    ["Do you like music?", "Who is your favorite band?", "Have you seen them live?"],
+    ["I just got a new puppy!", "He is a golden retriever.", "Any tips for training him?"],
+]
+
+
+def repeats_a_word(text: str) -> bool:
+    words = re.findall(r"[\w']+", text.lower())
+    return any(words[i] == words[i + 1] == words[i + 2] for i in range(len(words) - 2))
+
+
+def distinct_2(texts: list[str]) -> float:
+    bigrams = [tuple(w[i : i + 2]) for t in texts for w in [re.findall(r"[\w']+", t.lower())] for i in range(len(w) - 1)]
+    return len(set(bigrams)) / max(len(bigrams), 1)
+
+
+async def _replies(engine: Engine, prompts: list[str], params: DecodeParams, desc: str) -> list[dict]:
+    out = []
+    for p in tqdm(prompts, desc=desc, unit="prompt"):
+        t0 = time.perf_counter()
+        text, last = await engine.generate([{"role": "user", "content": p}], params)
+        st = last.stats
+        out.append({"prompt": p, "reply": text.strip(), "finish": last.finish_reason, "tokens": st.new_tokens, "forwards": st.forwards, "seconds": time.perf_counter() - t0})
+    return out
+
+
+async def _dialogue(engine: Engine, turns: list[str], params: DecodeParams) -> list[dict]:
+    history: list[dict] = []
+    for user in turns:
+        history.append({"role": "user", "content": user})
+        text, _ = await engine.generate(history, params)
+        history.append({"role": "assistant", "content": text.strip()})
+    return history
+
+
+def held_out_loss(engine: Engine, data_dir: Path, reply_len: int, max_prompt_tokens: int, examples: int, ratios: list[float]) -> dict:
+    from .train import encode_chat, eval_loss, iter_batches, read_jsonl
+
+    exs = read_jsonl(data_dir / "eval.jsonl")
+    exs = exs[:: max(1, len(exs) // examples)][:examples]  # evenly spaced, fixed
+    rows, _ = encode_chat(engine.tokenizer, exs, reply_len, max_prompt_tokens)
+    sp = engine.tokenizer.special
+    model = engine.model.float()
+    res = eval_loss(model, list(iter_batches(rows, 32, sp.pad)), sp.mask, ratios, sp.eos)
+    return {k: round(v, 4) for k, v in res.items()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .cli import default_model_path
+
+    model_dir = args.model or default_model_path()
+    report: dict = {"model": str(model_dir)}
+    default = DecodeParams(max_new_tokens=args.max_new_tokens)
+    vanilla = DecodeParams(policy="vanilla", cache="none", block_size=default.block_size, max_new_tokens=args.max_new_tokens)
+
+    engine = Engine.from_pretrained(model_dir, dtype=args.dtype, max_batch=1)
+    try:
+        fast = asyncio.run(_replies(engine, QUALITY_PROMPTS, default, "threshold+dual"))
+        slow = asyncio.run(_replies(engine, QUALITY_PROMPTS, vanilla, "vanilla"))
+        report["dialogues"] = [asyncio.run(_dialogue(engine, d, default)) for d in DIALOGUES]
+    finally:
+        engine.close()
+    replies = [r["reply"] for r in fast]
+    tps = lambda rs: sum(r["tokens"] for r in rs) / max(sum(r["seconds"] for r in rs), 1e-9)  # noqa: E731
+    report["decoding"] = {"default": vars(default), "vanilla": vars(vanilla)}
+    report["replies"] = [{**f, "vanilla_reply": s["reply"], "same_as_vanilla": f["reply"] == s["reply"]} for f, s in zip(fast, slow)]
+    report["summary"] = {
+        "prompts": len(fast),
+        "ended_within_48_tokens": round(sum(r["finish"] == "stop" and r["tokens"] <= 48 for r in fast) / len(fast), 3),
+        "replies_repeating_a_word_3x": sum(map(repeats_a_word, replies)),
+        "distinct_2": round(distinct_2(replies), 3),
+        "same_as_vanilla": round(sum(f["reply"] == s["reply"] for f, s in zip(fast, slow)) / len(fast), 3),
+        "tokens_per_s_default": round(tps(fast), 1),
+        "tokens_per_s_vanilla": round(tps(slow), 1),
+        "speedup_vs_vanilla": round(tps(fast) / max(tps(slow), 1e-9), 2),
+        "tokens_per_forward_default": round(sum(r["tokens"] for r in fast) / max(sum(r["forwards"] for r in fast), 1), 2),
+    }
+    if not args.no_loss:
+        data_dir = args.data
+        if data_dir is None:  # rebuild the held-out split (deterministic, ~15 s)
+            from .data import prepare
+
+            data_dir = Path(tempfile.mkdtemp(prefix="dllm-quality-"))
+            prepare(data_dir, verbose=False)
+        engine = Engine.from_pretrained(model_dir, dtype="float32", max_batch=1)
+        try:
+            report["held_out_loss"] = held_out_loss(engine, data_dir, args.reply_len, args.max_prompt_tokens, args.examples, [0.25, 0.5, 0.75])
+        finally:
+            engine.close()
+    s = report["summary"]
+    print(f"model {model_dir}")
+    for k, v in s.items():
+        print(f"  {k:>28}: {v}")
+    if "held_out_loss" in report:
+        print(f"  {'held-out loss':>28}: " + ", ".join(f"{k} {v}" for k, v in report["held_out_loss"].items()))
+    for r in report["replies"][: args.show]:
+        print(f"  > {r['prompt']}\n    {r['reply']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
+    p.add_argument("--dtype", default="auto", help="dtype for decoding (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="reply cap (default: %(default)s; the model was trained with 64-token replies)")
+    p.add_argument("--data", type=Path, help="output dir of `dllm prepare-data` (default: rebuilt in a temp dir)")
+    p.add_argument("--reply-len", type=int, default=64, help="reply region of the held-out rows, as trained (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=128, help="as trained (default: %(default)s)")
+    p.add_argument("--examples", type=int, default=500, help="held-out examples scored (default: %(default)s)")
+    p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
+    p.add_argument("--show", type=int, default=10, help="replies printed (all are in the JSON; default: %(default)s)")
+    p.add_argument("--json", type=Path, help="write the report here")
+    run(p.parse_args(argv))
