@@ -1,5 +1,5 @@
 # Two entry points, each sets everything up on a fresh machine first:
-#   make run   - start the agent on its embedded defaults
+#   make run   - start the voice agent on its embedded defaults (http://127.0.0.1:8000/)
 #   make test  - run the test suite
 PY ?= python3
 VENV := .venv
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/voice-agent chat $(ARGS)
+	$(BIN)/voice-agent serve $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -105,7 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         logging.getLogger("agent").setLevel(logging.INFO)  # sessions, refusals and per-turn timelines
     t0 = time.perf_counter()
     agent = Agent.load(config)
-    print(f"models loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"models loaded in {time.perf_counter() - t0:.1f} s; open {scheme}://{args.host}:{args.port}/ and press Start talking", file=sys.stderr)
     try:
         run(create_app(agent, settings), ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level="debug" if args.verbose else "info")
     except KeyboardInterrupt:
@@ -128,7 +129,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="browser origin allowed to open WebSockets besides the server's own (repeatable), e.g. https://app.example.com")
     g.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve https/wss directly instead of behind a proxy")
     g.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
-    g.add_argument("--web-dir", type=Path, help="browser client directory served at / (default: the repository's web/)")
+    g.add_argument("--web-dir", type=Path, help="browser client directory served at / (default: agent/web/, shipped with the package)")
     lim = p.add_argument_group("limits (each refusal has its own close code, see README)")
     lim.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions, all endpoints; also the engine's batch size (default: %(default)s)")
     lim.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest WebSocket message; larger ones close with 1009 (default: %(default)s)")
