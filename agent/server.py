@@ -159,14 +159,23 @@ async def _deny(ws: WebSocket, status: int, message: str) -> None:
     await ws.send_denial_response(JSONResponse({"error": message}, status))
 
 
+async def _admit(ws: WebSocket) -> Hub | None:
+    """The checks every WebSocket endpoint makes first; None when the handshake was refused."""
+    hub: Hub = ws.app.state.hub
+    if hub.closing:
+        await _deny(ws, 503, "server shutting down")
+    elif not origin_allowed(ws.headers, hub.settings.origins):
+        await _deny(ws, 403, f"origin {ws.headers.get('origin')} not allowed")
+    else:
+        return hub
+    return None
+
+
 async def realtime(ws: WebSocket) -> None:
     """Programs send `Authorization: Bearer TOKEN`; browsers, which cannot, send it as the first message."""
-    hub: Hub = ws.app.state.hub
+    if (hub := await _admit(ws)) is None:
+        return
     s = hub.settings
-    if hub.closing:
-        return await _deny(ws, 503, "server shutting down")
-    if not origin_allowed(ws.headers, s.origins):
-        return await _deny(ws, 403, f"origin {ws.headers.get('origin')} not allowed")
     given = credential(ws.headers)
     if s.token and given is not None and not token_matches(given, s.token):
         return await _deny(ws, 401, "invalid token")
@@ -175,12 +184,9 @@ async def realtime(ws: WebSocket) -> None:
 
 async def twilio_stream(ws: WebSocket) -> None:
     """Twilio signs the handshake (X-Twilio-Signature over the stream URL); the stream token comes in `start`."""
-    hub: Hub = ws.app.state.hub
+    if (hub := await _admit(ws)) is None:
+        return
     s = hub.settings
-    if hub.closing:
-        return await _deny(ws, 503, "server shutting down")
-    if not origin_allowed(ws.headers, s.origins):
-        return await _deny(ws, 403, f"origin {ws.headers.get('origin')} not allowed")
     if s.twilio_auth_token and not twilio_valid(s.twilio_auth_token, ws.headers.get("x-twilio-signature"), stream_url(ws)):
         return await _deny(ws, 403, "invalid X-Twilio-Signature")
     await TwilioConnection(ws, hub).serve()
