@@ -30,8 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
 
 
-def add_decode_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-    d = DecodeParams()
+def add_decode_args(p: argparse.ArgumentParser, max_new_tokens: int = 128, block_size: int | None = None) -> None:
+    d = DecodeParams(block_size=block_size or DecodeParams.block_size)
     p.add_argument("--policy", choices=POLICIES, default=d.policy, help="commit policy (default: %(default)s)")
     p.add_argument("--cache", choices=CACHES, default=d.cache, help="KV cache mode (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=d.threshold, help="confidence threshold tau for 'threshold' (default: %(default)s)")
