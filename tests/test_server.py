@@ -348,8 +348,10 @@ class TwilioCaller:
             if msg["event"] == "mark":  # played up to here (the server paces in real time)
                 await self.ws.send(json.dumps({"event": "mark", "sequenceNumber": "99", "streamSid": SID, "mark": msg["mark"]}))
 
-    async def say(self, text: str, pause_s: float = 1.5) -> None:
-        for m in media_msgs(np.concatenate([self.piper_speech(text, 8000), silence(pause_s, 8000)])):
+    async def say(self, text: str | np.ndarray, pause_s: float = 1.5) -> None:
+        """Speak `text` (or ready 8 kHz audio: no synthesis delay where timing matters)."""
+        speech = self.piper_speech(text, 8000) if isinstance(text, str) else text
+        for m in media_msgs(np.concatenate([speech, silence(pause_s, 8000)])):
             await self.ws.send(m)
 
     async def wait_for(self, event: str, index: int = 0) -> int:
@@ -386,10 +388,11 @@ def test_twilio_calls_get_paced_media_marks_and_clear(srv, piper_speech):
         await c.wait_for("mark", await c.wait_for("media"))
 
     async def talked_over(c: TwilioCaller) -> None:
+        interruption = piper_speech("Do you like dogs?", 8000)
         await c.say("Tell me a joke.")
         await c.wait_for("media")
         await asyncio.sleep(0.6)  # past the echo guard, while the reply plays
-        await c.say("Do you like dogs?", 0.2)
+        await c.say(interruption, 0.2)
         await c.wait_for("clear")
 
     async def key_pressed(c: TwilioCaller) -> None:
