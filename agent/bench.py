@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from audio.codec import SUPPORTED_RATES, AudioError, resample, to_float32
+from audio.codec import SUPPORTED_RATES, AudioError, resample, to_float32, trim
 
 from . import bench_report
 from . import events as ev
@@ -124,17 +124,12 @@ class TurnResult:
 # ---- speech, prepared before the run ---------------------------------------------------------
 
 
-def _trim(audio: np.ndarray, level: float = AUDIBLE) -> np.ndarray:
-    loud = np.flatnonzero(np.abs(audio) > level)
-    return audio[loud[0] : loud[-1] + 1] if loud.size else audio
-
-
 def prepare_speech(tts, seed: int = 0) -> list[Utterance]:  # noqa: ANN001 (audio.tts.Synthesizer)
     """Synthesize the question set (and paused utterances) before the run, never during it."""
     rng = np.random.default_rng(seed)
 
     def say(text: str) -> np.ndarray:
-        return _trim(resample(np.concatenate(list(tts.synthesize(text))), tts.sample_rate, RATE))
+        return trim(resample(np.concatenate(list(tts.synthesize(text))), tts.sample_rate, RATE), AUDIBLE)
 
     plain = [Utterance(q, say(q)) for q in QUESTIONS]
     paused = []
@@ -159,7 +154,7 @@ def load_speech(folder: Path) -> list[Utterance]:
         raise BenchError(f"{index}: no transcript for {', '.join(missing)}")
     if absent := [n for n in entries if n not in wavs]:
         raise BenchError(f"{index} lists {', '.join(absent)}, not found in {folder}")
-    return [Utterance(text, _trim(read_wav(folder / name)), paused) for name, (text, paused) in entries.items()]
+    return [Utterance(text, trim(read_wav(folder / name), AUDIBLE), paused) for name, (text, paused) in entries.items()]
 
 
 def _read_transcripts(path: Path) -> dict[str, tuple[str, bool]]:

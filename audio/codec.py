@@ -89,3 +89,9 @@ class Framer:
         n = len(buf) // self.size * self.size
         self._buf = buf[n:].copy()
         return [buf[i : i + self.size] for i in range(0, n, self.size)]
+
+
+def trim(samples: np.ndarray, level: float) -> np.ndarray:
+    """Cut leading and trailing samples quieter than `level` (a clip with nothing louder is kept whole)."""
+    loud = np.flatnonzero(np.abs(samples) > level)
+    return samples[loud[0] : loud[-1] + 1] if loud.size else samples

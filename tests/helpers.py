@@ -195,7 +195,6 @@ def espeak(text: str, rate: int = 16000):
 
 def trim(audio, level: float = 0.01):
     """Cut a clip's leading and trailing near-silence (piper pads sentences by a random ~0.2-0.3 s)."""
-    import numpy as np
+    from audio.codec import trim as trim_quiet
 
-    loud = np.flatnonzero(np.abs(audio) > level)
-    return audio[loud[0] : loud[-1] + 1] if loud.size else audio[:0]
+    return trim_quiet(audio, level)
