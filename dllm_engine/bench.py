@@ -6,6 +6,12 @@ step, no early stop), vanilla with early stop, prefix cache + threshold and dual
 threshold, each at batch 1 (requests one after another) and batch N (all at once through the
 engine's continuous batching). Tokens are counted up to EOS / end of turn. Agreement is the share
 of prompts whose reply text equals the reference's.
+
+Cross-turn prefix reuse is measured apart (`prefix_reuse` in the JSON): each conversation is played
+turn by turn (the fixed history as what was said), once recomputing every prompt and once reusing
+the previous turn's cached prefix, at the benchmark's settings and at the voice agent's (block 8,
+48 tokens). Reported over the turns that can reuse (all but the first): latencies, reused tokens,
+and agreement with the recomputed replies.
 """
 
 from __future__ import annotations
@@ -97,6 +103,11 @@ def conversations() -> list[list[dict[str, str]]]:
         roles = ["user", "assistant"] * 3
         convs.append([{"role": r, "content": c} for r, c in zip(roles, history)] + [{"role": "user", "content": question}])
     return convs
+
+
+def turn_prompts(conversation: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """The prompt of each user turn of a conversation: everything said before it, then the turn."""
+    return [conversation[: i + 1] for i, m in enumerate(conversation) if m["role"] == "user"]
 
 
 @dataclasses.dataclass
@@ -195,6 +206,43 @@ def run_bench(engine: Engine, batches: list[int], max_new_tokens: int, block_siz
             "machine": platform.processor() or platform.machine(),
         },
         "runs": [dataclasses.asdict(r) for r in runs],
+        "prefix_reuse": [run_reuse(engine, p, n_prompts) for p in (
+            DecodeParams(threshold=threshold, block_size=block_size, max_new_tokens=max_new_tokens),
+            DecodeParams(threshold=threshold, block_size=8, max_new_tokens=48),  # the voice agent's defaults
+        )],
+    }
+
+
+def run_reuse(engine: Engine, params: DecodeParams, n_prompts: int) -> dict:
+    """Recompute vs cross-turn prefix reuse over the conversations' later turns (batch 1)."""
+    convs = [turn_prompts(c) for c in conversations()[:n_prompts]]
+    texts: dict[bool, list[str]] = {}
+    stats: dict[bool, list] = {}
+    for reuse in (False, True):
+        texts[reuse], stats[reuse] = [], []
+        for i, turns in enumerate(tqdm(convs, desc=f"prefix reuse {'on' if reuse else 'off'}", unit="conv", leave=False)):
+            for j, prompt in enumerate(turns):
+                text, out = asyncio.run(engine.generate(prompt, params, conversation=f"bench-{i}" if reuse else None))
+                if j:  # the first turn has nothing to reuse
+                    texts[reuse].append(text)
+                    stats[reuse].append(out.stats)
+            engine.forget(f"bench-{i}")
+
+    def summary(st: list) -> dict:
+        return {
+            "first_block_ms": statistics.mean(s.first_block_ms for s in st),
+            "total_ms": statistics.mean(s.total_ms for s in st),
+            "tokens_per_s": sum(s.new_tokens for s in st) / sum(s.total_ms for s in st) * 1e3,
+        }
+
+    return {
+        "policy": params.policy, "cache": params.cache, "block_size": params.block_size, "max_new_tokens": params.max_new_tokens,
+        "turns": len(texts[True]),
+        "prompt_tokens_mean": statistics.mean(s.prompt_tokens for s in stats[True]),
+        "reused_tokens_mean": statistics.mean(s.reused_tokens for s in stats[True]),
+        "recompute": summary(stats[False]),
+        "reuse": summary(stats[True]),
+        "agreement": sum(a == b for a, b in zip(texts[True], texts[False])) / len(texts[True]),
     }
 
 
@@ -208,6 +256,12 @@ def print_table(result: dict) -> None:
     for r in result["runs"]:
         print(f"{r['name']:<22}{r['batch']:>6}{r['tokens_per_s']:>9.1f}{r['tokens_per_forward']:>9.2f}{r['first_block_ms']:>14.1f}"
               f"{r['total_ms']:>10.0f}{r['new_tokens']:>8.1f}{r['agreement']:>7.2f}{r['speedup_vs_reference']:>7.1f}{r['speedup_vs_early_stop_vanilla']:>8.1f}")
+    print("\ncross-turn prefix reuse (batch 1, turns 2-4 of each conversation): recompute -> reuse")
+    for r in result.get("prefix_reuse", []):
+        a, b = r["recompute"], r["reuse"]
+        print(f"  {r['policy']}+{r['cache']} block {r['block_size']}, {r['max_new_tokens']} tokens: {r['reused_tokens_mean']:.0f} of "
+              f"{r['prompt_tokens_mean']:.0f} prompt tokens reused; first block {a['first_block_ms']:.1f} -> {b['first_block_ms']:.1f} ms, "
+              f"total {a['total_ms']:.0f} -> {b['total_ms']:.0f} ms, agreement {r['agreement']:.2f}")
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -15,6 +15,11 @@ block, and commits some of them for good (never remasked). Two choices make the 
 Sequences in one call may differ in length, policy, cache and progress: they are grouped into
 full and partial forwards, right-padded, and key-masked, so each row computes exactly what it
 would compute alone.
+
+Cross-turn prefix reuse (`Sequence.reused`, filled in by the engine): the first positions' keys and
+values come from an earlier request of the same conversation and are never recomputed, so even the
+"full" forwards start after them. For a bidirectional model this is an approximation (those keys
+saw the earlier turn's canvas, not this one); `dllm bench` measures what it costs and gains.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class StepInfo:
 @dataclasses.dataclass
 class Stats:
     prompt_tokens: int
+    reused_tokens: int  # prompt positions whose keys/values came from the conversation's previous request
     new_tokens: int  # committed tokens up to (not including) the first EOS / end of turn
     forwards: int
     blocks: int
@@ -118,6 +124,8 @@ class Sequence:
         self.block = 0
         self.block_step = 0
         self.slot: int | None = None
+        self.reused = 0  # positions [0, reused) keep keys/values loaded from an earlier request
+        self.settled = 0  # positions [0, settled) have keys/values computed from their final tokens
         self.generator: torch.Generator | None = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -140,7 +148,7 @@ class Sequence:
 
     def query_range(self) -> tuple[int, int]:
         if self.needs_full_forward:
-            return 0, self.length
+            return self.reused, self.length
         if self.params.cache == "prefix":
             return self.block_start, self.length
         return self.block_start, self.block_start + self.params.block_size
@@ -150,6 +158,7 @@ class Sequence:
         ms = lambda t: None if t is None else (t - self.t_start) * 1e3  # noqa: E731
         return Stats(
             prompt_tokens=self.prompt_len,
+            reused_tokens=self.reused,
             new_tokens=len(self.detok.ids),
             forwards=self.forwards,
             blocks=self.block + (self.block_step > 0),
@@ -218,6 +227,7 @@ class Runner:
 
     def _step_group(self, seqs: list[Sequence], want_steps: set[str]) -> list[Output]:
         dev, n = self.device, len(seqs)
+        full = seqs[0].needs_full_forward  # the same for the whole group
         ranges = [s.query_range() for s in seqs]
         t = max(b - a for a, b in ranges)
         s_keys = max(s.length for s in seqs)
@@ -255,6 +265,8 @@ class Runner:
             bs = s.block_start
             s.ids[bs : bs + s.params.block_size] = new_block[i]
             s.forwards += 1
+            if full:  # everything before the block is final and was just recomputed from it
+                s.settled = bs
             outputs.append(self._advance(s, new_block_cpu[i], commit_cpu[i], s.id in want_steps))
         return outputs
 

@@ -4,6 +4,11 @@ Model work runs on one scheduler thread, never on the caller's event loop. Each 
 admits waiting requests into free KV-cache slots, drops cancelled ones, and runs one denoising
 step for every active request together (see decoding.Runner). Requests therefore join and leave
 between steps, at their own block boundaries, while sharing forwards with the others.
+
+Requests that name a `conversation` reuse its cached prefix: when one finishes, the keys and values
+of its settled positions are kept (a few conversations, least recently used dropped first); the
+next request of that conversation loads the longest common token prefix instead of recomputing it.
+Off unless asked for: it is an approximation for a bidirectional model (see decoding.py).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import AsyncIterator, Union
 
@@ -34,11 +39,27 @@ class RequestError(ValueError):
     """A request the engine refuses: it names the problem; other requests are unaffected."""
 
 
+class _Prefix:
+    """A conversation's cached prefix: token ids and their keys/values (per layer)."""
+
+    def __init__(self, ids: list[int], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        self.ids, self.k, self.v = ids, k, v
+
+    def common_length(self, ids: list[int]) -> int:
+        n = 0
+        for a, b in zip(self.ids, ids):
+            if a != b:
+                break
+            n += 1
+        return n
+
+
 class _Request:
-    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop, want_steps: bool) -> None:
+    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop, want_steps: bool, conversation: str | None) -> None:
         self.seq = seq
         self.loop = loop
         self.want_steps = want_steps
+        self.conversation = conversation
         self.outputs: asyncio.Queue[Output] = asyncio.Queue()
         self.cancelled = False
 
@@ -52,7 +73,7 @@ class _Request:
 class Engine:
     """In-process dLLM serving: `async for out in engine.stream(prompt, params): ...`."""
 
-    def __init__(self, model: DiffusionLM, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None) -> None:
+    def __init__(self, model: DiffusionLM, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None, max_conversations: int = 16) -> None:
         self.model = model
         self.tokenizer = tokenizer
         cfg = model.config
@@ -65,6 +86,8 @@ class Engine:
         self._ids = itertools.count()
         self._commands: queue.Queue = queue.Queue()
         self._requests: dict[str, _Request] = {}  # every request not yet finished
+        self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()  # by conversation, least recent first
+        self.max_conversations = max_conversations
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="dllm-engine", daemon=True)
         self._closed = False
@@ -95,12 +118,14 @@ class Engine:
         params: DecodeParams | None = None,
         request_id: str | None = None,
         step_events: bool = False,
+        conversation: str | None = None,
     ) -> AsyncIterator[Output]:
         """Stream a request's outputs; the last one has `finished=True` and its stats.
 
-        Leaving the loop early (break, task cancellation) cancels the request.
+        Leaving the loop early (break, task cancellation) cancels the request. With `conversation`,
+        the prefix this prompt shares with that conversation's previous request is not recomputed.
         """
-        req = self._submit(prompt, params or DecodeParams(), request_id, step_events)
+        req = self._submit(prompt, params or DecodeParams(), request_id, step_events, conversation)
         finished = False
         try:
             while True:
@@ -115,10 +140,12 @@ class Engine:
             if not finished:
                 self.cancel(req.seq.id)
 
-    async def generate(self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None) -> tuple[str, Output]:
+    async def generate(
+        self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None, conversation: str | None = None
+    ) -> tuple[str, Output]:
         """Whole reply text and the final output (with stats)."""
         text, last = [], None
-        async for out in self.stream(prompt, params, request_id):
+        async for out in self.stream(prompt, params, request_id, conversation=conversation):
             text.append(out.text)
             last = out
         assert last is not None
@@ -134,6 +161,11 @@ class Engine:
         self._commands.put(None)  # wake the loop if it is idle
         return True
 
+    def forget(self, conversation: str) -> None:
+        """Drop a conversation's cached prefix (its session ended)."""
+        with self._lock:
+            self._prefixes.pop(conversation, None)
+
     @property
     def active_requests(self) -> int:
         with self._lock:
@@ -147,7 +179,7 @@ class Engine:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _submit(self, prompt: Prompt, params: DecodeParams, request_id: str | None, step_events: bool) -> _Request:
+    def _submit(self, prompt: Prompt, params: DecodeParams, request_id: str | None, step_events: bool, conversation: str | None) -> _Request:
         if self._closed:
             raise RequestError("the engine is closed")
         if not isinstance(params, DecodeParams):
@@ -162,7 +194,7 @@ class Engine:
             )
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, ids, params, self.tokenizer, self.device)
-        req = _Request(seq, asyncio.get_running_loop(), step_events)
+        req = _Request(seq, asyncio.get_running_loop(), step_events, conversation)
         with self._lock:
             if request_id in self._requests:
                 raise RequestError(f"request id {request_id!r} is already running")
@@ -190,6 +222,7 @@ class Engine:
             while waiting and free_slots:
                 req = waiting.popleft()
                 req.seq.slot = free_slots.pop(0)
+                self._load_prefix(req)
                 active.append(req)
             if not active:
                 continue
@@ -210,7 +243,27 @@ class Engine:
                 elif out.text or out.token_ids or out.step:
                     req.post(out)
 
+    def _load_prefix(self, req: _Request) -> None:
+        seq = req.seq
+        with self._lock:
+            prefix = self._prefixes.get(req.conversation) if req.conversation else None
+        if prefix is not None:
+            seq.reused = prefix.common_length(seq.ids[: seq.prompt_len].tolist())
+            self.cache.load(seq.slot, prefix.k, prefix.v, seq.reused)
+
+    def _save_prefix(self, req: _Request) -> None:
+        seq = req.seq
+        ids = seq.ids[: seq.settled].tolist()
+        prefix = _Prefix(ids, *self.cache.save(seq.slot, len(ids)))
+        with self._lock:
+            self._prefixes[req.conversation] = prefix
+            self._prefixes.move_to_end(req.conversation)
+            while len(self._prefixes) > self.max_conversations:
+                self._prefixes.popitem(last=False)
+
     def _finish(self, req: _Request, out: Output, free_slots: list[int]) -> None:
+        if req.conversation and req.seq.slot is not None and req.seq.settled and out.finish_reason != "error":
+            self._save_prefix(req)
         if req.seq.slot is not None:
             free_slots.append(req.seq.slot)
             free_slots.sort()

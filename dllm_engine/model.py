@@ -68,6 +68,14 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def save(self, slot: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of a slot's first `n` positions (every layer), to load into a later request."""
+        return [k[slot, :n].clone() for k in self.k], [v[slot, :n].clone() for v in self.v]
+
+    def load(self, slot: int, k: list[torch.Tensor], v: list[torch.Tensor], n: int) -> None:
+        for dst, src in zip(self.k + self.v, k + v):
+            dst[slot, :n] = src[:n]
+
 
 class Block(nn.Module):
     def __init__(self, cfg: LLaDAConfig) -> None:

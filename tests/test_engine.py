@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine, RequestError
@@ -145,3 +146,48 @@ def test_early_stop_reports_stop(eot_model):
     finally:
         engine.close()
     assert out.finish_reason == "stop" and out.stats.forwards == 1 and text == ""
+
+
+def test_prefix_reuse_loads_the_common_prefix_and_never_recomputes_it(engine):
+    params = DecodeParams(cache="dual", threshold=0.3, block_size=8, max_new_tokens=16, early_stop=False)
+    turn1 = chat("hello there")
+    prompt1 = engine.encode_prompt(turn1)
+
+    async def main():
+        text1, ids1, outs1 = await collect(engine, turn1, params, conversation="c")
+        kept = engine._prefixes["c"]
+        stored_k = [k.clone() for k in kept.k]
+        # The last full forward began the second block: the prompt and the first block are settled.
+        assert kept.ids == prompt1 + ids1[:8]
+        turn2 = turn1 + [{"role": "assistant", "content": text1}, {"role": "user", "content": "and you?"}]
+        prompt2 = engine.encode_prompt(turn2)
+        reused = await collect(engine, turn2, params, conversation="c")
+        expected = next(i for i, (a, b) in enumerate(zip(kept.ids + [-1], prompt2)) if a != b)
+        assert reused[2][-1].stats.reused_tokens == expected >= len(prompt1)
+        for before, after in zip(stored_k, engine._prefixes["c"].k):  # loaded, never rewritten
+            assert torch.equal(before[:expected], after[:expected])
+        engine.forget("c")
+        fresh = await collect(engine, turn2, params, conversation="c")
+        plain = await collect(engine, turn2, params)
+        assert fresh[2][-1].stats.reused_tokens == 0
+        assert fresh[1] == plain[1]  # nothing to reuse: exactly the full recompute
+
+    asyncio.run(main())
+
+
+def test_prefix_reuse_keeps_few_conversations_and_a_diverging_prompt_reuses_nothing(random_model):
+    model, tok = random_model
+    engine = Engine(model, tok, max_batch=2, max_len=256, max_conversations=2)
+    params = DecodeParams(block_size=8, max_new_tokens=8)
+    try:
+
+        async def main():
+            for name in ("a", "b", "c"):
+                await collect(engine, chat(f"conversation {name}"), params, conversation=name)
+            assert list(engine._prefixes) == ["b", "c"]  # the least recently used is dropped
+            out = await collect(engine, "raw text, no chat template", params, conversation="c")
+            assert out[2][-1].stats.reused_tokens == 0
+
+        asyncio.run(main())
+    finally:
+        engine.close()

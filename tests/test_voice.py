@@ -160,6 +160,16 @@ async def test_two_sessions_at_once_keep_their_own_state(voice_agent, piper_spee
         assert of(got, ev.AgentAudio)
 
 
+async def test_prefix_reuse_keeps_the_sessions_prompt_until_it_closes(voice_agent, piper_speech):
+    async with voice_agent.session(reuse_prefix=True) as s:
+        got = await converse(s, utterance(piper_speech(QUESTION)))
+        assert of(got, ev.AgentAudio)
+        kept = voice_agent.engine._prefixes[s.conversation]  # the turn's prompt (and more) is kept
+        prompt = voice_agent.engine.encode_prompt(s.dialogue.turns[:1])
+        assert kept.ids[: len(prompt)] == prompt
+    assert s.conversation not in voice_agent.engine._prefixes
+
+
 @pytest.mark.parametrize("rate", [8000, 16000, 44100, 48000])
 async def test_common_sample_rates_are_accepted(rate, voice_agent):
     speech = espeak("What is your name?", rate)
