@@ -13,10 +13,11 @@ so every gain shows as a ratio.
 
 Transports (--transport):
   ws      the Realtime-style WebSocket (/v1/realtime), pcm16 16 kHz in binary frames
+  webrtc  a WebRTC peer on aiortc (POST /v1/webrtc/offer): Opus 48 kHz both ways, events on the
+          data channel; reply audio counts when it leaves aiortc's jitter buffer, as in a browser
   twilio  Twilio Media Streams (/twilio/stream), μ-law 8 kHz; the protocol carries no turn ids,
           transcripts or server timelines, so only caller figures (no WER, no server stages)
   inproc  sessions of the embedding API in this process: no network at all
-WebRTC (/v1/webrtc/offer) is not benchmarked yet: it needs a client line on aiortc.
 
 Server: --url ws://HOST:PORT (a running `voice-agent serve`; its --token via --token) or, by
 default, one the benchmark starts in this process on a free loopback port with the same models.
@@ -227,6 +228,7 @@ class Probe:
     playback_end: float = 0.0  # when the reply audio received so far has finished playing
     early_audio: bool = False  # audible reply audio arrived while the caller was still speaking
     done: bool = False  # the turn's last event (turn.metrics) arrived
+    replied: bool = False  # the server finished a reply with words in it (its audio may still be on the way)
     transcript: str | None = None
     server: dict | None = None
     stops_ms: list[int] = dataclasses.field(default_factory=list)  # media times of the server's speech_stopped
@@ -247,8 +249,9 @@ class Probe:
 class Listener:
     """Routes a line's events to the probe of the utterance being spoken."""
 
-    def __init__(self, turn_ids: bool) -> None:
+    def __init__(self, turn_ids: bool, audio_behind: bool = False) -> None:
         self.turn_ids = turn_ids
+        self.audio_behind = audio_behind  # media paced in real time arrives after the turn's last event
         self.probe: Probe | None = None
         self.ended: str | None = None  # why the server ended the line
 
@@ -268,6 +271,8 @@ class Listener:
             p.hear(e.samples, e.sample_rate, now)
         elif isinstance(e, ev.Transcript):
             p.transcript = e.text
+        elif isinstance(e, ev.ResponseDone):
+            p.replied = bool(e.text.strip()) and not e.interrupted
         elif isinstance(e, ev.TurnMetrics):
             p.server, p.done = e.timeline, True
 
@@ -275,8 +280,8 @@ class Listener:
         """The reply has played and a second has passed; without turn events, its audio stopped a second ago."""
         if self.turn_ids and not p.done:
             return False
-        if p.first_audible is None:
-            return self.turn_ids  # the turn is over and nothing audible came
+        if p.first_audible is None:  # the turn is over and nothing audible came, or it is still on its way
+            return self.turn_ids and not (self.audio_behind and p.replied)
         return now > p.playback_end + AFTER_REPLY_S
 
 
@@ -285,7 +290,7 @@ class Caller:
 
     def __init__(self, line: Line, index: int, timeout: float) -> None:
         self.line, self.index, self.timeout = line, index, timeout
-        self.listener = Listener(line.turn_ids)
+        self.listener = Listener(line.turn_ids, line.audio_behind)
         self.clock = time.monotonic()  # when the audio sent so far has been spoken
         self.sent_ms = 0
         self.lag = 0.0
@@ -442,7 +447,7 @@ def _levels(text: str) -> list[int]:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("target")
-    t.add_argument("--transport", choices=("ws", "twilio", "inproc"), default="ws", help="how callers reach the agent (default: %(default)s; see above)")
+    t.add_argument("--transport", choices=("ws", "webrtc", "twilio", "inproc"), default="ws", help="how callers reach the agent (default: %(default)s; see above)")
     t.add_argument("--url", help="a running server, ws://HOST:PORT (default: start one in this process on a free loopback port)")
     t.add_argument("--token", default=os.environ.get("VOICE_AGENT_TOKEN"), help="the --url server's token (default: $VOICE_AGENT_TOKEN)")
     t.add_argument("--model", type=Path, help="dLLM directory for the agent loaded here (default: the shipped model); not with --url")

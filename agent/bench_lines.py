@@ -1,4 +1,5 @@
-"""How a benchmark caller reaches the agent: in process, over the Realtime WebSocket, or as a Twilio call.
+"""How a benchmark caller reaches the agent: in process, over the Realtime WebSocket, as a WebRTC
+peer, or as a Twilio call.
 
 A line takes the caller's 20 ms frames (16 kHz float32) and yields what the caller receives as
 agent.events objects, so one caller loop measures every transport the same way. Twilio's protocol
@@ -23,14 +24,18 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 from urllib.parse import urlsplit
 
+import av
 import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from audio.codec import Framer, Resampler, to_float32, to_int16, ulaw_decode, ulaw_encode
 
 from . import events as ev
-from .server import REALTIME_PATH, TWILIO_PATH, TWIML_PATH
+from .server import REALTIME_PATH, TWILIO_PATH, TWIML_PATH, WEBRTC_PATH
+from .transports import webrtc
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ class LineError(Exception):
 
 class Line(Protocol):
     turn_ids: bool  # events carry the server's turn ids and metrics (Twilio's protocol has neither)
+    audio_behind: bool  # reply audio may arrive after the turn's last event (media paced in real time)
 
     async def send(self, frame: np.ndarray) -> None: ...
 
@@ -69,6 +75,7 @@ class InprocLine:
     """A session of the embedding API: no network, the reference the network figures compare to."""
 
     turn_ids = True
+    audio_behind = False
 
     def __init__(self, session) -> None:  # noqa: ANN001 (agent.session.Session)
         self.session = session
@@ -131,6 +138,7 @@ class WsLine:
     """What both WebSocket protocols share: sending, and the server's close as a HangUp event."""
 
     turn_ids = True
+    audio_behind = False
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
@@ -262,7 +270,130 @@ async def twilio_line(base: str, token: str | None, live: dict) -> AsyncIterator
         yield TwilioLine(ws, sid)
 
 
-NETWORK_LINES = {"ws": realtime_line, "twilio": twilio_line}
+# ---- WebRTC ----------------------------------------------------------------------------------
+
+
+class MicTrack(MediaStreamTrack):
+    """The caller's microphone: each frame leaves when `WebRTCLine.send` hands it over (in real time)."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: asyncio.Queue[np.ndarray] = asyncio.Queue()
+        self.pts = 0
+
+    async def recv(self) -> av.AudioFrame:
+        samples = await self.frames.get()
+        frame = webrtc.audio_frame(samples, self.pts)
+        self.pts += len(samples)
+        return frame
+
+
+class WebRTCLine:
+    """A browser-like peer on aiortc: speech on an Opus track, the Realtime protocol on the data channel.
+
+    The reply track carries silence between replies; only frames with sound become AgentAudio,
+    tagged with the turn the data channel last named (media carries no turn ids). Audio arrives
+    as the server paces it, through aiortc's jitter buffer: when a browser would play it.
+    """
+
+    turn_ids = True
+    audio_behind = True
+    SOUND = 32  # int16 peak: below this a frame is the track's idle silence (after Opus)
+
+    def __init__(self, pc: RTCPeerConnection) -> None:
+        self.pc = pc
+        self.mic = MicTrack()
+        self.resampler = Resampler(RATE, webrtc.RATE)
+        self.framer = Framer(webrtc.FRAME)
+        self.inbox: asyncio.Queue[ev.Event] = asyncio.Queue()
+        self.control: asyncio.Queue[dict] = asyncio.Queue()  # session.created / session.updated / error
+        self.turn: int | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.channel = pc.createDataChannel("events")
+        self.channel.on("message", self._on_message)
+        self.channel.on("close", lambda: self.inbox.put_nowait(ev.HangUp(None, "data channel closed")))
+        pc.addTrack(self.mic)
+        pc.on("track", lambda track: self.tasks.append(asyncio.create_task(self._listen(track))))
+
+    def _on_message(self, message: str | bytes) -> None:
+        msg = json.loads(message)
+        if msg.get("type") in ("session.created", "session.updated", "error"):
+            self.control.put_nowait(msg)
+        if (e := decode_realtime(msg)) is not None:
+            self.turn = e.turn if e.turn is not None else self.turn
+            self.inbox.put_nowait(e)
+
+    async def _listen(self, track: MediaStreamTrack) -> None:
+        convert = webrtc.mono_frames(webrtc.RATE)
+        try:
+            while True:
+                for samples in convert(await track.recv()):
+                    if np.abs(samples).max() > self.SOUND:
+                        self.inbox.put_nowait(ev.AgentAudio(self.turn, to_float32(samples, webrtc.RATE), webrtc.RATE, "", 0))
+        except MediaStreamError:
+            self.inbox.put_nowait(ev.HangUp(None, "the reply track ended"))
+
+    async def expect(self, kind: str) -> dict:
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT_S):
+                while (msg := await self.control.get())["type"] != kind:
+                    if msg["type"] == "error":
+                        raise LineError(f"the server refused the session: {msg['error'].get('message')}")
+                return msg
+        except TimeoutError:
+            raise LineError(f"no {kind} on the data channel within {OPEN_TIMEOUT_S:g} s (ICE or DTLS failed?)") from None
+
+    async def send(self, frame: np.ndarray) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            raise LineError(f"the peer connection is {self.pc.connectionState}")
+        for f in self.framer.push(self.resampler(frame)):
+            self.mic.frames.put_nowait(to_int16(f))
+
+    async def events(self) -> AsyncIterator[ev.Event]:
+        while not isinstance(e := await self.inbox.get(), ev.HangUp):
+            yield e
+        yield e
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await self.pc.close()
+
+
+def _post_offer(base: str, token: str | None, sdp: str) -> str:
+    u = urlsplit(base)
+    url = f"{'https' if u.scheme == 'wss' else 'http'}://{u.netloc}{WEBRTC_PATH}"
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url, data=json.dumps({"type": "offer", "sdp": sdp}).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=OPEN_TIMEOUT_S) as r:
+            return json.loads(r.read())["sdp"]
+    except urllib.error.HTTPError as e:
+        raise LineError(f"POST {url} refused the offer: HTTP {e.code} {e.read().decode(errors='replace')}") from None
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
+        raise LineError(f"POST {url} failed: {e}") from None
+
+
+@asynccontextmanager
+async def webrtc_line(base: str, token: str | None, live: dict) -> AsyncIterator[Line]:
+    """A WebRTC call: one offer/answer round trip, then `live` settings as session.update on the data channel."""
+    line = WebRTCLine(RTCPeerConnection(RTCConfiguration(iceServers=[])))  # loopback: no STUN, as the server
+    try:
+        await line.pc.setLocalDescription(await line.pc.createOffer())  # aiortc gathers every candidate here
+        answer = await asyncio.to_thread(_post_offer, base, token, line.pc.localDescription.sdp)
+        await line.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await line.expect("session.created")
+        if live:
+            line.channel.send(json.dumps({"type": "session.update", "session": live}))
+            await line.expect("session.updated")
+        yield line
+    finally:
+        await line.close()
+
+
+NETWORK_LINES = {"ws": realtime_line, "webrtc": webrtc_line, "twilio": twilio_line}
 
 
 # ---- servers ---------------------------------------------------------------------------------

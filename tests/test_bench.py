@@ -64,6 +64,16 @@ def test_short_run_as_a_twilio_call(voice_agent, tmp_path: Path) -> None:
     assert (turn["caller_v2v_ms"] is not None) == (turn["failed"] is None)
 
 
+def test_short_run_as_a_webrtc_peer(voice_agent, tmp_path: Path) -> None:
+    """Opus both ways on aiortc, events on the data channel: turn ids, transcripts and timelines as over the WebSocket."""
+    args = bench.build_parser().parse_args(["--transport", "webrtc", "--turns", "1", "--no-baseline", "--timeout", "60", "--json", str(tmp_path / "b.json")])
+    report = asyncio.run(bench.bench(args, voice_agent))
+    (turn,) = report["runs"][0]["results"]
+    assert turn["failed"] is None, turn
+    assert turn["caller_v2v_ms"] is not None and turn["transcript"]
+    assert turn["server"]["turn"] == turn["server_turn"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -72,6 +72,21 @@ def check_offer(sdp: object) -> str:
     return ufrag
 
 
+def audio_frame(samples: np.ndarray, pts: int) -> av.AudioFrame:
+    """A 48 kHz mono s16 frame for an outgoing track."""
+    frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+    frame.sample_rate = RATE
+    frame.pts = pts
+    frame.time_base = fractions.Fraction(1, RATE)
+    return frame
+
+
+def mono_frames(rate: int) -> Callable[[av.AudioFrame], list[np.ndarray]]:
+    """Converts a track's incoming frames (any layout and rate) to int16 mono at `rate`."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
+    return lambda frame: [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+
+
 class ReplyTrack(MediaStreamTrack):
     """The agent's voice: 20 ms frames at 48 kHz in real time, silence when idle.
 
@@ -112,11 +127,7 @@ class ReplyTrack(MediaStreamTrack):
                 await asyncio.sleep(wait)
             elif wait < -0.5:  # the loop stalled: restart the clock rather than burst to catch up
                 self._start = now - self._pts / RATE
-        frame = av.AudioFrame.from_ndarray(self._take().reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = RATE
-        frame.pts = self._pts
-        frame.time_base = fractions.Fraction(1, RATE)
-        return frame
+        return audio_frame(self._take(), self._pts)
 
     def _take(self) -> np.ndarray:
         out = np.zeros(FRAME, dtype=np.int16)
@@ -221,14 +232,14 @@ class WebRTCConnection(RealtimeConnection):
         await asyncio.gather(super()._read(), self._listen())
 
     async def _listen(self) -> None:
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=MIC_RATE)
+        convert = mono_frames(MIC_RATE)
         while True:
             try:
                 frame = await self.mic.recv()
             except MediaStreamError:
                 raise ClientGone() from None
-            for out in resampler.resample(frame):
-                await self.session.send_audio(out.to_ndarray().reshape(-1), MIC_RATE)
+            for samples in convert(frame):
+                await self.session.send_audio(samples, MIC_RATE)
 
     async def on_bytes(self, data: bytes) -> None:
         await self._not_here({"type": None})
