@@ -30,7 +30,8 @@ class Signal(enum.Enum):
 # Words a finished English sentence rarely ends on: the speaker is mid-phrase.
 _CONTINUES = set(
     "a an the and or but so because if then than that which who whose to of in on at by for from with about as into "
-    "is are was were be am my your his her our their its i we you he she they it um uh like just very really".split()
+    "is are was were be am my your his her our their its i we you he she they it um uh like just very really "
+    "usually always often sometimes never also still even".split()
 )
 
 

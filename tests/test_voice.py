@@ -71,7 +71,7 @@ def test_the_pause_transcript_moves_the_end_of_turn():
     cfg = TurnConfig(end_ms=600, question_end_ms=300, unfinished_end_ms=1200)
     assert transcript_end_ms("What do you like to do?", cfg) == 300
     assert transcript_end_ms("Tell me about your weekend.", cfg) == 600
-    for fragment in ["I was thinking about", "My favorite food is.", "On Sunday, I usually", "Well, um.", ""]:
+    for fragment in ["I was thinking about", "My favorite food is.", "On Sunday, I usually", "On Sunday I usually.", "Well, um.", ""]:
         assert transcript_end_ms(fragment, cfg) == 1200, fragment
     assert transcript_end_ms("I was thinking about", TurnConfig(unfinished_end_ms=0)) == TurnConfig().end_ms
     ep = Endpointer(cfg, frame_ms=32)
