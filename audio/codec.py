@@ -91,7 +91,10 @@ class Framer:
         return [buf[i : i + self.size] for i in range(0, n, self.size)]
 
 
-def trim(samples: np.ndarray, level: float) -> np.ndarray:
-    """Cut leading and trailing samples quieter than `level` (a clip with nothing louder is kept whole)."""
+def trim(samples: np.ndarray, level: float, margin: int = 0, tail: bool = True) -> np.ndarray:
+    """Cut leading (and with `tail`, trailing) samples quieter than `level`, keeping `margin` samples
+    before (and after) the loud part; a clip with nothing louder is kept whole."""
     loud = np.flatnonzero(np.abs(samples) > level)
-    return samples[loud[0] : loud[-1] + 1] if loud.size else samples
+    if not loud.size:
+        return samples
+    return samples[max(0, loud[0] - margin) : loud[-1] + 1 + margin if tail else len(samples)]

