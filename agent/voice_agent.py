@@ -52,11 +52,12 @@ class AgentConfig:
     idle_timeout_s: float = 0.0  # hang up after this much received audio without user speech; 0: never
     max_call_s: float = 0.0  # hang up after this much received audio; 0: never
     max_sessions: int = 4  # engine slots: concurrent replies decode in one batch
-    # The CPU budget on 2 cores: torch (dLLM) and CTranslate2 (ASR) each take both when they run,
-    # which is rarely at once (ASR precedes the reply); piper and Silero take one each.
+    # The CPU budget on 2 cores: torch (dLLM), CTranslate2 (ASR) and piper each take both when they
+    # run, which is rarely at once (ASR, then the reply's first text, then its first sentence's
+    # audio); piper's idle threads sleep rather than spin. Silero takes one.
     torch_threads: int = 2
     asr_threads: int = 2
-    tts_threads: int = 1
+    tts_threads: int = 2  # the first sentence's audio in about half the time of one thread
 
 
 class Agent:

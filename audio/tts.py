@@ -41,6 +41,7 @@ class Synthesizer:
         opts = ort.SessionOptions()  # piper's own loader leaves onnxruntime to spin every core
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep: 2 cores are shared
         config = PiperConfig.from_dict(json.loads(Path(str(path) + ".json").read_text(encoding="utf-8")))
         self.voice = PiperVoice(session=ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), config=config)
         self.sample_rate: int = config.sample_rate
