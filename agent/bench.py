@@ -560,7 +560,7 @@ def run(args: argparse.Namespace) -> dict:
             args.url = base_url(args.url)
             check_reachable(args.url)
         utterances = load_speech(args.speech_dir) if args.speech_dir else None
-        agent = None if args.url else Agent.load(AgentConfig(model=args.model, asr_window_s=args.asr_window))
+        agent = None if args.url else Agent.load(AgentConfig(model=args.model, asr_window_s=args.asr_window, max_sessions=max(args.callers)))
         try:
             return asyncio.run(bench(args, agent, utterances))
         finally:
