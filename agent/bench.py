@@ -65,6 +65,7 @@ from audio.codec import SUPPORTED_RATES, AudioError, resample, to_float32, trim
 from . import bench_report
 from . import events as ev
 from .bench_lines import NETWORK_LINES, BenchError, Line, LineError, LocalServer, Target, base_url, check_reachable, inproc_line
+from .session import LIVE_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -413,13 +414,14 @@ def configured(agent, baseline: bool):  # noqa: ANN001, ANN201 (Agent)
 @asynccontextmanager
 async def open_target(args: argparse.Namespace, agent, baseline: bool, max_sessions: int) -> AsyncIterator[Target]:  # noqa: ANN001 (Agent)
     """Where callers connect for one configuration: sessions here, the --url server, or a server started here."""
+    ours = dict(args.set)
     if args.transport == "inproc":
-        yield functools.partial(inproc_line, configured(agent, baseline))
+        yield functools.partial(inproc_line, configured(agent, baseline), {} if baseline else ours)
     elif args.url:
-        yield functools.partial(NETWORK_LINES[args.transport], args.url, args.token, BASELINE_LIVE if baseline else {})
+        yield functools.partial(NETWORK_LINES[args.transport], args.url, args.token, BASELINE_LIVE if baseline else ours)
     else:
         with LocalServer(configured(agent, baseline), max_sessions) as server:
-            yield functools.partial(NETWORK_LINES[args.transport], server.url, None, {})
+            yield functools.partial(NETWORK_LINES[args.transport], server.url, None, {} if baseline else ours)
 
 
 async def run_load(target: Target, utterances: list[Utterance], callers: int, turns: int, timeout: float, label: str) -> dict:
@@ -445,6 +447,21 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def _setting(text: str) -> tuple[str, int | float | bool]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. end_ms=500), got {text!r}")
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    try:
+        return key, int(value)
+    except ValueError:
+        try:
+            return key, float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}: expected a number or true/false, got {value!r}") from None
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("target")
     t.add_argument("--transport", choices=("ws", "webrtc", "twilio", "inproc"), default="ws", help="how callers reach the agent (default: %(default)s; see above)")
@@ -457,6 +474,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     load = p.add_argument_group("load")
     load.add_argument("--callers", type=_levels, default=[1], metavar="K[,K...]", help="concurrency levels (default: 1; the issue's sweep: 1,2,4,8)")
     load.add_argument("--turns", type=int, default=10, help="turns per caller (default: %(default)s)")
+    load.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                      help="a live session setting for our configuration (session.update), e.g. end_ms=500, block_size=4; repeatable")
     load.add_argument("--no-baseline", action="store_true", help="skip the baseline configuration (no speculation, vanilla decoding, 800 ms endpointing)")
     load.add_argument("--timeout", type=float, default=20.0, help="seconds from the end of speech to the first audible reply before a turn fails (default: %(default)s)")
     out = p.add_argument_group("output")
@@ -509,7 +528,7 @@ def describe(args: argparse.Namespace) -> dict:
     else:
         where, cpu = "server started in this process", "this process: callers + server"
     baseline = BASELINE_LIVE if args.url else {"speculation": False, "decode": "vanilla, no KV cache", "end_ms": 800}
-    return {"transport": args.transport, "server": where, "cpu_scope": cpu, "baseline": baseline, "speech": str(args.speech_dir or "synthesized")}
+    return {"transport": args.transport, "server": where, "settings": dict(args.set), "cpu_scope": cpu, "baseline": baseline, "speech": str(args.speech_dir or "synthesized")}
 
 
 async def bench(args: argparse.Namespace, agent=None, utterances: list[Utterance] | None = None) -> dict:  # noqa: ANN001 (Agent)
@@ -552,6 +571,11 @@ def run(args: argparse.Namespace) -> dict:
     from .voice_agent import Agent, AgentConfig
 
     try:
+        bad = sorted({k for k, _ in args.set} - set(LIVE_SETTINGS))
+        if bad:
+            raise BenchError(f"--set: unknown setting(s) {', '.join(bad)} (live settings: {', '.join(LIVE_SETTINGS)})")
+        if args.set and args.transport == "twilio":
+            raise BenchError("--set needs session.update, which Twilio's protocol does not have")
         if args.url:
             if args.transport == "inproc":
                 raise BenchError("--transport inproc runs sessions in this process: it takes no --url")

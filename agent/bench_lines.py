@@ -91,8 +91,9 @@ class InprocLine:
 
 
 @asynccontextmanager
-async def inproc_line(agent) -> AsyncIterator[Line]:  # noqa: ANN001 (Agent)
+async def inproc_line(agent, live: dict) -> AsyncIterator[Line]:  # noqa: ANN001 (Agent)
     async with agent.session() as s:
+        s.update(**live)
         yield InprocLine(s)
 
 

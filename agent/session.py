@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 FRAME_MS = FRAME * 1000 / SAMPLE_RATE
 PRE_ROLL_FRAMES = 10  # audio kept from before the speech start was confirmed (320 ms)
 VAD_INLINE_FRAMES = 8  # up to 256 ms of audio is scored on the event loop (~0.2 ms a frame)
+# What `Session.update` (and the protocols' session.update) may change while a session runs.
+LIVE_DECODE = ("threshold", "block_size", "max_new_tokens")
+LIVE_TURNS = ("end_ms", "question_end_ms", "unfinished_end_ms", "pause_ms", "min_speech_ms", "vad_threshold")
+LIVE_SESSION = ("echo_guard_ms", "barge_in_ms", "speculation")
+LIVE_SETTINGS = LIVE_DECODE + LIVE_TURNS + LIVE_SESSION
 
 
 @dataclasses.dataclass
@@ -149,10 +154,10 @@ class Session:
             r.recorded["content"] = r.heard_text()
 
     def update(self, **settings) -> None:
-        """Live settings: threshold, block_size (decoding), end_ms, pause_ms (turns), echo_guard_ms, barge_in_ms."""
-        decode = {k: settings.pop(k) for k in ("threshold", "block_size", "max_new_tokens") if k in settings}
-        turns = {k: settings.pop(k) for k in ("end_ms", "pause_ms", "min_speech_ms", "vad_threshold") if k in settings}
-        bad = set(settings) - {"echo_guard_ms", "barge_in_ms", "speculation"}
+        """Live settings (LIVE_SETTINGS): decoding, turn-taking, barge-in and speculation."""
+        decode = {k: settings.pop(k) for k in LIVE_DECODE if k in settings}
+        turns = {k: settings.pop(k) for k in LIVE_TURNS if k in settings}
+        bad = set(settings) - set(LIVE_SESSION)
         if bad:
             raise ValueError(f"unknown setting(s): {', '.join(sorted(bad))}")
         cfg = dataclasses.replace(

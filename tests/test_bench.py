@@ -65,13 +65,15 @@ def test_short_run_as_a_twilio_call(voice_agent, tmp_path: Path) -> None:
 
 
 def test_short_run_as_a_webrtc_peer(voice_agent, tmp_path: Path) -> None:
-    """Opus both ways on aiortc, events on the data channel: turn ids, transcripts and timelines as over the WebSocket."""
-    args = bench.build_parser().parse_args(["--transport", "webrtc", "--turns", "1", "--no-baseline", "--timeout", "60", "--json", str(tmp_path / "b.json")])
-    report = asyncio.run(bench.bench(args, voice_agent))
+    """Opus both ways on aiortc, events on the data channel: turn ids, transcripts and timelines as over the
+    WebSocket; --set goes out as session.update on the data channel."""
+    argv = ["--transport", "webrtc", "--turns", "1", "--no-baseline", "--timeout", "60", "--set", "speculation=false", "--json", str(tmp_path / "b.json")]
+    report = asyncio.run(bench.bench(bench.build_parser().parse_args(argv), voice_agent))
+    assert report["settings"] == {"speculation": False}
     (turn,) = report["runs"][0]["results"]
     assert turn["failed"] is None, turn
     assert turn["caller_v2v_ms"] is not None and turn["transcript"]
-    assert turn["server"]["turn"] == turn["server_turn"]
+    assert turn["server"]["turn"] == turn["server_turn"] and turn["server"]["speculative"] is False
 
 
 def _free_port() -> int:
@@ -102,6 +104,15 @@ def test_wav_in_unsupported_format_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "stereo.wav").write_bytes(b"not a wav at all")
     with pytest.raises(SystemExit, match=r"stereo\.wav: not a PCM WAV file"):
         bench.main(["--speech-dir", str(tmp_path)])
+
+
+def test_bad_settings_are_named() -> None:
+    with pytest.raises(SystemExit, match="unknown setting.*nonsense"):
+        bench.main(["--set", "nonsense=1"])
+    with pytest.raises(SystemExit, match="Twilio"):
+        bench.main(["--transport", "twilio", "--set", "end_ms=500"])
+    with pytest.raises(SystemExit):  # argparse: not KEY=VALUE
+        bench.main(["--set", "end_ms"])
 
 
 def test_missing_transcripts_are_named(tmp_path: Path) -> None:

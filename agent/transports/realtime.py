@@ -22,6 +22,7 @@ from audio.codec import SUPPORTED_RATES, resample, to_int16
 
 from .. import events as ev
 from ..security import token_matches
+from ..session import LIVE_DECODE, LIVE_SETTINGS, LIVE_TURNS
 from .base import Close, Connection, Outgoing
 
 if TYPE_CHECKING:
@@ -63,18 +64,7 @@ def encode(e: ev.Event) -> dict:
 
 def live_settings(cfg: AgentConfig) -> dict:
     """The settings `session.update` may change during a call, as the session now has them."""
-    return {
-        "threshold": cfg.decode.threshold,
-        "block_size": cfg.decode.block_size,
-        "max_new_tokens": cfg.decode.max_new_tokens,
-        "end_ms": cfg.turns.end_ms,
-        "pause_ms": cfg.turns.pause_ms,
-        "min_speech_ms": cfg.turns.min_speech_ms,
-        "vad_threshold": cfg.turns.vad_threshold,
-        "echo_guard_ms": cfg.echo_guard_ms,
-        "barge_in_ms": cfg.barge_in_ms,
-        "speculation": cfg.speculation,
-    }
+    return {k: getattr(cfg.decode if k in LIVE_DECODE else cfg.turns if k in LIVE_TURNS else cfg, k) for k in LIVE_SETTINGS}
 
 
 class RealtimeConnection(Connection):
