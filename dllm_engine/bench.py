@@ -9,8 +9,8 @@ of prompts whose reply text equals the reference's.
 
 Cross-turn prefix reuse is measured apart (`prefix_reuse` in the JSON): each conversation is played
 turn by turn (the fixed history as what was said), once recomputing every prompt and once reusing
-the previous turn's cached prefix, at the benchmark's settings and at the voice agent's (block 8,
-48 tokens). Reported over the turns that can reuse (all but the first): latencies, reused tokens,
+the previous turn's cached prefix, at the benchmark's settings and at the voice agent's
+(`decoding.SPOKEN`). Reported over the turns that can reuse (all but the first): latencies, reused tokens,
 and agreement with the recomputed replies.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .decoding import DecodeParams
+from .decoding import SPOKEN, DecodeParams
 from .engine import Engine
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def run_bench(engine: Engine, batches: list[int], max_new_tokens: int, block_siz
         "runs": [dataclasses.asdict(r) for r in runs],
         "prefix_reuse": [run_reuse(engine, p, n_prompts) for p in (
             DecodeParams(threshold=threshold, block_size=block_size, max_new_tokens=max_new_tokens),
-            DecodeParams(threshold=threshold, block_size=8, max_new_tokens=48),  # the voice agent's defaults
+            dataclasses.replace(SPOKEN, threshold=threshold),
         )],
     }
 

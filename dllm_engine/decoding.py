@@ -69,6 +69,12 @@ class DecodeParams:
         return -(-self.max_new_tokens // self.block_size) * self.block_size
 
 
+# Spoken replies: short, and small blocks, because the shipped model is rarely confident (a block
+# costs about one step per token, and the first words come after the first block). The voice agent
+# decodes with these; the benchmarks measure them.
+SPOKEN = DecodeParams(block_size=4, max_new_tokens=48)
+
+
 @dataclasses.dataclass
 class StepInfo:
     """One denoising step of one request, for visualization."""

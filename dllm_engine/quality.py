@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .data import QUALITY_PROMPTS
-from .decoding import DecodeParams
+from .decoding import SPOKEN, DecodeParams
 from .engine import Engine
 
 DIALOGUES = [
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     p.add_argument("--dtype", default="auto", help="dtype for decoding (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="reply cap (default: %(default)s)")
-    p.add_argument("--block-size", type=int, default=8, help="decoding block (default: %(default)s, as the voice agent)")
+    p.add_argument("--max-new-tokens", type=int, default=SPOKEN.max_new_tokens, help="reply cap (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=SPOKEN.block_size, help="decoding block (default: %(default)s, as the voice agent)")
     p.add_argument("--data", type=Path, help="output dir of `dllm prepare-data` (default: rebuilt in a temp dir)")
     p.add_argument("--reply-len", type=int, default=24, help="reply region of the held-out rows, as trained (default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=64, help="as trained (default: %(default)s)")
