@@ -1,0 +1,30 @@
+"""The engine benchmark on a random-weight model: the JSON the issue asks for, never how fast anything was."""
+
+from __future__ import annotations
+
+from dllm_engine import bench
+from dllm_engine.engine import Engine
+
+
+def test_engine_bench_reports_every_configuration_and_prefix_reuse(random_model):
+    model, tok = random_model
+    engine = Engine(model, tok, max_batch=2, max_len=512)
+    try:
+        result = bench.run_bench(engine, batches=[1, 2], max_new_tokens=16, block_size=8, threshold=0.9, n_prompts=2)
+    finally:
+        engine.close()
+    runs = result["runs"]
+    assert [(r["batch"], r["policy"], r["cache"], r["early_stop"]) for r in runs] == [
+        (b, policy, cache, early) for b in (1, 2) for _, policy, cache, early in bench.CONFIGS
+    ]
+    for r in runs:
+        assert {"tokens_per_s", "tokens_per_forward", "first_block_ms", "agreement"} <= set(r)
+        assert r["tokens_per_s"] > 0 and 0 <= r["agreement"] <= 1
+    reference, early = runs[0], runs[1]
+    assert reference["agreement"] == 1.0 and early["agreement"] == 1.0  # early stop never changes the text
+    assert reference["forwards"] >= early["forwards"]
+    assert result["conditions"]["prompts"] == 2 and result["conditions"]["max_new_tokens"] == 16
+    for reuse in result["prefix_reuse"]:
+        assert reuse["turns"] == 2 * 3  # every user turn after the first of each conversation
+        assert 0 < reuse["reused_tokens_mean"] < reuse["prompt_tokens_mean"]
+        assert 0 <= reuse["agreement"] <= 1 and reuse["reuse"]["total_ms"] > 0
