@@ -8,15 +8,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from audio.asr import Transcriber
+from audio.asr import SAMPLE_RATE, Transcriber
 from audio.tts import Synthesizer
 from audio.vad import load_session
 from dllm_engine.decoding import SPOKEN, DecodeParams
@@ -84,8 +86,18 @@ class Agent:
         asr = Transcriber(config.asr_model, threads=config.asr_threads, window_s=config.asr_window_s)
         tts = Synthesizer(config.voice, threads=config.tts_threads)
         agent = cls(config, engine, asr, tts, load_session())
-        log.info("agent loaded in %.2f s", time.perf_counter() - t0)
+        agent.warm_up()
+        log.info("agent loaded and warmed up in %.2f s", time.perf_counter() - t0)
         return agent
+
+    def warm_up(self) -> None:
+        """One pass through each model, so the first caller's first turn does not pay for the
+        kernels and buffers their first call creates (about a second on these CPUs)."""
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # its own event loop, whatever the caller runs
+            pool.submit(asyncio.run, self.engine.generate([{"role": "user", "content": "Hello!"}], self.config.decode)).result()
+        self.asr.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32))
+        for _ in self.tts.synthesize("Hello."):
+            pass
 
     def session(self, **overrides) -> "Session":
         """A new conversation; keyword overrides replace fields of the agent's config for it alone."""
