@@ -14,12 +14,14 @@ _WORD = re.compile(r"\S+\s+")  # a word the stream has moved past
 class SentenceSplitter:
     """Sentences, with two exceptions that keep the listener from waiting on a long one:
     the reply's first chunk may end at a clause (",", ";", ":") once it has `clause_words` words,
-    and no chunk grows past `max_words` words (a run-on reply is cut between words).
+    and no chunk grows past `max_words` words (`first_max_words` for the first one): a run-on
+    reply is cut between words, since its first words are worth more now than its prosody later.
     """
 
-    def __init__(self, min_chars: int = 2, clause_words: int = 4, max_words: int = 16) -> None:
+    def __init__(self, min_chars: int = 2, clause_words: int = 4, first_max_words: int = 8, max_words: int = 16) -> None:
         self.min_chars = min_chars
         self.clause_words = clause_words
+        self.first_max_words = first_max_words
         self.max_words = max_words
         self._buf = ""
         self._first = True
@@ -44,8 +46,9 @@ class SentenceSplitter:
             for m in _CLAUSE.finditer(self._buf):
                 if len(self._buf[: m.start()].split()) >= self.clause_words:
                     return m.end()
-        if len(words) >= self.max_words and self._buf[words[self.max_words - 1].end() :].strip():
-            return words[self.max_words - 1].end()  # a word past the limit has begun
+        limit = self.first_max_words if self._first else self.max_words
+        if len(words) >= limit and self._buf[words[limit - 1].end() :].strip():
+            return words[limit - 1].end()  # a word past the limit has begun
         return None
 
     def flush(self) -> list[str]:

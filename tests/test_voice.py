@@ -90,12 +90,14 @@ def test_sentence_splitter_waits_for_proof_of_an_end():
 
 
 def test_a_long_first_sentence_is_cut_at_a_clause_and_no_chunk_runs_on():
-    s = SentenceSplitter(clause_words=4, max_words=8)
+    s = SentenceSplitter(clause_words=4, first_max_words=8, max_words=8)
     assert s.push("Well, I think") == []  # a comma after one word is not worth a chunk
     assert s.push(" that dogs are great, because") == ["Well, I think that dogs are great,"]
     assert s.push(" they are loyal, and fun. ") == ["because they are loyal, and fun."]  # clauses only open a reply
     assert s.push("one two three four five six seven eight nine") == ["one two three four five six seven eight"]
     assert s.flush() == ["nine"]
+    first = SentenceSplitter(first_max_words=3, max_words=5)
+    assert first.push("a b c d e f g h i j") == ["a b c", "d e f g h"]  # the first chunk is the shortest
 
 
 # ---- sessions ---------------------------------------------------------------------------------
