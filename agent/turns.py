@@ -12,7 +12,7 @@ class TurnConfig:
     vad_threshold: float = 0.5
     min_speech_ms: int = 160  # speech this long starts a turn (shorter blips are ignored)
     pause_ms: int = 200  # silence this long: a short pause, where speculative work starts
-    end_ms: int = 600  # silence this long: end of turn (no transcript yet, or one that reads as a statement)
+    end_ms: int = 500  # silence this long: end of turn (no transcript yet, or one that reads as a statement)
     # With speculation, the transcript taken at the pause moves the end (0 disables either rule):
     question_end_ms: int = 300  # it ends in "?": the user asked and is waiting
     unfinished_end_ms: int = 1200  # it stops mid-phrase ("I was thinking about", "my favorite food is")

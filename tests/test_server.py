@@ -241,12 +241,12 @@ def test_realtime_conversation(srv, question):
             assert created["type"] == "session.created" and created["turn"] is None
             s = created["session"]
             assert s["input_sample_rate"] == s["output_sample_rate"] == 24000 and s["input_audio_format"] == "pcm16"
-            assert s["agent_sample_rate"] == srv.hub.agent.tts.sample_rate and s["end_ms"] == 600
+            assert s["agent_sample_rate"] == srv.hub.agent.tts.sample_rate and s["end_ms"] == srv.hub.agent.config.turns.end_ms
 
-            await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000, "output_sample_rate": 16000, "denoise_steps": True, "end_ms": 600.0, "barge_in_ms": 400}}))
+            await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000, "output_sample_rate": 16000, "denoise_steps": True, "end_ms": 650.0, "barge_in_ms": 400}}))
             updated = await recv_json(ws)
             assert updated["type"] == "session.updated"
-            assert updated["session"]["output_sample_rate"] == 16000 and updated["session"]["barge_in_ms"] == 400 and updated["session"]["end_ms"] == 600
+            assert updated["session"]["output_sample_rate"] == 16000 and updated["session"]["barge_in_ms"] == 400 and updated["session"]["end_ms"] == 650
 
             await send_rt_audio(ws, question("What is your name?", 16000), 16000)
             seen: list[dict] = []
