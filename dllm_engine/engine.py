@@ -162,9 +162,12 @@ class Engine:
         return True
 
     def forget(self, conversation: str) -> None:
-        """Drop a conversation's cached prefix (its session ended)."""
+        """Drop a conversation's cached prefix (its session ended); its running requests keep none."""
         with self._lock:
             self._prefixes.pop(conversation, None)
+            for req in self._requests.values():
+                if req.conversation == conversation:
+                    req.conversation = None
 
     @property
     def active_requests(self) -> int:
@@ -256,6 +259,8 @@ class Engine:
         ids = seq.ids[: seq.settled].tolist()
         prefix = _Prefix(ids, *self.cache.save(seq.slot, len(ids)))
         with self._lock:
+            if req.conversation is None:  # forgotten meanwhile
+                return
             self._prefixes[req.conversation] = prefix
             self._prefixes.move_to_end(req.conversation)
             while len(self._prefixes) > self.max_conversations:

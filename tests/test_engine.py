@@ -167,10 +167,23 @@ def test_prefix_reuse_loads_the_common_prefix_and_never_recomputes_it(engine):
         for before, after in zip(stored_k, engine._prefixes["c"].k):  # loaded, never rewritten
             assert torch.equal(before[:expected], after[:expected])
         engine.forget("c")
+        assert "c" not in engine._prefixes
         fresh = await collect(engine, turn2, params, conversation="c")
         plain = await collect(engine, turn2, params)
         assert fresh[2][-1].stats.reused_tokens == 0
         assert fresh[1] == plain[1]  # nothing to reuse: exactly the full recompute
+
+    asyncio.run(main())
+
+
+def test_a_conversation_forgotten_while_it_decodes_keeps_nothing(engine):
+    async def main():
+        stream = engine.stream(chat("hello"), LONG, conversation="gone")
+        first = await anext(stream)  # the request is running
+        engine.forget("gone")
+        outs = [first] + [o async for o in stream]
+        assert outs[-1].finish_reason == "length"
+        assert "gone" not in engine._prefixes
 
     asyncio.run(main())
 
