@@ -17,6 +17,7 @@ import pytest
 
 from agent import bench
 from agent.bench import first_audible_s, word_error_rate
+from agent.bench_lines import LineError, LocalServer, webrtc_line
 
 
 def test_word_error_rate_counts_substitutions_insertions_deletions() -> None:
@@ -74,6 +75,21 @@ def test_short_run_as_a_webrtc_peer(voice_agent, tmp_path: Path) -> None:
     assert turn["failed"] is None, turn
     assert turn["caller_v2v_ms"] is not None and turn["transcript"]
     assert turn["server"]["turn"] == turn["server_turn"] and turn["server"]["speculative"] is False
+
+
+def test_a_webrtc_line_names_what_the_server_refused(voice_agent) -> None:
+    """A refused offer and a refused session.update on the data channel: one LineError each, with the server's reason."""
+
+    async def open_line(url: str, live: dict) -> None:
+        async with webrtc_line(url, None, live):
+            pass
+
+    with LocalServer(voice_agent, max_sessions=0) as full:
+        with pytest.raises(LineError, match="HTTP 503.*server busy"):
+            asyncio.run(open_line(full.url, {}))
+    with LocalServer(voice_agent, max_sessions=1) as server:
+        with pytest.raises(LineError, match="refused the session.*block_size"):
+            asyncio.run(open_line(server.url, {"block_size": 0}))
 
 
 def _free_port() -> int:
