@@ -77,7 +77,8 @@ AUDIBLE = 10 ** (AUDIBLE_DBFS / 20)  # the same level as an amplitude: what trim
 AFTER_REPLY_S = 1.0  # the caller listens this long after the reply has played before speaking again
 PREMATURE_SLACK_MS = 250  # a speech_stopped this far before the true end is premature (VAD tails are shorter, pauses longer)
 TRANSCRIPTS = "transcripts.tsv"
-BASELINE_LIVE = {"speculation": False, "end_ms": 800, "threshold": 1.0}  # the baseline as session.update settings
+BASELINE_END_MS = 800  # the baseline's endpointing silence
+BASELINE_LIVE = {"speculation": False, "end_ms": BASELINE_END_MS, "threshold": 1.0}  # the baseline as session.update settings
 SILENCE = np.zeros(int(RATE * FRAME_S), dtype=np.float32)
 
 QUESTIONS = [
@@ -398,7 +399,7 @@ def baseline_overrides(agent) -> dict:  # noqa: ANN001 (Agent)
     return dict(
         speculation=False,
         decode=DecodeParams(policy="vanilla", cache="none", block_size=d.block_size, max_new_tokens=d.max_new_tokens),
-        turns=dataclasses.replace(agent.config.turns, end_ms=800),
+        turns=dataclasses.replace(agent.config.turns, end_ms=BASELINE_END_MS),
     )
 
 
@@ -527,7 +528,7 @@ def describe(args: argparse.Namespace) -> dict:
         where, cpu = args.url, "this process: callers only (the server's CPU is not measured)"
     else:
         where, cpu = "server started in this process", "this process: callers + server"
-    baseline = BASELINE_LIVE if args.url else {"speculation": False, "decode": "vanilla, no KV cache", "end_ms": 800}
+    baseline = BASELINE_LIVE if args.url else {"speculation": False, "decode": "vanilla, no KV cache", "end_ms": BASELINE_END_MS}
     return {"transport": args.transport, "server": where, "settings": dict(args.set), "cpu_scope": cpu, "baseline": baseline, "speech": str(args.speech_dir or "synthesized")}
 
 

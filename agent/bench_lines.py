@@ -242,10 +242,15 @@ class TwilioLine(WsLine):
         return None
 
 
+def http_url(base: str, path: str) -> str:
+    """The HTTP(S) URL of `path` on the server at ws[s]://host:port."""
+    u = urlsplit(base)
+    return f"{'https' if u.scheme == 'wss' else 'http'}://{u.netloc}{path}"
+
+
 def _stream_token(base: str, token: str) -> str:
     """A protected server hands the stream token out in its TwiML answer, as it does to Twilio."""
-    u = urlsplit(base)
-    url = f"{'https' if u.scheme == 'wss' else 'http'}://{u.netloc}{TWIML_PATH}"
+    url = http_url(base, TWIML_PATH)
     req = urllib.request.Request(url, data=b"CallSid=CAbench", headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=OPEN_TIMEOUT_S) as r:
@@ -364,8 +369,7 @@ class WebRTCLine:
 
 
 def _post_offer(base: str, token: str | None, sdp: str) -> str:
-    u = urlsplit(base)
-    url = f"{'https' if u.scheme == 'wss' else 'http'}://{u.netloc}{WEBRTC_PATH}"
+    url = http_url(base, WEBRTC_PATH)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     req = urllib.request.Request(url, data=json.dumps({"type": "offer", "sdp": sdp}).encode(), headers=headers)
     try:
@@ -412,8 +416,7 @@ def base_url(url: str) -> str:
 
 def check_reachable(base: str) -> dict:
     """GET /health first, so an unreachable server is one clear error and not a failure per turn."""
-    u = urlsplit(base)
-    url = f"{'https' if u.scheme == 'wss' else 'http'}://{u.netloc}/health"
+    url = http_url(base, "/health")
     try:
         with urllib.request.urlopen(url, timeout=OPEN_TIMEOUT_S) as r:
             return json.loads(r.read())

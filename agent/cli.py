@@ -11,11 +11,9 @@ import time
 from pathlib import Path
 
 from dllm_engine.cli import add_decode_args, add_model_args, decode_params, default_model_path, setup_torch
-
 from dllm_engine.decoding import SPOKEN
 
 from .dialogue import Dialogue
-
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

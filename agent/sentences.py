@@ -41,11 +41,11 @@ class SentenceSplitter:
         for m in _END.finditer(self._buf):
             if len(self._buf[: m.end()].strip()) >= self.min_chars:
                 return m.end()
-        words = list(_WORD.finditer(self._buf))
         if self._first:
             for m in _CLAUSE.finditer(self._buf):
                 if len(self._buf[: m.start()].split()) >= self.clause_words:
                     return m.end()
+        words = list(_WORD.finditer(self._buf))
         limit = self.first_max_words if self._first else self.max_words
         if len(words) >= limit and self._buf[words[limit - 1].end() :].strip():
             return words[limit - 1].end()  # a word past the limit has begun

