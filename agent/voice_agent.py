@@ -59,7 +59,7 @@ class AgentConfig:
     # piper take both when they run; piper's idle threads sleep rather than spin. Silero takes one.
     torch_threads: int = 1
     asr_threads: int = 2
-    tts_threads: int = 2  # the first sentence's audio in about half the time of one thread
+    tts_threads: int = 2  # the first sentence's audio sooner than on one thread
 
 
 class Agent:
@@ -93,7 +93,7 @@ class Agent:
 
     def warm_up(self) -> None:
         """One pass through each model, so the first caller's first turn does not pay for the
-        kernels and buffers their first call creates (about a second on these CPUs)."""
+        kernels and buffers their first call creates."""
         with concurrent.futures.ThreadPoolExecutor(1) as pool:  # its own event loop, whatever the caller runs
             pool.submit(asyncio.run, self.engine.generate([{"role": "user", "content": "Hello!"}], self.config.decode)).result()
         self.asr.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32))

@@ -52,7 +52,7 @@ class Synthesizer:
         text = speakable(text)
         if text:
             for chunk in self.voice.synthesize(text):
-                # Piper starts each sentence with ~40-60 ms of near-silence: the listener would wait
+                # Piper starts each sentence with some near-silence: the listener would wait
                 # for it. The previous sentence's silent tail still separates sentences.
                 audio = chunk.audio_float_array.astype(np.float32, copy=False)
                 yield trim(audio, LEAD_LEVEL, margin=int(LEAD_KEEP_S * self.sample_rate), tail=False)
