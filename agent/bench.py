@@ -61,6 +61,7 @@ import numpy as np
 from tqdm import tqdm
 
 from audio.codec import SUPPORTED_RATES, AudioError, resample, to_float32, trim
+from dllm_engine.bench import machine
 
 from . import bench_report
 from . import events as ev
@@ -556,15 +557,6 @@ def _synthesizer(voice: Path | None):  # noqa: ANN202 (audio.tts.Synthesizer)
     from audio.tts import Synthesizer
 
     return Synthesizer(voice)
-
-
-def machine() -> dict:
-    import platform
-
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -94,6 +95,19 @@ _QUESTIONS = [
     "Can you recommend something light and funny to watch next?",
     "How far should I try to run in my first week?",
 ]
+
+
+
+def machine() -> dict:
+    """What the figures were measured on: CPU model, cores, native bf16, torch and Python."""
+    from .loading import _cpu_has_bf16
+
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    except OSError:
+        cpu = ""
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(), "cpu_bf16": _cpu_has_bf16(),
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def conversations() -> list[list[dict[str, str]]]:
@@ -203,7 +217,7 @@ def run_bench(engine: Engine, batches: list[int], max_new_tokens: int, block_siz
             "device": str(engine.device),
             "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
+            "machine": machine(),
         },
         "runs": [dataclasses.asdict(r) for r in runs],
         "prefix_reuse": [run_reuse(engine, p, n_prompts) for p in (

@@ -12,7 +12,8 @@ fixed seed, and examples that touch one of QUALITY_PROMPTS are left out of both,
 benchmark asks questions the model never saw verbatim.
 
 Output in DIR:
-  train.jsonl, eval.jsonl   one example a line: {"messages": [{"role", "content"}, ...], "reply": str}
+  train.jsonl, eval.jsonl   one example a line: {"messages": [{"role", "content"}, ...], "reply": str,
+                            "source": corpus}; exact duplicates are written once
   utterances.txt            every cleaned turn of the training conversations, one a line
                             (for the optional pretraining phase)
   tokenizer/                the byte-level BPE (tokenizer.json, tokenizer_config.json), trained on
@@ -214,7 +215,9 @@ def segments(turns: list[str | None]) -> Iterator[list[str]]:
 
 
 def examples(conv: Conversation, max_history: int = MAX_HISTORY_TURNS) -> Iterator[dict]:
-    """history -> next speaker's reply, for every turn that has a turn before it."""
+    """history -> next speaker's reply, for every turn that has a turn before it, tagged with its
+    corpus (`chitchat`, `chatterbot/greetings`, ...) so that training can weight the sources."""
+    source = conv.id.rsplit("/", 1)[0]
     for seg in segments(conv.turns):
         for i in range(1, len(seg)):
             start = max(0, i - max_history)
@@ -222,7 +225,7 @@ def examples(conv: Conversation, max_history: int = MAX_HISTORY_TURNS) -> Iterat
                 start += 1
             history = seg[start:i]
             roles = ["user" if (i - j) % 2 else "assistant" for j in range(start, i)]
-            yield {"messages": [{"role": r, "content": c} for r, c in zip(roles, history)], "reply": seg[i]}
+            yield {"messages": [{"role": r, "content": c} for r, c in zip(roles, history)], "reply": seg[i], "source": source}
 
 
 def split_conversations(convs: list[Conversation], holdout: float, seed: int) -> tuple[list[Conversation], list[Conversation]]:
@@ -266,18 +269,26 @@ def prepare(
     stats["skipped_malformed_entries"] = skipped
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", train_convs), ("eval", eval_convs)):
-        kept = dropped = 0
+        kept = dropped = duplicates = 0
+        seen: set[str] = set()  # chatterbot's tech_support repeats each of its 10 exchanges ~100 times
         with open(out / f"{name}.jsonl.tmp", "w", encoding="utf-8") as f:
             for conv in part:
                 for ex in examples(conv, max_history):
                     if touches_quality_prompt(ex, banned):
                         dropped += 1
                         continue
-                    f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+                    line = json.dumps(ex, ensure_ascii=False)
+                    key = json.dumps([ex["messages"], ex["reply"]], ensure_ascii=False)
+                    if key in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(key)
+                    f.write(line + "\n")
                     kept += 1
         (out / f"{name}.jsonl.tmp").replace(out / f"{name}.jsonl")
         stats[f"{name}_examples"] = kept
         stats[f"{name}_dropped_quality_prompts"] = dropped
+        stats[f"{name}_duplicates_dropped"] = duplicates
     utterances = [t for c in train_convs for seg in segments(c.turns) for t in seg if normalize_for_match(t) not in banned]
     (out / "utterances.txt").write_text("\n".join(utterances) + "\n", encoding="utf-8")
     stats["utterances"] = len(utterances)

@@ -1,6 +1,8 @@
 """Quality of a chat model: `python -m benchmarks.quality [--model DIR] --json OUT`.
 
-- held-out masked-token loss at several mask ratios (the eval split of `dllm prepare-data`);
+- held-out masked-token loss at several mask ratios (the eval split of `dllm prepare-data`), and
+  the prompt gain: how much lower the fully masked reply loss is with its own prompt than with
+  another row's (0: the model ignores the prompt);
 - replies to the 40 everyday prompts of `data.QUALITY_PROMPTS` with the default decoding
   (threshold 0.9, dual cache), written out for reading: how many end (EOS / end of turn) within
   48 tokens, how many repeat a word three times in a row, distinct-2;
@@ -66,9 +68,10 @@ async def _dialogue(engine: Engine, turns: list[str], params: DecodeParams) -> l
 
 
 def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_tokens: int, examples: int, ratios: list[float]) -> dict:
-    """Masked-token loss in fp32 (the model alone: no engine, no cache)."""
+    """Masked-token loss in fp32 (the model alone: no engine, no cache), and how much the prompt
+    helps (`train.prompt_gain`, nats per reply token: 0 means the model ignores what it is asked)."""
     from .loading import load_model
-    from .train import encode_chat, eval_loss, iter_batches, read_jsonl
+    from .train import encode_chat, eval_loss, iter_batches, prompt_gain, read_jsonl
 
     model, tokenizer = load_model(model_dir, dtype="float32")
     exs = read_jsonl(data_dir / "eval.jsonl")
@@ -76,6 +79,7 @@ def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_to
     rows, _ = encode_chat(tokenizer, exs, reply_len, max_prompt_tokens)
     sp = tokenizer.special
     res = eval_loss(model, list(iter_batches(rows, 32, sp.pad)), sp.mask, ratios, sp.eos)
+    res.update(prompt_gain(model, rows, sp.mask, sp.eos, sp.pad))
     return {k: round(v, 4) for k, v in res.items()}
 
 

@@ -51,6 +51,7 @@ from .tokenizer import Tokenizer
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+LOSS_WEIGHTINGS = ("elbo", "mean")
 MODEL_KEYS = {f.name for f in dataclasses.fields(LLaDAConfig)} - {"mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"}
 
 
@@ -72,6 +73,9 @@ class TrainConfig:
     max_prompt_tokens: int = 192  # older history turns are dropped (in user/assistant pairs) beyond this
     batch_tokens: int = 8192  # padded tokens per batch; batch size = batch_tokens // bucket length
     max_batch_size: int = 128
+    # {"chatterbot" = 20}: examples of that corpus (or of any file under it, `chatterbot/food`) are
+    # seen that many times per epoch. A small, strongly prompt-dependent corpus among open chit-chat.
+    source_repeats: dict[str, int] = dataclasses.field(default_factory=dict)
     bucket_step: int = 16  # length buckets are multiples of this
     # optimisation
     lr: float = 1e-3
@@ -84,6 +88,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     eps: float = 1e-3  # t ~ U(eps, 1)
+    # "elbo": LLaDA's CE / t (an unbiased bound, but a row with t near eps weighs 1/eps: noisy small
+    # batches); "mean": the plain mean CE over masked tokens (MaskGIT-style, low-variance).
+    loss_weighting: str = "elbo"
     # Block-diffusion masking (see `diffusion_loss`): block sizes drawn per batch; [] = plain LLaDA SFT.
     block_sizes: list[int] = dataclasses.field(default_factory=list)
     init_std: float = 0.02
@@ -121,10 +128,14 @@ class TrainConfig:
         for name in ("reply_len", "batch_tokens", "max_steps", "eval_interval", "log_interval", "bucket_step", "max_batch_size"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if not isinstance(cfg.source_repeats, dict) or any(not isinstance(n, int) or n < 1 for n in cfg.source_repeats.values()):
+            raise ConfigError(f"source_repeats must map corpus names to counts >= 1, got {cfg.source_repeats!r}")
         if any(not isinstance(b, int) or b < 1 for b in cfg.block_sizes):
             raise ConfigError(f"block_sizes must be positive integers, got {cfg.block_sizes}")
         if not 0 < cfg.eps < 1:
             raise ConfigError(f"eps must be in (0, 1), got {cfg.eps}")
+        if cfg.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {cfg.loss_weighting!r}")
         if cfg.autocast_bf16 not in ("auto", True, False):
             raise ConfigError(f"autocast_bf16 must be auto, true or false, got {cfg.autocast_bf16!r}")
         return cfg
@@ -204,6 +215,15 @@ def read_jsonl(path: Path) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: no examples (the file is empty)")
     return rows
+
+
+def repeat_sources(examples: list[dict], repeats: dict[str, int]) -> list[dict]:
+    """Each example as many times as `repeats` says for its source (or a parent of it), else once."""
+    def times(source: str) -> int:
+        parts = source.split("/")
+        return next((repeats[p] for p in ("/".join(parts[:k]) for k in range(len(parts), 0, -1)) if p in repeats), 1)
+
+    return [ex for ex in examples for _ in range(times(ex.get("source", "")))]
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -352,8 +372,10 @@ def diffusion_loss(
     gen: torch.Generator,
     block_size: int | None = None,
     eos_id: int | None = None,
+    weighting: str = "elbo",
 ) -> torch.Tensor:
     """LLaDA SFT loss: mask each region token w.p. t ~ U(eps, 1); CE on masked tokens / t / region length.
+    With `weighting="mean"`, the mean CE over all masked tokens of the batch instead.
 
     With `block_size`, the noise is the one semi-autoregressive decoding meets instead: per row a
     block-aligned window of the region up to the block holding the first EOS is drawn; tokens
@@ -381,6 +403,8 @@ def diffusion_loss(
     hidden = model(noisy, key_valid=key_valid)
     logits = model.logits(hidden[scored]).float()
     ce = F.cross_entropy(logits, ids[scored], reduction="none")
+    if weighting == "mean":
+        return ce.sum() / max(ce.numel(), 1)
     weight = (1 / t / norm).expand_as(ids)[scored]
     return (ce * weight).sum() / n
 
@@ -414,6 +438,19 @@ def eval_loss(model: DiffusionLM, batches: list[dict[str, torch.Tensor]], mask_i
     model.train(was_training)
     return out
 
+
+
+def prompt_gain(model: DiffusionLM, rows: list[Row], mask_id: int, eos_id: int, pad_id: int, autocast: bool = False) -> dict[str, float]:
+    """How much the prompt helps: the fully masked reply loss with each row's own prompt, with
+    another row's (a fixed shuffle), and their difference. 0 means the model ignores the prompt."""
+    regions = [r.region for r in rows]
+    random.Random(0).shuffle(regions)
+    swapped = [Row(r.prompt, region) for r, region in zip(rows, regions)]
+    own, other = (
+        eval_loss(model, list(iter_batches(sorted(rs, key=len), 32, pad_id)), mask_id, [1.0], eos_id, autocast=autocast)["reply_loss@1"]
+        for rs in (rows, swapped)
+    )
+    return {"reply_loss@1": own, "reply_loss@1_other_prompt": other, "prompt_gain": other - own}
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to lr, then a cosine down to min_lr_ratio * lr at max_steps."""
@@ -526,7 +563,8 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     sp = tok.special
 
     t0 = time.perf_counter()
-    train_rows, dropped = encode_chat(tok, read_jsonl(data_dir / "train.jsonl"), cfg.reply_len, cfg.max_prompt_tokens)
+    train_examples = repeat_sources(read_jsonl(data_dir / "train.jsonl"), cfg.source_repeats)
+    train_rows, dropped = encode_chat(tok, train_examples, cfg.reply_len, cfg.max_prompt_tokens)
     eval_all, _ = encode_chat(tok, read_jsonl(data_dir / "eval.jsonl"), cfg.reply_len, cfg.max_prompt_tokens)
     if not train_rows:
         raise DataError(f"{data_dir}/train.jsonl: no example fits reply_len={cfg.reply_len} / max_prompt_tokens={cfg.max_prompt_tokens}")
@@ -594,6 +632,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     def evaluate() -> dict[str, float]:
         nonlocal best
         ev = eval_loss(model, eval_batches, sp.mask, cfg.eval_ratios, sp.eos, autocast=autocast)
+        ev.update(prompt_gain(model, eval_rows, sp.mask, sp.eos, sp.pad, autocast=autocast))
         if ev["loss"] < best:
             best = ev["loss"]
             atomic_save({"model": model.state_dict(), "step": step, "eval": ev, "model_config": dataclasses.asdict(model_cfg)}, out / BEST)
@@ -627,7 +666,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
                 g["lr"] = lr_at(step, cfg)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 block = cfg.block_sizes[int(torch.randint(len(cfg.block_sizes), (1,), generator=gen))] if cfg.block_sizes else None
-                loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen, block, sp.eos)
+                loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen, block, sp.eos, cfg.loss_weighting)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -24,6 +24,8 @@ def test_engine_bench_reports_every_configuration_and_prefix_reuse(random_model)
     assert reference["agreement"] == 1.0 and early["agreement"] == 1.0  # early stop never changes the text
     assert reference["forwards"] >= early["forwards"]
     assert result["conditions"]["prompts"] == 2 and result["conditions"]["max_new_tokens"] == 16
+    machine = result["conditions"]["machine"]  # figures differ by CPU: bf16 is native on some, emulated on others
+    assert machine["cpu"] and machine["cores"] >= 1 and isinstance(machine["cpu_bf16"], bool)
     for reuse in result["prefix_reuse"]:
         assert reuse["turns"] == 2 * 3  # every user turn after the first of each conversation
         assert 0 < reuse["reused_tokens_mean"] < reuse["prompt_tokens_mean"]

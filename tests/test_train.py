@@ -84,8 +84,19 @@ def test_loss_decreases_and_eval_is_logged(trained):
     evals = [r["eval"] for r in records if "eval" in r]
     assert losses[-1] < losses[0] / 4
     assert evals and evals[-1]["loss"] < evals[0]["loss"]
-    assert {"loss@0.25", "loss@0.5", "loss@0.75", "reply_loss@0.5"} <= set(evals[-1])
+    assert {"loss@0.25", "loss@0.5", "loss@0.75", "reply_loss@0.5", "prompt_gain"} <= set(evals[-1])
+    assert evals[-1]["prompt_gain"] > 1.0  # the tiny model answers from its question
     assert (trained / "run" / "best.pt").exists()
+
+
+def test_held_out_loss_measures_how_much_the_prompt_helps(trained):
+    """A model that memorized its pairs predicts each reply far better from its own question."""
+    from dllm_engine.quality import held_out_loss
+
+    res = held_out_loss(trained / "model", trained / "data", reply_len=32, max_prompt_tokens=64, examples=len(PAIRS), ratios=[0.5])
+    assert res["reply_loss@1_other_prompt"] > res["reply_loss@1"] + 1.0
+    assert res["prompt_gain"] == pytest.approx(res["reply_loss@1_other_prompt"] - res["reply_loss@1"], abs=1e-3)
+    assert {"loss@0.5", "reply_loss@0.5"} <= set(res)
 
 
 def test_export_is_a_loadable_hf_layout_dir(trained, tmp_path):
@@ -126,6 +137,37 @@ def test_loss_never_masks_the_prompt_and_weights_by_one_over_t():
     t = 1e-3 + (1 - 1e-3) * torch.rand(2, 1, generator=gen)
     expected = (masked.sum(1) * torch.log(torch.tensor(40.0)) / t[:, 0] / batch["region"].sum(1)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mean_weighting_averages_ce_over_masked_tokens_only():
+    """weighting="mean": no 1/t factor, every masked token counts once, whatever its row's t."""
+    from dllm_engine.config import LLaDAConfig
+    from dllm_engine.model import DiffusionLM
+
+    cfg = LLaDAConfig(d_model=16, n_layers=1, n_heads=2, mlp_hidden_size=32, vocab_size=40)
+    model = DiffusionLM(cfg)
+    torch.manual_seed(0)
+    proj = torch.randn(cfg.d_model, cfg.d_model)
+    seen = {}
+
+    def spy(ids, key_valid=None):
+        seen["ids"] = ids.clone()
+        return torch.nn.functional.embedding(ids, proj)  # logits differ per input token
+
+    model.forward = spy
+    rows = [train.Row([1, 5, 6, 7], [8, 9, 3, 0, 0]), train.Row([1, 5], [10, 3, 0, 11, 12, 13])]
+    batch = train.collate(rows, pad_id=0)
+    loss = train.diffusion_loss(model, batch, mask_id=2, eps=0.2, gen=torch.Generator().manual_seed(1), weighting="mean")
+    masked = seen["ids"] == 2
+    assert masked.any() and not (masked & ~batch["region"]).any()
+    logits = model.logits(torch.nn.functional.embedding(seen["ids"], proj))
+    expected = torch.nn.functional.cross_entropy(logits[masked], batch["ids"][masked])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_unknown_loss_weighting_is_refused():
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        train.TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "loss_weighting": "sqrt"})
 
 
 def test_block_masking_matches_semi_autoregressive_decoding():
@@ -340,6 +382,27 @@ def test_prepare_builds_examples_split_by_conversation(tmp_path):
     assert stats["train_dropped_quality_prompts"] > 0
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (out / "tokenizer").iterdir()}
     assert "Tell me about your weekend." not in (out / "utterances.txt").read_text()
+
+
+def test_prepare_tags_sources_and_writes_a_repeated_exchange_once(tmp_path):
+    chit, bot = _corpora(tmp_path)
+    (bot / "tech.yml").write_text(yaml.safe_dump({"conversations": [["My mouse is dead.", "Change its batteries."]] * 5}))
+    stats = data.prepare(tmp_path / "out", holdout=0.2, seed=1, vocab_size=300, chitchat_path=chit, chatterbot_dir=bot, verbose=False)
+    exs = [json.loads(x) for name in ("train", "eval") for x in (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()]
+    tech = [e for e in exs if e["reply"] == "Change its batteries."]
+    assert [e["source"] for e in tech] in (["chatterbot/tech"], ["chatterbot/tech"] * 2)  # once per split at most
+    for name in ("train", "eval"):  # the made-up chats repeat their later exchanges too
+        lines = (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()
+        assert len(set(lines)) == len(lines) and stats[f"{name}_duplicates_dropped"] > 0
+    assert {e["source"] for e in exs} == {"chitchat", "chatterbot/greetings", "chatterbot/tech"}
+
+
+def test_source_repeats_weight_a_corpus_and_its_files():
+    exs = [{"source": "chitchat"}, {"source": "chatterbot/food"}, {"source": "chatterbot/ai"}, {"reply": "no source"}]
+    out = train.repeat_sources(exs, {"chatterbot": 3, "chatterbot/ai": 2})
+    assert [e.get("source") for e in out] == ["chitchat"] + ["chatterbot/food"] * 3 + ["chatterbot/ai"] * 2 + [None]
+    with pytest.raises(ConfigError, match="source_repeats"):
+        train.TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "source_repeats": {"chatterbot": 0}})
 
 
 def test_prepare_is_deterministic(tmp_path):
