@@ -4,10 +4,12 @@ Objective (LLaDA SFT, see `diffusion_loss`): a training row is the chat-template
 ending with the assistant header), never masked, followed by a reply region of `reply_len` tokens:
 the reply, <|eot_id|>, then <|endoftext|> padding. Per row t ~ U(eps, 1); each reply-region token
 is replaced by the mask token with probability t; the loss is the cross-entropy on masked tokens
-weighted 1/t and normalized by the reply-region length, averaged over rows. An optional first phase
+weighted 1/t and normalized by the reply-region length, averaged over rows (`loss_weighting =
+"mean"`: the plain mean CE over masked tokens). An optional first phase
 (`pretrain_steps`) trains the same way on plain utterances (BOS, then utterance + EOS as the region).
 
-Rows are bucketed by length (right-padded within a batch, padded keys masked with `key_valid`),
+`source_repeats` weights corpora (an example's `source` from `dllm prepare-data`); `device` says
+where to train (`cuda` is written for but has not yet run on a GPU). Rows are bucketed by length (right-padded within a batch, padded keys masked with `key_valid`),
 the learning rate warms up linearly then follows a cosine to `min_lr_ratio * lr` at `max_steps`.
 
 Run directory (`out_dir`):
@@ -67,6 +69,7 @@ class TrainConfig:
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     threads: int = 2  # torch intra-op threads (0: torch's default)
+    device: str = "cpu"  # cpu, cuda, cuda:1 ... (checkpoints are written device-independent)
     autocast_bf16: str | bool = "auto"  # auto: only where the CPU has native bf16 (avx512_bf16/amx)
     # data
     reply_len: int = 64  # reply + <|eot_id|> + EOS padding; longer replies are cut at a sentence end or dropped
@@ -136,6 +139,12 @@ class TrainConfig:
             raise ConfigError(f"eps must be in (0, 1), got {cfg.eps}")
         if cfg.loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {cfg.loss_weighting!r}")
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError as e:
+            raise ConfigError(f"device {cfg.device!r}: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
         if cfg.autocast_bf16 not in ("auto", True, False):
             raise ConfigError(f"autocast_bf16 must be auto, true or false, got {cfg.autocast_bf16!r}")
         return cfg
@@ -157,7 +166,9 @@ class TrainConfig:
             raise ConfigError(f"config {path}: {e}") from None
 
     def use_autocast(self) -> bool:
-        return _cpu_has_bf16() if self.autocast_bf16 == "auto" else bool(self.autocast_bf16)
+        if self.autocast_bf16 != "auto":
+            return bool(self.autocast_bf16)
+        return torch.cuda.is_bf16_supported() if torch.device(self.device).type == "cuda" else _cpu_has_bf16()
 
     def model_config(self, tokenizer_dir: Path) -> LLaDAConfig:
         """The LLaDA config: `[model]` plus the vocabulary size and special ids of the tokenizer."""
@@ -347,7 +358,7 @@ class Batches:
         self.epoch, self.index, self._plan = state["epoch"], state["index"], None
 
 
-def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[Row], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """ids (N, T) right-padded; region (N, T) marks maskable tokens; key_valid (N, T) real tokens."""
     t = max(len(r) for r in rows)
     ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
@@ -358,7 +369,7 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.from_numpy(np.concatenate([r.prompt, r.region]).astype(np.int64))
         region[i, p:n] = True
         key_valid[i, :n] = True
-    return {"ids": ids, "region": region, "key_valid": key_valid}
+    return {"ids": ids.to(device), "region": region.to(device), "key_valid": key_valid.to(device)}
 
 
 # ---- objective ----------------------------------------------------------------------------------
@@ -385,8 +396,9 @@ def diffusion_loss(
     """
     ids, region, key_valid = batch["ids"], batch["region"], batch["key_valid"]
     n = ids.shape[0]
-    t = eps + (1 - eps) * torch.rand(n, 1, generator=gen)
-    coin = torch.rand(ids.shape, generator=gen) < t
+    dev = ids.device  # random draws come from the CPU generator: the same masks on any device
+    t = (eps + (1 - eps) * torch.rand(n, 1, generator=gen)).to(dev)
+    coin = torch.rand(ids.shape, generator=gen).to(dev) < t
     if block_size is None:
         masked = region & coin
         scored, norm = masked, region.sum(1, keepdim=True)
@@ -395,10 +407,10 @@ def diffusion_loss(
         eos = region & (ids == eos_id)
         first_eos = torch.where(eos.any(1), torch.where(eos, at, ids.shape[1]).min(1).values, region.sum(1) - 1)
         n_blocks = first_eos // block_size + 1
-        start = (torch.rand(n, generator=gen) * n_blocks).long().clamp(max=n_blocks - 1)[:, None] * block_size
+        start = (torch.rand(n, generator=gen).to(dev) * n_blocks).long().clamp(max=n_blocks - 1)[:, None] * block_size
         window = region & (at >= start) & (at < start + block_size)
         masked = (window & coin) | (region & (at >= start + block_size))
-        scored, norm = window & coin, torch.full((n, 1), block_size)
+        scored, norm = window & coin, torch.full((n, 1), block_size, device=dev)
     noisy = torch.where(masked, mask_id, ids)
     hidden = model(noisy, key_valid=key_valid)
     logits = model.logits(hidden[scored]).float()
@@ -425,8 +437,8 @@ def eval_loss(model: DiffusionLM, batches: list[dict[str, torch.Tensor]], mask_i
         cnt = cnt_reply = 0
         for b in batches:
             ids, region = b["ids"], b["region"]
-            masked = region & (torch.rand(ids.shape, generator=gen) < r)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            masked = region & (torch.rand(ids.shape, generator=gen).to(ids.device) < r)
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
                 hidden = model(torch.where(masked, mask_id, ids), key_valid=b["key_valid"])
                 ce = F.cross_entropy(model.logits(hidden[masked]).float(), ids[masked], reduction="none")
             reply = ids[masked] != eos_id
@@ -446,8 +458,9 @@ def prompt_gain(model: DiffusionLM, rows: list[Row], mask_id: int, eos_id: int, 
     regions = [r.region for r in rows]
     random.Random(0).shuffle(regions)
     swapped = [Row(r.prompt, region) for r, region in zip(rows, regions)]
+    device = next(model.parameters()).device
     own, other = (
-        eval_loss(model, list(iter_batches(sorted(rs, key=len), 32, pad_id)), mask_id, [1.0], eos_id, autocast=autocast)["reply_loss@1"]
+        eval_loss(model, list(iter_batches(sorted(rs, key=len), 32, pad_id, device)), mask_id, [1.0], eos_id, autocast=autocast)["reply_loss@1"]
         for rs in (rows, swapped)
     )
     return {"reply_loss@1": own, "reply_loss@1_other_prompt": other, "prompt_gain": other - own}
@@ -570,7 +583,8 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
         raise DataError(f"{data_dir}/train.jsonl: no example fits reply_len={cfg.reply_len} / max_prompt_tokens={cfg.max_prompt_tokens}")
     stride = max(1, len(eval_all) // cfg.eval_examples) if cfg.eval_examples else 1
     eval_rows = sorted(eval_all[::stride][: cfg.eval_examples or None], key=len)
-    eval_batches = [collate(eval_rows[i : i + 32], sp.pad) for i in range(0, len(eval_rows), 32)]
+    device = torch.device(cfg.device)
+    eval_batches = list(iter_batches(eval_rows, 32, sp.pad, device))
     stream = Batches(train_rows, cfg.batch_tokens, cfg.max_batch_size, cfg.bucket_step, cfg.seed)
     pre_stream = None
     if cfg.pretrain_steps > 0:
@@ -584,6 +598,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
         check_shape(src["model_config"], model_cfg, Path(cfg.init_from))
         model.load_state_dict(src["model"])
         log(f"initialized from {cfg.init_from} (step {src.get('step')})")
+    model.to(device)
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, best, tokens_seen, elapsed_before = 0, math.inf, 0, 0.0
@@ -601,7 +616,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     n_params = sum(p.numel() for p in model.parameters())
     autocast = cfg.use_autocast()
     shape = {k: getattr(model_cfg, k) for k in ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")}
-    log(f"model: {n_params / 1e6:.2f}M parameters {shape}; bf16 autocast {'on' if autocast else 'off'}; {torch.get_num_threads()} threads")
+    log(f"model: {n_params / 1e6:.2f}M parameters {shape}; bf16 autocast {'on' if autocast else 'off'}; on {device} ({torch.get_num_threads()} CPU threads)")
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer").mkdir(exist_ok=True)
@@ -661,10 +676,10 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
                 reason = "minutes"
                 break
             src = pre_stream if pre_stream is not None and step < cfg.pretrain_steps else stream
-            batch = collate(next(src), sp.pad)
+            batch = collate(next(src), sp.pad, device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 block = cfg.block_sizes[int(torch.randint(len(cfg.block_sizes), (1,), generator=gen))] if cfg.block_sizes else None
                 loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen, block, sp.eos, cfg.loss_weighting)
             opt.zero_grad(set_to_none=True)
@@ -800,10 +815,10 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {args.run} to {path}")
 
 
-def iter_batches(rows: list[Row], size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Fixed-order batches (for evaluation outside the training loop)."""
+def iter_batches(rows: list[Row], size: int, pad_id: int, device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    """Fixed-order batches (for evaluation)."""
     for i in range(0, len(rows), size):
-        yield collate(rows[i : i + size], pad_id)
+        yield collate(rows[i : i + size], pad_id, device)
 
 
 def main(argv: list[str] | None = None) -> None:

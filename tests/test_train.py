@@ -165,9 +165,14 @@ def test_mean_weighting_averages_ce_over_masked_tokens_only():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_unknown_loss_weighting_is_refused():
-    with pytest.raises(ConfigError, match="loss_weighting"):
-        train.TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "loss_weighting": "sqrt"})
+@pytest.mark.parametrize(
+    "key, value, match",
+    [("loss_weighting", "sqrt", "loss_weighting"), ("device", "gpu", "device 'gpu'")]
+    + ([] if torch.cuda.is_available() else [("device", "cuda", "CUDA is not available")]),
+)
+def test_bad_training_settings_are_refused(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        train.TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", key: value})
 
 
 def test_block_masking_matches_semi_autoregressive_decoding():
