@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .bench import machine
 from .data import QUALITY_PROMPTS
 from .decoding import SPOKEN, DecodeParams
 from .engine import Engine
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     from .cli import default_model_path
 
     model_dir = args.model or default_model_path()
-    report: dict = {"model": str(model_dir)}
+    report: dict = {"model": str(model_dir), "machine": machine()}
     default = DecodeParams(max_new_tokens=args.max_new_tokens, block_size=args.block_size)
     vanilla = DecodeParams(policy="vanilla", cache="none", block_size=default.block_size, max_new_tokens=args.max_new_tokens)
 
