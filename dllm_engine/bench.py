@@ -97,7 +97,6 @@ _QUESTIONS = [
 ]
 
 
-
 def machine() -> dict:
     """What the figures were measured on: CPU model, cores, native bf16, torch and Python."""
     from .loading import _cpu_has_bf16

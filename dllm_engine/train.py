@@ -9,8 +9,9 @@ weighted 1/t and normalized by the reply-region length, averaged over rows (`los
 (`pretrain_steps`) trains the same way on plain utterances (BOS, then utterance + EOS as the region).
 
 `source_repeats` weights corpora (an example's `source` from `dllm prepare-data`); `device` says
-where to train (`cuda` is written for but has not yet run on a GPU). Rows are bucketed by length (right-padded within a batch, padded keys masked with `key_valid`),
-the learning rate warms up linearly then follows a cosine to `min_lr_ratio * lr` at `max_steps`.
+where to train (`cuda` is written for but has not yet run on a GPU). Rows are bucketed by length
+(right-padded within a batch, padded keys masked with `key_valid`), the learning rate warms up
+linearly then follows a cosine to `min_lr_ratio * lr` at `max_steps`.
 
 Run directory (`out_dir`):
   checkpoint.pt   model + optimizer + step + data position + RNG states (atomic; resumes exactly)
@@ -97,7 +98,7 @@ class TrainConfig:
     # Block-diffusion masking (see `diffusion_loss`): block sizes drawn per batch; [] = plain LLaDA SFT.
     block_sizes: list[int] = dataclasses.field(default_factory=list)
     init_std: float = 0.02
-    init_from: str = ""  # start from the weights of another run's checkpoint/best .pt (same shape), not from random
+    init_from: str = ""  # start from another run's checkpoint/best .pt or a model directory (same shape), not from random
     # optional pretraining on plain utterances (the first pretrain_steps steps of the schedule)
     pretrain_steps: int = 0
     pretrain_max_tokens: int = 96
@@ -451,7 +452,6 @@ def eval_loss(model: DiffusionLM, batches: list[dict[str, torch.Tensor]], mask_i
     return out
 
 
-
 def prompt_gain(model: DiffusionLM, rows: list[Row], mask_id: int, eos_id: int, pad_id: int, autocast: bool = False) -> dict[str, float]:
     """How much the prompt helps: the fully masked reply loss with each row's own prompt, with
     another row's (a fixed shuffle), and their difference. 0 means the model ignores the prompt."""
@@ -464,6 +464,7 @@ def prompt_gain(model: DiffusionLM, rows: list[Row], mask_id: int, eos_id: int, 
         for rs in (rows, swapped)
     )
     return {"reply_loss@1": own, "reply_loss@1_other_prompt": other, "prompt_gain": other - own}
+
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to lr, then a cosine down to min_lr_ratio * lr at max_steps."""
@@ -507,6 +508,17 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ConfigError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def load_init(path: Path) -> dict:
+    """Weights to start from: a run's checkpoint/best .pt, or a HF-layout model directory (the
+    shipped model, an export), as {"model", "model_config", "step"}."""
+    if not path.is_dir():
+        return load_checkpoint(path)
+    from .loading import load_model
+
+    model, _ = load_model(path, dtype="float32")
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "step": f"exported {path.name}"}
 
 
 def check_shape(ckpt_model: dict[str, Any], model_cfg: LLaDAConfig, path: Path) -> None:
@@ -594,7 +606,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
 
     model = init_model(model_cfg, cfg.init_std, cfg.seed)
     if cfg.init_from and ckpt is None:
-        src = load_checkpoint(Path(cfg.init_from))
+        src = load_init(Path(cfg.init_from))
         check_shape(src["model_config"], model_cfg, Path(cfg.init_from))
         model.load_state_dict(src["model"])
         log(f"initialized from {cfg.init_from} (step {src.get('step')})")

@@ -263,6 +263,22 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(trained, tmp_path)
         train.train(bad, progress=False, log=lambda m: None)
 
 
+def test_init_from_a_model_directory_starts_from_its_weights(trained, tmp_path):
+    """A HF-layout directory (an export, the shipped model) works as init_from, as a .pt does."""
+    from dllm_engine.loading import load_model
+
+    cfg = _tiny_cfg(trained, out_dir=str(tmp_path / "ft"), init_from=str(trained / "model"), max_steps=1, lr=1e-9, warmup_steps=1)
+    logs: list[str] = []
+    train.train(cfg, progress=False, log=logs.append)
+    assert any("initialized from" in m and "exported model" in m for m in logs)
+    before = load_model(trained / "model", dtype="float32")[0].state_dict()
+    after = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    bad = _tiny_cfg(trained, out_dir=str(tmp_path / "ft2"), init_from=str(trained / "model"), model={**train.TINY_MODEL, "d_model": 32})
+    with pytest.raises(ConfigError, match="d_model"):
+        train.train(bad, progress=False, log=lambda m: None)
+
+
 def test_checkpoint_writes_are_atomic(tmp_path):
     path = tmp_path / "c.pt"
     train.atomic_save({"x": 1}, path)
