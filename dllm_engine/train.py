@@ -265,9 +265,11 @@ def encode_chat(tok: Tokenizer, examples: list[dict], reply_len: int, max_prompt
     if eot is None:
         raise ConfigError("the tokenizer has no end-of-turn token (<|eot_id|>)")
     piece, head, tail = _piece_ids(tok, examples)
-    replies = _encode_batch(tok, [ex["reply"] for ex in examples])
+    texts = list(dict.fromkeys(ex["reply"] for ex in examples))  # repeated sources: encode once
+    reply_ids = dict(zip(texts, _encode_batch(tok, texts)))
     rows, dropped = [], 0
-    for ex, reply in zip(examples, replies):
+    for ex in examples:
+        reply = reply_ids[ex["reply"]]
         if len(reply) > reply_len - 1:
             reply = fit_reply(tok, ex["reply"], reply_len - 1)
         msgs = [piece[(m["role"], m["content"])] for m in ex["messages"]]

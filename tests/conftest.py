@@ -68,11 +68,15 @@ def voice_agent(tiny_chat):
 def piper_speech(voice_agent):
     """`piper_speech(text, rate=16000)`: the text spoken by the agent's own piper voice, float32."""
     import numpy as np
+    from piper.config import SynthesisConfig
 
     from audio.codec import resample
 
+    still = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)  # no generator noise: the same audio every run
+
     def speak(text: str, rate: int = 16000) -> np.ndarray:
         tts = voice_agent.tts
-        return resample(np.concatenate(list(tts.synthesize(text))), tts.sample_rate, rate)
+        audio = np.concatenate([c.audio_float_array for c in tts.voice.synthesize(text, still)])
+        return resample(audio.astype(np.float32), tts.sample_rate, rate)
 
     return speak
