@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 import unicodedata
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from .codec import trim
+
+if TYPE_CHECKING:
+    from piper.config import SynthesisConfig
 
 LEAD_LEVEL = 0.01  # -40 dBFS: quieter leading samples are not heard as the reply starting
 LEAD_KEEP_S = 0.01  # keep this much before the first audible sample (no clipped onset)
@@ -47,11 +50,12 @@ class Synthesizer:
         self.voice = PiperVoice(session=ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), config=config)
         self.sample_rate: int = config.sample_rate
 
-    def synthesize(self, text: str) -> Iterator[np.ndarray]:
-        """Audio for `text`, one chunk per sentence; stop iterating to cancel between chunks."""
+    def synthesize(self, text: str, config: SynthesisConfig | None = None) -> Iterator[np.ndarray]:
+        """Audio for `text`, one chunk per sentence; stop iterating to cancel between chunks.
+        `config`: piper's own settings (speed, noise), the voice's defaults if None."""
         text = speakable(text)
         if text:
-            for chunk in self.voice.synthesize(text):
+            for chunk in self.voice.synthesize(text, config):
                 # Piper starts each sentence with some near-silence: the listener would wait
                 # for it. The previous sentence's silent tail still separates sentences.
                 audio = chunk.audio_float_array.astype(np.float32, copy=False)

@@ -265,13 +265,11 @@ def encode_chat(tok: Tokenizer, examples: list[dict], reply_len: int, max_prompt
     if eot is None:
         raise ConfigError("the tokenizer has no end-of-turn token (<|eot_id|>)")
     piece, head, tail = _piece_ids(tok, examples)
-    texts = list(dict.fromkeys(ex["reply"] for ex in examples))  # repeated sources: encode once
-    reply_ids = dict(zip(texts, _encode_batch(tok, texts)))
+    texts = list(dict.fromkeys(ex["reply"] for ex in examples))  # repeated sources: fit each reply once
+    fitted = {text: ids if len(ids) <= reply_len - 1 else fit_reply(tok, text, reply_len - 1) for text, ids in zip(texts, _encode_batch(tok, texts))}
     rows, dropped = [], 0
     for ex in examples:
-        reply = reply_ids[ex["reply"]]
-        if len(reply) > reply_len - 1:
-            reply = fit_reply(tok, ex["reply"], reply_len - 1)
+        reply = fitted[ex["reply"]]
         msgs = [piece[(m["role"], m["content"])] for m in ex["messages"]]
         while len(head) + sum(map(len, msgs)) + len(tail) > max_prompt_tokens and len(msgs) > 2:
             msgs = msgs[2:]  # drop the oldest user/assistant pair; the history still starts with the user
@@ -454,17 +452,22 @@ def eval_loss(model: DiffusionLM, batches: list[dict[str, torch.Tensor]], mask_i
     return out
 
 
-def prompt_gain(model: DiffusionLM, rows: list[Row], mask_id: int, eos_id: int, pad_id: int, autocast: bool = False) -> dict[str, float]:
+def prompt_gain(model: DiffusionLM, rows: list[Row], mask_id: int, eos_id: int, pad_id: int, autocast: bool = False, own: float | None = None) -> dict[str, float]:
     """How much the prompt helps: the fully masked reply loss with each row's own prompt, with
-    another row's (a fixed shuffle), and their difference. 0 means the model ignores the prompt."""
+    another row's (a fixed shuffle), and their difference. 0 means the model ignores the prompt.
+
+    `own`: the first of these when the caller has it already (`eval_loss` at ratio 1.0 over the
+    same rows sorted by length, in batches of 32: the same batches, the same value)."""
     regions = [r.region for r in rows]
     random.Random(0).shuffle(regions)
     swapped = [Row(r.prompt, region) for r, region in zip(rows, regions)]
     device = next(model.parameters()).device
-    own, other = (
-        eval_loss(model, list(iter_batches(sorted(rs, key=len), 32, pad_id, device)), mask_id, [1.0], eos_id, autocast=autocast)["reply_loss@1"]
-        for rs in (rows, swapped)
-    )
+
+    def fully_masked(rs: list[Row]) -> float:
+        return eval_loss(model, list(iter_batches(sorted(rs, key=len), 32, pad_id, device)), mask_id, [1.0], eos_id, autocast=autocast)["reply_loss@1"]
+
+    own = fully_masked(rows) if own is None else own
+    other = fully_masked(swapped)
     return {"reply_loss@1": own, "reply_loss@1_other_prompt": other, "prompt_gain": other - own}
 
 
@@ -661,7 +664,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     def evaluate() -> dict[str, float]:
         nonlocal best
         ev = eval_loss(model, eval_batches, sp.mask, cfg.eval_ratios, sp.eos, autocast=autocast)
-        ev.update(prompt_gain(model, eval_rows, sp.mask, sp.eos, sp.pad, autocast=autocast))
+        ev.update(prompt_gain(model, eval_rows, sp.mask, sp.eos, sp.pad, autocast=autocast, own=ev.get("reply_loss@1")))
         if ev["loss"] < best:
             best = ev["loss"]
             atomic_save({"model": model.state_dict(), "step": step, "eval": ev, "model_config": dataclasses.asdict(model_cfg)}, out / BEST)

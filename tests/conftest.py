@@ -76,7 +76,6 @@ def piper_speech(voice_agent):
 
     def speak(text: str, rate: int = 16000) -> np.ndarray:
         tts = voice_agent.tts
-        audio = np.concatenate([c.audio_float_array for c in tts.voice.synthesize(text, still)])
-        return resample(audio.astype(np.float32), tts.sample_rate, rate)
+        return resample(np.concatenate(list(tts.synthesize(text, still))), tts.sample_rate, rate)
 
     return speak

@@ -99,6 +99,20 @@ def test_held_out_loss_measures_how_much_the_prompt_helps(trained):
     assert {"loss@0.5", "reply_loss@0.5"} <= set(res)
 
 
+def test_prompt_gain_reuses_the_fully_masked_loss_of_the_eval(trained):
+    """The training eval hands prompt_gain its own ratio-1.0 loss: it must be the value prompt_gain computes."""
+    from dllm_engine.loading import load_model
+
+    model, tok = load_model(trained / "model", dtype="float32")
+    rows, _ = train.encode_chat(tok, train.read_jsonl(trained / "data" / "eval.jsonl"), 32, 64)
+    rows = sorted(rows, key=len)
+    assert len(rows) > 1
+    sp = tok.special
+    ev = train.eval_loss(model, list(train.iter_batches(rows, 32, sp.pad)), sp.mask, [0.5, 1.0], sp.eos)
+    fresh = train.prompt_gain(model, rows, sp.mask, sp.eos, sp.pad)
+    assert fresh == train.prompt_gain(model, rows, sp.mask, sp.eos, sp.pad, own=ev["reply_loss@1"])
+
+
 def test_export_is_a_loadable_hf_layout_dir(trained, tmp_path):
     out = train.export(trained / "run", tmp_path / "exported")
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
@@ -308,6 +322,8 @@ def test_shipped_configs_parse_and_paths_are_relative_to_the_file():
     assert not Path(cfg.out_dir).resolve().is_relative_to(root)  # checkpoints live outside the repo
     tiny = train.TrainConfig.load(root / "configs" / "tiny.toml")
     assert Path(tiny.data_dir).is_absolute()
+    for path in (root / "configs").glob("*.toml"):  # the later stages too: each parses, outside the repo
+        assert not Path(train.TrainConfig.load(path).out_dir).resolve().is_relative_to(root), path
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
