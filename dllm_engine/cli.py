@@ -1,4 +1,4 @@
-"""`dllm`: generate text, benchmark the engine, prepare data and train the default model."""
+"""`dllm`: generate text, benchmark the engine, prepare (and distill) data and train the default model."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, data, train
+    from . import bench, data, distill, train
 
     parser = argparse.ArgumentParser(prog="dllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     data.add_parser(sub)
+    distill.add_parser(sub)
     train.add_parser(sub)
     return parser
 

@@ -77,6 +77,8 @@ class TrainConfig:
     max_prompt_tokens: int = 192  # older history turns are dropped (in user/assistant pairs) beyond this
     batch_tokens: int = 8192  # padded tokens per batch; batch size = batch_tokens // bucket length
     max_batch_size: int = 128
+    # files of data_dir read as training examples (`distilled.jsonl` from `dllm distill`: teacher replies)
+    train_files: list[str] = dataclasses.field(default_factory=lambda: ["train.jsonl"])
     # {"chatterbot" = 20}: examples of that corpus (or of any file under it, `chatterbot/food`) are
     # seen that many times per epoch. A small, strongly prompt-dependent corpus among open chit-chat.
     source_repeats: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -134,6 +136,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
         if not isinstance(cfg.source_repeats, dict) or any(not isinstance(n, int) or n < 1 for n in cfg.source_repeats.values()):
             raise ConfigError(f"source_repeats must map corpus names to counts >= 1, got {cfg.source_repeats!r}")
+        if not cfg.train_files or not all(isinstance(n, str) and n for n in cfg.train_files):
+            raise ConfigError(f"train_files must list file names in data_dir, got {cfg.train_files!r}")
         if any(not isinstance(b, int) or b < 1 for b in cfg.block_sizes):
             raise ConfigError(f"block_sizes must be positive integers, got {cfg.block_sizes}")
         if not 0 < cfg.eps < 1:
@@ -593,11 +597,11 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     sp = tok.special
 
     t0 = time.perf_counter()
-    train_examples = repeat_sources(read_jsonl(data_dir / "train.jsonl"), cfg.source_repeats)
+    train_examples = repeat_sources([ex for name in cfg.train_files for ex in read_jsonl(data_dir / name)], cfg.source_repeats)
     train_rows, dropped = encode_chat(tok, train_examples, cfg.reply_len, cfg.max_prompt_tokens)
     eval_all, _ = encode_chat(tok, read_jsonl(data_dir / "eval.jsonl"), cfg.reply_len, cfg.max_prompt_tokens)
     if not train_rows:
-        raise DataError(f"{data_dir}/train.jsonl: no example fits reply_len={cfg.reply_len} / max_prompt_tokens={cfg.max_prompt_tokens}")
+        raise DataError(f"{data_dir}/{', '.join(cfg.train_files)}: no example fits reply_len={cfg.reply_len} / max_prompt_tokens={cfg.max_prompt_tokens}")
     stride = max(1, len(eval_all) // cfg.eval_examples) if cfg.eval_examples else 1
     eval_rows = sorted(eval_all[::stride][: cfg.eval_examples or None], key=len)
     device = torch.device(cfg.device)

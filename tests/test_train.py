@@ -181,7 +181,7 @@ def test_mean_weighting_averages_ce_over_masked_tokens_only():
 
 @pytest.mark.parametrize(
     "key, value, match",
-    [("loss_weighting", "sqrt", "loss_weighting"), ("device", "gpu", "device 'gpu'")]
+    [("loss_weighting", "sqrt", "loss_weighting"), ("device", "gpu", "device 'gpu'"), ("train_files", [], "train_files")]
     + ([] if torch.cuda.is_available() else [("device", "cuda", "CUDA is not available")]),
 )
 def test_bad_training_settings_are_refused(key, value, match):
@@ -353,6 +353,17 @@ def test_empty_training_file_is_a_clear_error(trained, tmp_path):
     (d / "train.jsonl").write_text("\n")
     cfg = _tiny_cfg(trained, data_dir=str(d), out_dir=str(tmp_path / "run"))
     with pytest.raises(DataError, match=r"train.jsonl: no examples \(the file is empty\)"):
+        train.train(cfg, progress=False, log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_listed_training_file_is_read(trained, tmp_path):
+    d = _data_copy(trained, tmp_path)
+    cfg = _tiny_cfg(trained, data_dir=str(d), out_dir=str(tmp_path / "run"), train_files=["train.jsonl", "distilled.jsonl"])
+    with pytest.raises(DataError, match=r"distilled.jsonl: not found"):
+        train.train(cfg, progress=False, log=lambda m: None)
+    (d / "distilled.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}], "reply": 7}\n')
+    with pytest.raises(DataError, match=r"distilled.jsonl:1: expected"):
         train.train(cfg, progress=False, log=lambda m: None)
     assert not (tmp_path / "run").exists()
 
