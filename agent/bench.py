@@ -394,12 +394,9 @@ def summarize(results: list[TurnResult], wall_s: float, cpu_s: float) -> dict:
 
 
 def baseline_overrides(agent) -> dict:  # noqa: ANN001 (Agent)
-    from dllm_engine.decoding import DecodeParams
-
-    d = agent.config.decode
     return dict(
         speculation=False,
-        decode=DecodeParams(policy="vanilla", cache="none", block_size=d.block_size, max_new_tokens=d.max_new_tokens),
+        decode=dataclasses.replace(agent.config.decode, policy="vanilla", cache="none"),
         turns=dataclasses.replace(agent.config.turns, end_ms=BASELINE_END_MS),
     )
 

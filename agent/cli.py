@@ -120,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    add_decode_args(p, max_new_tokens=SPOKEN.max_new_tokens, block_size=SPOKEN.block_size)
+    add_decode_args(p, SPOKEN.fallback_max_new_tokens, block_size=SPOKEN.block_size)
     g = p.add_argument_group("network and security")
     g.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback requires a token (default: %(default)s)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_serve)
     c = sub.add_parser("chat", help="text-only chat with the agent's model", description=cmd_chat.__doc__)
     add_model_args(c)
-    add_decode_args(c, max_new_tokens=SPOKEN.max_new_tokens, block_size=SPOKEN.block_size)
+    add_decode_args(c, SPOKEN.fallback_max_new_tokens, block_size=SPOKEN.block_size)
     c.add_argument("--system", help="system prompt (if the model's chat template has a system role)")
     c.add_argument("--reuse-prefix", action="store_true", help="keep each conversation's prompt keys/values across turns instead of recomputing them (approximate; see README)")
     c.add_argument("--max-history-tokens", type=int, default=512, help="drop the oldest turns past this many prompt tokens (default: %(default)s)")

@@ -66,7 +66,7 @@ class Agent:
     """Models shared by every session of the process."""
 
     def __init__(self, config: AgentConfig, engine: Engine, asr: Transcriber, tts: Synthesizer, vad_session) -> None:
-        self.config = config
+        self.config = dataclasses.replace(config, decode=config.decode.resolved(engine.max_new_tokens))  # sessions see the real cap
         self.engine = engine
         self.asr = asr
         self.tts = tts

@@ -30,14 +30,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
 
 
-def add_decode_args(p: argparse.ArgumentParser, max_new_tokens: int = 128, block_size: int | None = None) -> None:
-    d = DecodeParams(block_size=block_size or DecodeParams.block_size)
+def add_decode_args(p: argparse.ArgumentParser, fallback_max_new_tokens: int = DecodeParams.fallback_max_new_tokens, block_size: int | None = None) -> None:
+    d = DecodeParams(block_size=block_size or DecodeParams.block_size, fallback_max_new_tokens=fallback_max_new_tokens)
     p.add_argument("--policy", choices=POLICIES, default=d.policy, help="commit policy (default: %(default)s)")
     p.add_argument("--cache", choices=CACHES, default=d.cache, help="KV cache mode (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=d.threshold, help="confidence threshold tau for 'threshold' (default: %(default)s)")
     p.add_argument("--factor", type=float, default=d.factor, help="f for the 'factor' policy (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per block (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="cap on reply length (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, help=f"cap on reply length (default: the model's, from its generation_config.json, else {fallback_max_new_tokens})")
+    p.set_defaults(fallback_max_new_tokens=fallback_max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy and deterministic (default: %(default)s)")
     p.add_argument("--seed", type=int, help="sampling seed (reproducible with temperature > 0)")
     p.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas like the LLaDA reference")
@@ -52,6 +53,7 @@ def decode_params(args: argparse.Namespace) -> DecodeParams:
             factor=args.factor,
             block_size=args.block_size,
             max_new_tokens=args.max_new_tokens,
+            fallback_max_new_tokens=args.fallback_max_new_tokens,
             temperature=args.temperature,
             seed=args.seed,
             early_stop=not args.no_early_stop,

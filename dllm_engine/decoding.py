@@ -44,7 +44,10 @@ class DecodeParams:
     threshold: float = 0.9
     factor: float = 1.0
     block_size: int = 32
-    max_new_tokens: int = 128
+    # None: the model's own reply length (`max_new_tokens` in its generation_config.json: the canvas
+    # it was trained to fill), else `fallback_max_new_tokens`. The engine resolves it at submit.
+    max_new_tokens: int | None = None
+    fallback_max_new_tokens: int = 128
     temperature: float = 0.0
     seed: int | None = None
     early_stop: bool = True
@@ -58,21 +61,30 @@ class DecodeParams:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.factor <= 0:
             raise ValueError(f"factor must be > 0, got {self.factor}")
-        if self.block_size < 1 or self.max_new_tokens < 1:
+        if self.block_size < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1) or self.fallback_max_new_tokens < 1:
             raise ValueError("block_size and max_new_tokens must be >= 1")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
+    def resolved(self, model_max_new_tokens: int | None) -> "DecodeParams":
+        """These params with max_new_tokens decided: as given, else the model's, else the fallback."""
+        if self.max_new_tokens is not None:
+            return self
+        return dataclasses.replace(self, max_new_tokens=model_max_new_tokens or self.fallback_max_new_tokens)
+
     @property
     def canvas_len(self) -> int:
         """max_new_tokens rounded up to whole blocks."""
+        if self.max_new_tokens is None:
+            raise ValueError("max_new_tokens is not resolved yet (DecodeParams.resolved)")
         return -(-self.max_new_tokens // self.block_size) * self.block_size
 
 
 # Spoken replies: short, and small blocks, because the shipped model is rarely confident (a block
-# costs about one step per token, and the first words come after the first block). The voice agent
-# decodes with these; the benchmarks measure them.
-SPOKEN = DecodeParams(block_size=4, max_new_tokens=48)
+# costs about one step per token, and the first words come after the first block); at most the
+# model's own reply length, else 48 tokens. The voice agent decodes with these; the benchmarks
+# measure them.
+SPOKEN = DecodeParams(block_size=4, fallback_max_new_tokens=48)
 
 
 @dataclasses.dataclass

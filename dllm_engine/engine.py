@@ -25,7 +25,7 @@ from typing import AsyncIterator, Union
 import torch
 
 from .decoding import DecodeParams, Output, Runner, Sequence
-from .loading import load_model
+from .loading import generation_max_new_tokens, load_model
 from .model import DiffusionLM, KVCache
 from .tokenizer import Tokenizer
 
@@ -73,9 +73,13 @@ class _Request:
 class Engine:
     """In-process dLLM serving: `async for out in engine.stream(prompt, params): ...`."""
 
-    def __init__(self, model: DiffusionLM, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None, max_conversations: int = 16) -> None:
+    def __init__(
+        self, model: DiffusionLM, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None, max_conversations: int = 16,
+        max_new_tokens: int | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens  # the model's reply length, for params that leave it open
         cfg = model.config
         self.max_len = min(max_len or cfg.max_sequence_length, cfg.max_sequence_length)
         param = next(model.parameters())
@@ -96,6 +100,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto", **kwargs) -> "Engine":
         model, tokenizer = load_model(path, device=device, dtype=dtype)
+        kwargs.setdefault("max_new_tokens", generation_max_new_tokens(path))
         return cls(model, tokenizer, **kwargs)
 
     # ---- public API -------------------------------------------------------------------------
@@ -190,6 +195,7 @@ class Engine:
         ids = self.encode_prompt(prompt)
         if not ids:
             raise RequestError("the prompt is empty")
+        params = params.resolved(self.max_new_tokens)
         total = len(ids) + params.canvas_len
         if total > self.max_len:
             raise RequestError(

@@ -59,6 +59,21 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
+def generation_max_new_tokens(directory: str | Path) -> int | None:
+    """`max_new_tokens` of the directory's generation_config.json (HF's file of generation
+    defaults), if it has one: the reply canvas a small model was trained on."""
+    path = Path(directory) / "generation_config.json"
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("max_new_tokens")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a JSON object: {e}") from None
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"{path}: max_new_tokens must be a positive integer, got {value!r}")
+    return value
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto") -> tuple[DiffusionLM, Tokenizer]:
     directory = Path(directory)
     if not directory.is_dir():

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import json
 import re
@@ -89,10 +90,9 @@ def run(args: argparse.Namespace) -> dict:
 
     model_dir = args.model or default_model_path()
     report: dict = {"model": str(model_dir), "machine": machine()}
-    default = DecodeParams(max_new_tokens=args.max_new_tokens, block_size=args.block_size)
-    vanilla = DecodeParams(policy="vanilla", cache="none", block_size=default.block_size, max_new_tokens=args.max_new_tokens)
-
     engine = Engine.from_pretrained(model_dir, dtype=args.dtype, max_batch=1)
+    default = dataclasses.replace(SPOKEN, max_new_tokens=args.max_new_tokens, block_size=args.block_size).resolved(engine.max_new_tokens)
+    vanilla = dataclasses.replace(default, policy="vanilla", cache="none")
     try:
         fast = asyncio.run(_replies(engine, QUALITY_PROMPTS, default, "threshold+dual"))
         slow = asyncio.run(_replies(engine, QUALITY_PROMPTS, vanilla, "vanilla"))
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     p.add_argument("--dtype", default="auto", help="dtype for decoding (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=SPOKEN.max_new_tokens, help="reply cap (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, help=f"reply cap (default: the model's, from its generation_config.json, else {SPOKEN.fallback_max_new_tokens})")
     p.add_argument("--block-size", type=int, default=SPOKEN.block_size, help="decoding block (default: %(default)s, as the voice agent)")
     p.add_argument("--data", type=Path, help="output dir of `dllm prepare-data` (default: rebuilt in a temp dir)")
     p.add_argument("--reply-len", type=int, default=24, help="reply region of the held-out rows, as trained (default: %(default)s)")

@@ -539,7 +539,9 @@ def check_shape(ckpt_model: dict[str, Any], model_cfg: LLaDAConfig, path: Path) 
 
 
 def export(run_dir: str | Path, out_dir: str | Path, which: str = "best", dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the run's best (or last) weights as a HF-layout model dir with the tokenizer files."""
+    """Write the run's best (or last) weights as a HF-layout model dir with the tokenizer files, and
+    a generation_config.json whose max_new_tokens is the reply region it was trained on (a canvas
+    longer than that is one the model never saw: it does not fill it with EOS)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     ckpt_path = run_dir / CHECKPOINT
     if not ckpt_path.exists():
@@ -553,6 +555,9 @@ def export(run_dir: str | Path, out_dir: str | Path, which: str = "best", dtype:
     model = DiffusionLM(LLaDAConfig(**ckpt["model_config"]))
     model.load_state_dict(state)
     save_model(model, out_dir, dtype=dtype)
+    reply_len = ckpt.get("train_config", {}).get("reply_len")
+    if reply_len:
+        (out_dir / "generation_config.json").write_text(json.dumps({"max_new_tokens": reply_len}, indent=2) + "\n")
     tok_dir = Path(ckpt["tokenizer_dir"])
     for name in TOKENIZER_FILES:
         src = run_dir / "tokenizer" / name

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+from dllm_engine.config import ConfigError
 from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine, RequestError
 
@@ -204,3 +205,28 @@ def test_prefix_reuse_keeps_few_conversations_and_a_diverging_prompt_reuses_noth
         asyncio.run(main())
     finally:
         engine.close()
+
+
+def test_an_open_max_new_tokens_is_the_models_reply_length_from_its_generation_config(random_model_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(random_model_dir, d)
+    (d / "generation_config.json").write_text('{"max_new_tokens": 12}')
+    eng = Engine.from_pretrained(d, dtype="float32", max_batch=1)
+    try:
+        open_cap = DecodeParams(policy="vanilla", cache="none", block_size=4, early_stop=False)
+        assert len(asyncio.run(collect(eng, chat("hi"), open_cap))[1]) == 12  # the whole canvas: the model's 12
+        explicit = DecodeParams(policy="vanilla", cache="none", block_size=4, max_new_tokens=8, early_stop=False)
+        assert len(asyncio.run(collect(eng, chat("hi"), explicit))[1]) == 8  # asked for: wins
+    finally:
+        eng.close()
+    eng = Engine.from_pretrained(random_model_dir, dtype="float32", max_batch=1)  # no generation_config.json
+    try:
+        fallback = DecodeParams(policy="vanilla", cache="none", block_size=4, early_stop=False, fallback_max_new_tokens=20)
+        assert len(asyncio.run(collect(eng, chat("hi"), fallback))[1]) == 20
+    finally:
+        eng.close()
+    (d / "generation_config.json").write_text('{"max_new_tokens": "long"}')
+    with pytest.raises(ConfigError, match="generation_config.json: max_new_tokens must be a positive integer"):
+        Engine.from_pretrained(d, dtype="float32")
