@@ -34,6 +34,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .data import DataError
+from .train import read_jsonl
+
 log = logging.getLogger(__name__)
 
 # The few-shot conversation the teacher continues. None of it is a quality prompt (data.QUALITY_PROMPTS).
@@ -63,14 +66,10 @@ def load_teacher(cache_dir: Path):
 
 
 def training_prompts(data_dir: Path, max_words: int = 25) -> list[str]:
-    """Distinct last user turns of the training split, short enough to be a spoken turn."""
-    seen: dict[str, None] = {}
-    with open(data_dir / "train.jsonl") as f:
-        for line in f:
-            text = json.loads(line)["messages"][-1]["content"]
-            if 1 <= len(text.split()) <= max_words and "\n" not in text:
-                seen.setdefault(text)
-    return list(seen)
+    """Distinct last user turns of the training split, short enough to be a spoken turn (a missing
+    or malformed train.jsonl is `train.read_jsonl`'s DataError)."""
+    texts = (ex["messages"][-1]["content"] for ex in read_jsonl(data_dir / "train.jsonl"))
+    return list(dict.fromkeys(t for t in texts if 1 <= len(t.split()) <= max_words and "\n" not in t))
 
 
 def question_first(prompts: list[str], seed: int) -> list[str]:
@@ -80,10 +79,15 @@ def question_first(prompts: list[str], seed: int) -> list[str]:
     return sorted(prompts, key=lambda q: "?" not in q)
 
 
-def kept_vocabulary(tok, texts: list[str], newline: int) -> torch.Tensor:
+def newline_id(tok) -> int:
+    """The teacher's token for a line break: it ends B's turn."""
+    return tok("\n", add_special_tokens=False).input_ids[-1]
+
+
+def kept_vocabulary(tok, texts: list[str]) -> torch.Tensor:
     """Teacher token ids seen at least twice in `texts`, plus newline and EOS (ends of a reply)."""
     counts = collections.Counter(i for ids in tok(texts, add_special_tokens=False)["input_ids"] for i in ids)
-    return torch.tensor(sorted({i for i, n in counts.items() if n >= 2} | {newline, tok.eos_token_id}))
+    return torch.tensor(sorted({i for i, n in counts.items() if n >= 2} | {newline_id(tok), tok.eos_token_id}))
 
 
 def clean_reply(text: str, prompt: str) -> str | None:
@@ -106,7 +110,7 @@ class Teacher:
         from transformers import DynamicCache
 
         self.tok, self.model = tok, model
-        self.newline = tok("\n", add_special_tokens=False).input_ids[-1]
+        self.newline = newline_id(tok)
         head = model.get_input_embeddings().weight  # Gemma ties its output layer to the embeddings
         self.keep = torch.arange(head.shape[0]) if keep is None else keep
         self.head = head[self.keep].detach().clone()
@@ -177,8 +181,7 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, cache
     if not todo:
         return out_path
     tok, model = load_teacher(cache_dir)
-    newline = tok("\n", add_special_tokens=False).input_ids[-1]
-    teacher = Teacher(tok, model, kept_vocabulary(tok, (data_dir / "utterances.txt").read_text().splitlines(), newline))
+    teacher = Teacher(tok, model, kept_vocabulary(tok, (data_dir / "utterances.txt").read_text().splitlines()))
     gen = torch.Generator().manual_seed(seed + len(done))
     kept = 0
     with open(out_path, "a") as out, open(rejected_path, "a") as rejected, tqdm(total=len(todo), desc="distill", unit="prompt") as bar:
@@ -213,6 +216,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_distill(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (args.data / "train.jsonl").exists():
-        raise SystemExit(f"error: {args.data}/train.jsonl not found (run `dllm prepare-data --out {args.data}` first)")
-    print(distill(args.data, args.limit, args.batch_size, args.seed, args.cache_dir))
+    try:
+        print(distill(args.data, args.limit, args.batch_size, args.seed, args.cache_dir))
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None

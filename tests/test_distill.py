@@ -78,3 +78,14 @@ def test_prompts_come_from_the_training_split_questions_first(tmp_path):
     assert sorted(prompts) == ["hello there", "how are you?", "nice"]  # distinct, one line each
     ordered = question_first(prompts, seed=1)
     assert ordered[0] == "how are you?" and sorted(ordered) == sorted(prompts)
+
+
+def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path):
+    from dllm_engine.cli import main
+
+    with pytest.raises(SystemExit, match=r"train.jsonl: not found \(run `dllm prepare-data` first\)"):
+        main(["distill", "--data", str(tmp_path)])
+    (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}], "reply": "yo"}\n{"messages": \n')
+    with pytest.raises(SystemExit, match=r"train.jsonl:2: malformed JSON line"):
+        main(["distill", "--data", str(tmp_path)])
+    assert not (tmp_path / "distilled.jsonl").exists()
