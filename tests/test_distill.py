@@ -1,6 +1,7 @@
 """The distillation teacher's batched sampler against transformers' own generate, one prompt at a time.
 
-A tiny random Gemma 3 stands in for the real teacher (the 250 MB package is an optional extra)."""
+A tiny random Llama (SmolLM2's architecture; untied, so that a random model does not just repeat its input) with a ChatML-style template stands in for the real teacher
+(the 93 MB package is installed by hand for `dllm distill`)."""
 
 from __future__ import annotations
 
@@ -10,65 +11,82 @@ import pytest
 import torch
 
 from dllm_engine.cli import DEFAULT_MODEL_DIR
-from dllm_engine.distill import Teacher, clean_reply, question_first, training_prompts
+from dllm_engine.distill import Teacher, chat_prompt, clean_reply, question_first, training_prompts
 
 transformers = pytest.importorskip("transformers")
 
-PREFIX = "A short chat.\nA: Hello!\nB: Hi, nice to meet you.\n"
+CHATML = (
+    "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '\\n' + m['content'] + '<|eot_id|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant\\n' }}{% endif %}"
+)
+EXAMPLES = [("Hello!", "Hi, nice to meet you.")]
 PROMPTS = ["Yes.", "What do you like to eat for dinner on a Sunday evening?", "Do you like the rain?", "ok"]
 
 
 @pytest.fixture(scope="module")
-def tiny_gemma():
+def tiny_llama():
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(DEFAULT_MODEL_DIR / "tokenizer.json"), eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+        tokenizer_file=str(DEFAULT_MODEL_DIR / "tokenizer.json"), eos_token="<|eot_id|>", pad_token="<|endoftext|>"
     )
-    cfg = transformers.Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    tok.chat_template = CHATML
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
-    return tok, transformers.Gemma3ForCausalLM(cfg).eval()
+    return tok, transformers.LlamaForCausalLM(cfg).eval()
 
 
-def reference(tok, model, prompt: str, stops: list[int], n: int) -> list[int]:
+def test_chat_prompt_splits_the_template_into_a_shared_prefix_and_a_turn(tiny_llama):
+    tok, _ = tiny_llama
+    prefix, turn = chat_prompt(tok, "Be brief.", EXAMPLES)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi, nice to meet you."}]
+    whole = tok.apply_chat_template(messages + [{"role": "user", "content": "Why?"}], tokenize=False, add_generation_prompt=True)
+    assert prefix == tok.apply_chat_template(messages, tokenize=False)
+    assert prefix + turn.replace("\x00", "Why?") == whole and turn.endswith("assistant\n")
+
+
+def reference(tok, model, prefix: str, turn: str, stops: list[int], n: int) -> list[int]:
     """Greedy generate on prefix + turn alone (tokenized the way the teacher does)."""
-    ids = torch.cat([tok(PREFIX, return_tensors="pt").input_ids, tok(f"A: {prompt}\nB:", add_special_tokens=False, return_tensors="pt").input_ids], 1)
+    ids = torch.cat([tok(t, add_special_tokens=False, return_tensors="pt").input_ids for t in (prefix, turn)], 1)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
     new = out[0, ids.shape[1]:].tolist()
     return next((new[: i + 1] for i, t in enumerate(new) if t in stops), new)
 
 
-def test_batched_shared_prefix_sampler_equals_generate_per_prompt(tiny_gemma):
-    tok, model = tiny_gemma
-    teacher = Teacher(tok, model, prefix=PREFIX, max_new_tokens=10, temperature=0)
-    # A random model never writes a newline: call a token the first prompt gets a few steps in
-    # "newline", so that row finishes early and leaves the batch while the others go on.
-    first = reference(tok, model, PROMPTS[0], [tok.eos_token_id], 10)
-    teacher.newline = next(t for i, t in enumerate(first) if i >= 2 and t not in first[:i])
-    stops = [teacher.newline, tok.eos_token_id]
-    want = [reference(tok, model, q, stops, 10) for q in PROMPTS]
+def test_batched_shared_prefix_sampler_equals_generate_per_prompt(tiny_llama):
+    tok, model = tiny_llama
+    prefix, turn = chat_prompt(tok, "Be brief.", EXAMPLES)
+    teacher = Teacher(tok, model, prefix, turn, max_new_tokens=10, temperature=0)
+    # A random model never ends a line: call a token of the first reply a stop that some other
+    # reply never writes, so rows finish at different steps and leave the batch while others go on.
+    free = [reference(tok, model, prefix, turn.replace("\x00", q), [tok.eos_token_id], 10) for q in PROMPTS]
+    stop = next(t for i, t in enumerate(free[0]) if i >= 2 and t not in free[0][:i] and any(t not in row for row in free[1:]))
+    teacher.stops = torch.tensor([stop, tok.eos_token_id])
+    want = [reference(tok, model, prefix, turn.replace("\x00", q), teacher.stops.tolist(), 10) for q in PROMPTS]
     assert min(map(len, want)) < 10 == max(map(len, want))
     assert teacher.reply_tokens(PROMPTS) == want
 
 
-def test_cut_down_output_layer_only_emits_kept_tokens(tiny_gemma):
-    tok, model = tiny_gemma
+def test_cut_down_output_layer_only_emits_kept_tokens(tiny_llama):
+    tok, model = tiny_llama
     keep = torch.arange(100, 300)
-    teacher = Teacher(tok, model, keep=keep, prefix=PREFIX, max_new_tokens=6, temperature=0.7)
+    teacher = Teacher(tok, model, *chat_prompt(tok, "Be brief.", EXAMPLES), keep=keep, max_new_tokens=6, temperature=0.7)
     rows = teacher.reply_tokens(PROMPTS, torch.Generator().manual_seed(0))
     assert all(100 <= t < 300 for row in rows for t in row) and all(len(r) == 6 for r in rows)
     assert rows == teacher.reply_tokens(PROMPTS, torch.Generator().manual_seed(0))  # seeded: reproducible
 
 
-def test_clean_reply_keeps_finished_short_lines_only():
+def test_clean_reply_keeps_complete_sentences_only():
     assert clean_reply("  I love   it! ", "Do you?") == "I love it!"
-    assert clean_reply("I love it and", "Do you?") is None  # cut off
+    assert clean_reply("I love it. And then I went", "Do you?") == "I love it."  # cut-off tail dropped
+    assert clean_reply("I love it and", "Do you?") is None  # no complete sentence
     assert clean_reply("", "Do you?") is None
+    assert clean_reply("It's a big cat. It's a big cat. Yes.", "Do you?") == "It's a big cat."  # stops at a repeat
     assert clean_reply("Sure. A: what about you?", "Do you?") is None  # wrote the other side's turn
+    assert clean_reply("Great! \U0001F60A", "Do you?") is None  # emoji: TTS would read them out
     assert clean_reply("Do you?", "do you?") is None  # echo
-    assert clean_reply(" ".join(["word"] * 40) + ".", "Do you?") is None
+    assert clean_reply("Yes. " + " ".join(["word"] * 40) + ".", "Do you?") == "Yes."
 
 
 def test_prompts_come_from_the_training_split_questions_first(tmp_path):
