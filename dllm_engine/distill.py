@@ -16,8 +16,8 @@ by default: one fixed reply per prompt is a function a small student can learn, 
 replies teach it a blend (stage 6 of the model card learned the teacher's hedges run together).
 Replies that are hedges or assistant talk ("I'm not sure", "happy to help") are rejected, and so is
 any reply the teacher has already given MAX_REPEATS times: a student falls back on the commonest
-reply wherever it is unsure, so none may dominate. Prompts are the last user turns of DIR/train.jsonl only (the eval split
-and the quality prompts never reach the teacher). Two things keep a 2-core CPU fast enough: the
+reply wherever it is unsure, so none may dominate. Prompts are the last user turns of
+DIR/train.jsonl only (the eval split and the quality prompts never reach the teacher). Two things keep a 2-core CPU fast enough: the
 shared prefix (system turn and examples) is run once and its KV cache shared by every row, and the
 output layer keeps only the tokens that occur at least twice in the training text.
 
@@ -151,7 +151,7 @@ class Teacher:
     `turn`: what follows the prefix for each prompt, with _SLOT where the prompt goes; `keep`: the
     token ids the output layer is cut down to (None: the whole vocabulary); temperature 0 is greedy."""
 
-    def __init__(self, tok, model, prefix: str, turn: str, keep: torch.Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.6, top_p: float = 0.9):
+    def __init__(self, tok, model, prefix: str, turn: str, keep: torch.Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 0.9):
         from transformers import DynamicCache
 
         self.tok, self.model, self.turn = tok, model, turn
@@ -214,7 +214,7 @@ class Teacher:
         return tokens
 
 
-def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, temperature: float = 0.0) -> Path:
+def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, temperature: float) -> Path:
     out_path, rejected_path = data_dir / "distilled.jsonl", data_dir / "distilled.rejected.jsonl"
     done, given = set(), collections.Counter()  # given: how often each reply was kept (lowercased)
     for path in (out_path, rejected_path):
@@ -223,7 +223,8 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, tempe
                 for line in f:
                     row = json.loads(line)
                     done.add(row["messages"][-1]["content"])
-                    given[row.get("reply", "").lower()] += 1
+                    if "reply" in row:  # a rejected line has none
+                        given[row["reply"].lower()] += 1
     prompts = question_first(training_prompts(data_dir), seed)
     todo = [q for q in prompts[:limit] if q not in done]
     log.info("%d training prompts, %d asked already, %d to do", len(prompts), len(done), len(todo))
@@ -258,9 +259,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="answer only the first N prompts (seeded shuffle, questions first; default: all)")
     p.add_argument("--batch-size", type=int, default=96, help="prompts sampled together (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="teacher sampling temperature, top-p 0.9; 0 is greedy (default: %(default)s)")
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="teacher sampling temperature, top-p 0.9; 0 is greedy (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=_cmd_distill)
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 is greedy), got {text}")
+    return value
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:

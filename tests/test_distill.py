@@ -120,6 +120,16 @@ def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path):
     assert not (tmp_path / "distilled.jsonl").exists()
 
 
+def test_a_negative_or_nan_temperature_is_refused_before_anything_runs(tmp_path, capsys):
+    from dllm_engine.cli import main
+
+    for bad in ("-0.5", "nan", "warm"):
+        with pytest.raises(SystemExit):
+            main(["distill", "--data", str(tmp_path), "--temperature", bad])
+        assert "--temperature" in capsys.readouterr().err
+    assert not (tmp_path / "distilled.jsonl").exists()
+
+
 def test_a_missing_teacher_package_or_file_says_how_to_install_it(monkeypatch):
     from dllm_engine import distill
 
