@@ -119,9 +119,20 @@ def join_utterances(parts: Iterable[str]) -> str:
     return out
 
 
+def words(text: str) -> list[str]:
+    """Lowercased words of letters, digits and apostrophes ("i'm"): what texts are compared by."""
+    return re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))
+
+
 def normalize_for_match(text: str) -> str:
-    """Lower case, letters/digits/apostrophes only: how quality prompts are matched."""
-    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("\u2019", "'")).split())
+    """How quality prompts are matched: their words, one space apart."""
+    return " ".join(words(text))
+
+
+def repeats_a_word(text: str) -> bool:
+    """A word three times in a row: a loop, in a reply."""
+    w = words(text)
+    return any(w[i] == w[i + 1] == w[i + 2] for i in range(len(w) - 2))
 
 
 @dataclass

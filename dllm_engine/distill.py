@@ -14,12 +14,17 @@ through the package's metadata without importing it. The teacher is prompted wit
 template as "Sam", one side of a casual chat, with three example exchanges, and decodes greedily
 by default: one fixed reply per prompt is a function a small student can learn, where sampled
 replies teach it a blend (stage 6 of the model card learned the teacher's hedges run together).
-Replies that are hedges or assistant talk ("I'm not sure", "happy to help") are rejected, and so is
-any reply the teacher has already given MAX_REPEATS times: a student falls back on the commonest
-reply wherever it is unsure, so none may dominate. Prompts are the last user turns of
-DIR/train.jsonl only (the eval split and the quality prompts never reach the teacher). Two things keep a 2-core CPU fast enough: the
-shared prefix (system turn and examples) is run once and its KV cache shared by every row, and the
-output layer keeps only the tokens that occur at least twice in the training text.
+Replies that are hedges or assistant talk ("I'm not sure", "happy to help") or loop ("No, no, no")
+are rejected, and so is any reply the teacher has already given MAX_REPEATS times, or begun the
+same way (its first OPENING_WORDS words) MAX_OPENINGS times: a student falls back on the commonest
+reply wherever it is unsure, so none may dominate (stage 7 of the model card capped exact replies
+only, and 17 of its 40 quality replies were one "I'm a bit of a ..." template). So is a reply with a
+word seen fewer than MIN_WORD_COUNT times in the human text: the student's tokenizer splits rare
+words into pieces, and it blends the pieces of different rare words into non-words ("enthver",
+stage 7). Prompts are the last user turns of DIR/train.jsonl only (the eval split and the quality
+prompts never reach the teacher). Two things keep a 2-core CPU fast enough: the shared prefix
+(system turn and examples) is run once and its KV cache shared by every row, and the output layer
+keeps only the tokens that occur at least twice in the training text.
 
 The output appends and resumes: prompts already asked are skipped. Lines the teacher did not finish
 as a short reply go to DIR/distilled.rejected.jsonl (`"line"`: what it wrote), so that a resume does
@@ -42,9 +47,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import DataError
+from .data import DataError, repeats_a_word, words
 from .loading import resolve_dtype
-from .train import read_jsonl
+from .train import read_jsonl, read_utterances
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +64,10 @@ EXAMPLES = [
 ]
 MAX_REPLY_WORDS = 20
 MAX_REPEATS = 3
+OPENING_WORDS, MAX_OPENINGS = 3, 40
+MIN_WORD_COUNT = 10
 # Hedges and assistant talk: what a student copies wherever it is unsure, and no answer to anything.
-HEDGE = re.compile(r"not sure|not familiar|sorry, but|(here|happy|glad) to help|as an ai|sorry for your loss", re.I)
+HEDGE = re.compile(r"not sure|not familiar|sorry, but|(here|happy|glad) to help|how can i (help|assist)|helpful|as an ai|sorry for (your loss|the confusion)", re.I)
 _SLOT = "\x00"  # stands for the user's turn while the chat template is rendered
 
 
@@ -122,9 +129,9 @@ def kept_vocabulary(tok, texts: list[str]) -> torch.Tensor:
 def clean_reply(text: str, prompt: str) -> str | None:
     """The teacher's complete sentences, up to MAX_REPLY_WORDS and before any sentence repeats, or
     None when none is left, the text is not plain ASCII (emoji, which TTS reads out), it hedges
-    (HEDGE) or it echoes the prompt."""
+    (HEDGE), it repeats a word three times in a row or it echoes the prompt."""
     text = re.sub(r"\s+", " ", text).strip()
-    if not text.isascii() or re.search(r"\b[AB]:|<\|", text) or HEDGE.search(text):
+    if not text.isascii() or re.search(r"\b[AB]:|<\|", text) or HEDGE.search(text) or repeats_a_word(text):
         return None
     kept: list[str] = []
     for sentence in re.findall(r"[^.!?]*[.!?]+", text):
@@ -136,13 +143,35 @@ def clean_reply(text: str, prompt: str) -> str | None:
     return reply if reply and reply.lower() != prompt.lower() else None
 
 
-def new_reply(text: str, prompt: str, given: collections.Counter) -> str | None:
-    """`clean_reply`, unless that reply was kept MAX_REPEATS times already (`given`, lowercased: counted here)."""
-    reply = clean_reply(text, prompt)
-    if reply is None or given[reply.lower()] >= MAX_REPEATS:
-        return None
-    given[reply.lower()] += 1
-    return reply
+def opening(reply: str) -> str:
+    return " ".join(words(reply)[:OPENING_WORDS])
+
+
+class ReplyFilter:
+    """Which teacher lines become training replies: `clean_reply`, then the caps on repeated replies
+    and openings and the known-word rule (module docstring). `known`: word counts in the human text."""
+
+    def __init__(self, known: collections.Counter):
+        self.known = known
+        self.replies: collections.Counter = collections.Counter()
+        self.openings: collections.Counter = collections.Counter()
+
+    def count(self, reply: str) -> None:
+        """Count a kept reply toward the caps (also replies kept before a resume)."""
+        self.replies[reply.lower()] += 1
+        self.openings[opening(reply)] += 1
+
+    def __call__(self, text: str, prompt: str) -> str | None:
+        reply = clean_reply(text, prompt)
+        if (
+            reply is None
+            or self.replies[reply.lower()] >= MAX_REPEATS
+            or self.openings[opening(reply)] >= MAX_OPENINGS
+            or any(self.known[w] < MIN_WORD_COUNT for w in words(reply))
+        ):
+            return None
+        self.count(reply)
+        return reply
 
 
 class Teacher:
@@ -216,7 +245,9 @@ class Teacher:
 
 def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, temperature: float) -> Path:
     out_path, rejected_path = data_dir / "distilled.jsonl", data_dir / "distilled.rejected.jsonl"
-    done, given = set(), collections.Counter()  # given: how often each reply was kept (lowercased)
+    prompts = question_first(training_prompts(data_dir), seed)
+    human = read_utterances(data_dir / "utterances.txt")
+    keep, done = ReplyFilter(collections.Counter(w for line in human for w in words(line))), set()
     for path in (out_path, rejected_path):
         if path.exists():
             with open(path) as f:
@@ -224,15 +255,13 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, tempe
                     row = json.loads(line)
                     done.add(row["messages"][-1]["content"])
                     if "reply" in row:  # a rejected line has none
-                        given[row["reply"].lower()] += 1
-    prompts = question_first(training_prompts(data_dir), seed)
+                        keep.count(row["reply"])
     todo = [q for q in prompts[:limit] if q not in done]
     log.info("%d training prompts, %d asked already, %d to do", len(prompts), len(done), len(todo))
     if not todo:
         return out_path
     tok, model = load_teacher()
-    keep = kept_vocabulary(tok, (data_dir / "utterances.txt").read_text().splitlines())
-    teacher = Teacher(tok, model, *chat_prompt(tok), keep=keep, temperature=temperature)
+    teacher = Teacher(tok, model, *chat_prompt(tok), keep=kept_vocabulary(tok, human), temperature=temperature)
     gen = torch.Generator().manual_seed(seed + len(done))
     kept = 0
     with open(out_path, "a") as out, open(rejected_path, "a") as rejected, tqdm(total=len(todo), desc="distill", unit="prompt") as bar:
@@ -240,7 +269,7 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, tempe
             batch = sorted(todo[i : i + batch_size], key=len)  # similar lengths: less padding
             for q, line in zip(batch, teacher.reply(batch, gen)):
                 messages = [{"role": "user", "content": q}]
-                reply = new_reply(line, q, given)
+                reply = keep(line, q)
                 if reply:
                     out.write(json.dumps({"messages": messages, "reply": reply, "source": SOURCE}) + "\n")
                     kept += 1

@@ -5,7 +5,8 @@
   another row's (0: the model ignores the prompt);
 - replies to the 40 everyday prompts of `data.QUALITY_PROMPTS` with the default decoding
   (threshold 0.9, dual cache), written out for reading: how many end (EOS / end of turn) within
-  48 tokens, how many repeat a word three times in a row, distinct-2;
+  48 tokens, how many repeat a word three times in a row, distinct-2, how many are the commonest
+  reply;
 - the same prompts with the vanilla reference decoder: how many threshold replies equal the vanilla
   reply exactly, and the tokens/s of both;
 - a few multi-turn dialogues (for the model card).
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .bench import machine
-from .data import QUALITY_PROMPTS
+from .data import QUALITY_PROMPTS, repeats_a_word, words
 from .decoding import SPOKEN, DecodeParams
 from .engine import Engine
 
@@ -36,17 +37,8 @@ DIALOGUES = [
 ]
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[\w']+", text.lower())
-
-
-def repeats_a_word(text: str) -> bool:
-    words = _words(text)
-    return any(words[i] == words[i + 1] == words[i + 2] for i in range(len(words) - 2))
-
-
 def distinct_2(texts: list[str]) -> float:
-    bigrams = [tuple(w[i : i + 2]) for w in map(_words, texts) for i in range(len(w) - 1)]
+    bigrams = [tuple(w[i : i + 2]) for w in map(words, texts) for i in range(len(w) - 1)]
     return len(set(bigrams)) / max(len(bigrams), 1)
 
 
@@ -108,6 +100,7 @@ def run(args: argparse.Namespace) -> dict:
         "ended_within_48_tokens": round(sum(r["finish"] == "stop" and r["tokens"] <= 48 for r in fast) / len(fast), 3),
         "replies_repeating_a_word_3x": sum(map(repeats_a_word, replies)),
         "distinct_2": round(distinct_2(replies), 3),
+        "commonest_reply_count": collections.Counter(replies).most_common(1)[0][1],  # one template for every prompt: 40
         "same_as_vanilla": round(sum(f["reply"] == s["reply"] for f, s in zip(fast, slow)) / len(fast), 3),
         "tokens_per_s_default": round(tps(fast), 1),
         "tokens_per_s_vanilla": round(tps(slow), 1),

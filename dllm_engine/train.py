@@ -308,12 +308,18 @@ def _encode_batch(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tok._tok.encode_batch(texts, add_special_tokens=False)]
 
 
-def encode_utterances(tok: Tokenizer, path: Path, max_tokens: int) -> list[Row]:
+def read_utterances(path: Path) -> list[str]:
+    """utterances.txt's non-empty lines; a missing or empty file is a DataError."""
     if not path.exists():
         raise DataError(f"{path}: not found (run `dllm prepare-data` first)")
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not lines:
         raise DataError(f"{path}: no utterances (the file is empty)")
+    return lines
+
+
+def encode_utterances(tok: Tokenizer, path: Path, max_tokens: int) -> list[Row]:
+    lines = read_utterances(path)
     bos = [tok.special.bos] if tok.special.bos is not None else []
     rows = []
     for ids in _encode_batch(tok, lines):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dllm_engine.cli import DEFAULT_MODEL_DIR
-from dllm_engine.distill import MAX_REPEATS, Teacher, chat_prompt, clean_reply, new_reply, question_first, training_prompts
+from dllm_engine.distill import MAX_OPENINGS, MAX_REPEATS, MIN_WORD_COUNT, ReplyFilter, Teacher, chat_prompt, clean_reply, question_first, training_prompts, words
 
 transformers = pytest.importorskip("transformers")
 
@@ -87,17 +87,37 @@ def test_clean_reply_keeps_complete_sentences_only():
     assert clean_reply("Sure. A: what about you?", "Do you?") is None  # wrote the other side's turn
     assert clean_reply("Great! \U0001F60A", "Do you?") is None  # emoji: TTS would read them out
     assert clean_reply("Do you?", "do you?") is None  # echo
-    assert clean_reply("Yes. " + " ".join(["word"] * 40) + ".", "Do you?") == "Yes."
+    assert clean_reply("Yes. " + " ".join(f"w{i}" for i in range(40)) + ".", "Do you?") == "Yes."
+    assert clean_reply("No, no, no. You can't.", "Do you?") is None  # a loop
     assert clean_reply("I'm not sure, but it sounds fun.", "Do you?") is None  # a hedge
     assert clean_reply("I'm a writer, happy to help.", "Do you?") is None  # assistant talk
+    assert clean_reply("I'm sorry for the confusion, but I'm a friend.", "Do you?") is None
+
+
+def known(text: str, n: int = MIN_WORD_COUNT) -> collections.Counter:
+    return collections.Counter({w: n for w in words(text)})
 
 
 def test_no_reply_is_kept_more_than_max_repeats_times():
-    given = collections.Counter()
-    kept = [new_reply("Sounds great!", f"prompt {i}", given) for i in range(MAX_REPEATS + 2)]
+    keep = ReplyFilter(known("sounds great i love it"))
+    kept = [keep("Sounds great!", f"prompt {i}") for i in range(MAX_REPEATS + 2)]
     assert kept == ["Sounds great!"] * MAX_REPEATS + [None, None]
-    assert new_reply("SOUNDS GREAT!", "x", given) is None  # counted without case
-    assert new_reply("I love it.", "x", given) == "I love it." and given["i love it."] == 1
+    assert keep("SOUNDS GREAT!", "x") is None  # counted without case
+    assert keep("I love it.", "x") == "I love it." and keep.replies["i love it."] == 1
+
+
+def test_no_opening_is_kept_more_than_max_openings_times():
+    """Replies that differ only after their first words are one template to a student."""
+    keep = ReplyFilter(known("i'm a bit of an owl " + " ".join(f"w{i}" for i in range(MAX_OPENINGS + 1))))
+    kept = [keep(f"I'm a bit of a w{i}.", "x") for i in range(MAX_OPENINGS + 1)]
+    assert kept[:-1] == [f"I'm a bit of a w{i}." for i in range(MAX_OPENINGS)] and kept[-1] is None
+    assert keep("I'm an owl.", "x") == "I'm an owl."  # another opening
+
+
+def test_a_reply_with_a_word_rare_in_the_human_text_is_not_kept():
+    keep = ReplyFilter(known("i'm a travel") + known("enthusiast", MIN_WORD_COUNT - 1))
+    assert keep("I'm a travel enthusiast.", "x") is None
+    assert keep("I'm a Travel!", "x") == "I'm a Travel!"  # words compare without case or punctuation
 
 
 def test_prompts_come_from_the_training_split_questions_first(tmp_path):
@@ -116,6 +136,9 @@ def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path):
         main(["distill", "--data", str(tmp_path)])
     (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}], "reply": "yo"}\n{"messages": \n')
     with pytest.raises(SystemExit, match=r"train.jsonl:2: malformed JSON line"):
+        main(["distill", "--data", str(tmp_path)])
+    (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}], "reply": "yo"}\n')
+    with pytest.raises(SystemExit, match=r"utterances.txt: not found \(run `dllm prepare-data` first\)"):
         main(["distill", "--data", str(tmp_path)])
     assert not (tmp_path / "distilled.jsonl").exists()
 

@@ -470,6 +470,14 @@ def test_quality_prompts_are_forty_distinct_spoken_prompts():
     assert len({data.normalize_for_match(p) for p in data.QUALITY_PROMPTS}) == 40
 
 
+def test_reply_metrics_catch_loops_and_templates():
+    from dllm_engine.quality import distinct_2, repeats_a_word
+
+    assert repeats_a_word("I like it, it, IT.") and not repeats_a_word("It is, it is.")
+    assert distinct_2(["a b a b"]) == 2 / 3  # bigrams (a b), (b a), (a b)
+    assert distinct_2(["Yeah!", "yeah"]) == 0 and distinct_2(["a b", "a b"]) == 0.5
+
+
 @pytest.mark.parametrize(
     "content, match",
     [("", r"dataset.json: corpus file is empty"),
