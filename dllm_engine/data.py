@@ -129,10 +129,10 @@ def normalize_for_match(text: str) -> str:
     return " ".join(words(text))
 
 
-def repeats_a_word(text: str) -> bool:
-    """A word three times in a row: a loop, in a reply."""
+def repeats_a_word(text: str, longest: int = 1) -> bool:
+    """A word (or a phrase of up to `longest` words) three times in a row: a loop, in a reply."""
     w = words(text)
-    return any(w[i] == w[i + 1] == w[i + 2] for i in range(len(w) - 2))
+    return any(w[i : i + n] == w[i + n : i + 2 * n] == w[i + 2 * n : i + 3 * n] for n in range(1, longest + 1) for i in range(len(w) - 3 * n + 1))
 
 
 @dataclass

@@ -129,9 +129,9 @@ def kept_vocabulary(tok, texts: list[str]) -> torch.Tensor:
 def clean_reply(text: str, prompt: str) -> str | None:
     """The teacher's complete sentences, up to MAX_REPLY_WORDS and before any sentence repeats, or
     None when none is left, the text is not plain ASCII (emoji, which TTS reads out), it hedges
-    (HEDGE), it repeats a word three times in a row or it echoes the prompt."""
+    (HEDGE), it repeats a word or phrase three times in a row or it echoes the prompt."""
     text = re.sub(r"\s+", " ", text).strip()
-    if not text.isascii() or re.search(r"\b[AB]:|<\|", text) or HEDGE.search(text) or repeats_a_word(text):
+    if not text.isascii() or re.search(r"\b[AB]:|<\|", text) or HEDGE.search(text) or repeats_a_word(text, longest=4):
         return None
     kept: list[str] = []
     for sentence in re.findall(r"[^.!?]*[.!?]+", text):

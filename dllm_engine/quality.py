@@ -5,8 +5,8 @@
   another row's (0: the model ignores the prompt);
 - replies to the 40 everyday prompts of `data.QUALITY_PROMPTS` with the default decoding
   (threshold 0.9, dual cache), written out for reading: how many end (EOS / end of turn) within
-  48 tokens, how many repeat a word three times in a row, distinct-2, how many are the commonest
-  reply;
+  48 tokens, how many repeat a word (or a phrase of up to 4 words) three times in a row,
+  distinct-2, how many are the commonest reply;
 - the same prompts with the vanilla reference decoder: how many threshold replies equal the vanilla
   reply exactly, and the tokens/s of both;
 - a few multi-turn dialogues (for the model card).
@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> dict:
         "prompts": len(fast),
         "ended_within_48_tokens": round(sum(r["finish"] == "stop" and r["tokens"] <= 48 for r in fast) / len(fast), 3),
         "replies_repeating_a_word_3x": sum(map(repeats_a_word, replies)),
+        "replies_repeating_a_phrase_3x": sum(repeats_a_word(r, longest=4) for r in replies),  # "I'm sorry, I'm sorry. I'm sorry."
         "distinct_2": round(distinct_2(replies), 3),
         "commonest_reply_count": collections.Counter(replies).most_common(1)[0][1],  # one template for every prompt: 40
         "same_as_vanilla": round(sum(f["reply"] == s["reply"] for f, s in zip(fast, slow)) / len(fast), 3),

@@ -89,6 +89,7 @@ def test_clean_reply_keeps_complete_sentences_only():
     assert clean_reply("Do you?", "do you?") is None  # echo
     assert clean_reply("Yes. " + " ".join(f"w{i}" for i in range(40)) + ".", "Do you?") == "Yes."
     assert clean_reply("No, no, no. You can't.", "Do you?") is None  # a loop
+    assert clean_reply("I'm sorry, I'm sorry, I'm sorry.", "Do you?") is None  # a loop of a phrase
     assert clean_reply("I'm not sure, but it sounds fun.", "Do you?") is None  # a hedge
     assert clean_reply("I'm a writer, happy to help.", "Do you?") is None  # assistant talk
     assert clean_reply("I'm sorry for the confusion, but I'm a friend.", "Do you?") is None

@@ -474,6 +474,8 @@ def test_reply_metrics_catch_loops_and_templates():
     from dllm_engine.quality import distinct_2, repeats_a_word
 
     assert repeats_a_word("I like it, it, IT.") and not repeats_a_word("It is, it is.")
+    assert not repeats_a_word("I'm sorry, I'm sorry. I'm sorry.") and repeats_a_word("I'm sorry, I'm sorry. I'm sorry.", longest=2)
+    assert not repeats_a_word("It is, it is. It was.", longest=4)
     assert distinct_2(["a b a b"]) == 2 / 3  # bigrams (a b), (b a), (a b)
     assert distinct_2(["Yeah!", "yeah"]) == 0 and distinct_2(["a b", "a b"]) == 0.5
 
