@@ -21,14 +21,17 @@ reply wherever it is unsure, so none may dominate (stage 7 of the model card cap
 only, and 17 of its 40 quality replies were one "I'm a bit of a ..." template). So is a reply with a
 word seen fewer than MIN_WORD_COUNT times in the human text: the student's tokenizer splits rare
 words into pieces, and it blends the pieces of different rare words into non-words ("enthver",
-stage 7). Prompts are the last user turns of DIR/train.jsonl only (the eval split and the quality
-prompts never reach the teacher). Two things keep a 2-core CPU fast enough: the shared prefix
+stage 7). Prompts are the last user turns of DIR/train.jsonl (the quality prompts never reach the
+teacher, the eval split's only with `--split eval`, into a file of its own). Two things keep a 2-core CPU fast enough: the shared prefix
 (system turn and examples) is run once and its KV cache shared by every row, and the output layer
 keeps only the tokens that occur at least twice in the training text.
 
 The output appends and resumes: prompts already asked are skipped. Lines the teacher did not finish
 as a short reply go to DIR/distilled.rejected.jsonl (`"line"`: what it wrote), so that a resume does
 not ask them again. Train on the result with `train_files = ["train.jsonl", "distilled.jsonl"]`.
+`--split eval` answers the eval split's prompts instead, into DIR/distilled-eval.jsonl: held-out
+teacher replies, for `eval_file = "distilled-eval.jsonl"` (the human eval split is off the
+distribution of a model trained on teacher replies, so its loss cannot pick that model's best weights).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import DataError, repeats_a_word, words
+from .data import DataError, normalize_for_match, repeats_a_word, words
 from .loading import resolve_dtype
 from .train import read_jsonl, read_utterances
 
@@ -101,11 +104,19 @@ def chat_prompt(tok, system: str = SYSTEM, examples=EXAMPLES) -> tuple[str, str]
     return prefix, whole[len(prefix):]
 
 
-def training_prompts(data_dir: Path, max_words: int = 25) -> list[str]:
-    """Distinct last user turns of the training split, short enough to be a spoken turn (a missing
-    or malformed train.jsonl is `train.read_jsonl`'s DataError)."""
-    texts = (ex["messages"][-1]["content"] for ex in read_jsonl(data_dir / "train.jsonl"))
-    return list(dict.fromkeys(t for t in texts if 1 <= len(t.split()) <= max_words and "\n" not in t))
+def split_prompts(data_dir: Path, split: str = "train", max_words: int = 25) -> list[str]:
+    """Distinct last user turns of a split, short enough to be a spoken turn; the eval split's
+    leave out what the training split also asks ("How are you?"), so held-out replies are held out.
+    A missing or malformed SPLIT.jsonl is `train.read_jsonl`'s DataError."""
+
+    def prompts(name: str) -> list[str]:
+        texts = (ex["messages"][-1]["content"] for ex in read_jsonl(data_dir / f"{name}.jsonl"))
+        return list(dict.fromkeys(t for t in texts if 1 <= len(t.split()) <= max_words and "\n" not in t))
+
+    if split == "train":
+        return prompts("train")
+    seen = {normalize_for_match(t) for t in prompts("train")}
+    return [t for t in prompts(split) if normalize_for_match(t) not in seen]
 
 
 def question_first(prompts: list[str], seed: int) -> list[str]:
@@ -243,9 +254,15 @@ class Teacher:
         return tokens
 
 
-def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, temperature: float) -> Path:
-    out_path, rejected_path = data_dir / "distilled.jsonl", data_dir / "distilled.rejected.jsonl"
-    prompts = question_first(training_prompts(data_dir), seed)
+def output_paths(data_dir: Path, split: str) -> tuple[Path, Path]:
+    """(kept, rejected) files of a split: distilled.jsonl for train, distilled-eval.jsonl for eval."""
+    stem = "distilled" if split == "train" else f"distilled-{split}"
+    return data_dir / f"{stem}.jsonl", data_dir / f"{stem}.rejected.jsonl"
+
+
+def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, temperature: float, split: str = "train") -> Path:
+    out_path, rejected_path = output_paths(data_dir, split)
+    prompts = question_first(split_prompts(data_dir, split), seed)
     human = read_utterances(data_dir / "utterances.txt")
     keep, done = ReplyFilter(collections.Counter(w for line in human for w in words(line))), set()
     for path in (out_path, rejected_path):
@@ -257,7 +274,7 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, tempe
                     if "reply" in row:  # a rejected line has none
                         keep.count(row["reply"])
     todo = [q for q in prompts[:limit] if q not in done]
-    log.info("%d training prompts, %d asked already, %d to do", len(prompts), len(done), len(todo))
+    log.info("%d %s prompts, %d asked already, %d to do", len(prompts), split, len(done), len(todo))
     if not todo:
         return out_path
     tok, model = load_teacher()
@@ -284,7 +301,8 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, tempe
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("distill", help="teacher replies to the training prompts (needs the 'distill' extra)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="a `dllm prepare-data` output directory (reads train.jsonl, utterances.txt)")
+    p.add_argument("--data", type=Path, required=True, help="a `dllm prepare-data` output directory (reads train.jsonl or eval.jsonl, utterances.txt)")
+    p.add_argument("--split", choices=["train", "eval"], default="train", help="whose last user turns to answer: train writes distilled.jsonl, eval distilled-eval.jsonl (for `eval_file` in a training config; default: %(default)s)")
     p.add_argument("--limit", type=int, help="answer only the first N prompts (seeded shuffle, questions first; default: all)")
     p.add_argument("--batch-size", type=int, default=96, help="prompts sampled together (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed (default: %(default)s)")
@@ -304,6 +322,6 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        print(distill(args.data, args.limit, args.batch_size, args.seed, args.temperature))
+        print(distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split))
     except DataError as e:
         raise SystemExit(f"error: {e}") from None

@@ -61,14 +61,14 @@ async def _dialogue(engine: Engine, turns: list[str], params: DecodeParams) -> l
     return history
 
 
-def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_tokens: int, examples: int, ratios: list[float]) -> dict:
+def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_tokens: int, examples: int, ratios: list[float], eval_file: str = "eval.jsonl") -> dict:
     """Masked-token loss in fp32 (the model alone: no engine, no cache), and how much the prompt
     helps (`train.prompt_gain`, nats per reply token: 0 means the model ignores what it is asked)."""
     from .loading import load_model
     from .train import encode_chat, eval_loss, iter_batches, prompt_gain, read_jsonl
 
     model, tokenizer = load_model(model_dir, dtype="float32")
-    exs = read_jsonl(data_dir / "eval.jsonl")
+    exs = read_jsonl(data_dir / eval_file)
     exs = exs[:: max(1, len(exs) // examples)][:examples]  # evenly spaced, fixed
     rows, _ = encode_chat(tokenizer, exs, reply_len, max_prompt_tokens)
     sp = tokenizer.special
@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> dict:
 
             data_dir = Path(tempfile.mkdtemp(prefix="dllm-quality-"))
             prepare(data_dir, verbose=False)
-        report["held_out_loss"] = held_out_loss(model_dir, data_dir, args.reply_len, args.max_prompt_tokens, args.examples, [0.25, 0.5, 0.75])
+        report["held_out_loss"] = held_out_loss(model_dir, data_dir, args.reply_len, args.max_prompt_tokens, args.examples, [0.25, 0.5, 0.75], args.eval_file)
+        report["held_out_file"] = args.eval_file
     s = report["summary"]
     print(f"model {model_dir}")
     for k, v in s.items():
@@ -137,10 +138,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, help=f"reply cap (default: the model's, from its generation_config.json, else {SPOKEN.fallback_max_new_tokens})")
     p.add_argument("--block-size", type=int, default=SPOKEN.block_size, help="decoding block (default: %(default)s, as the voice agent)")
     p.add_argument("--data", type=Path, help="output dir of `dllm prepare-data` (default: rebuilt in a temp dir)")
+    p.add_argument("--eval-file", default="eval.jsonl", help="held-out file of --data (distilled-eval.jsonl: teacher replies from `dllm distill --split eval`; default: %(default)s)")
     p.add_argument("--reply-len", type=int, default=24, help="reply region of the held-out rows, as trained (default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=64, help="as trained (default: %(default)s)")
     p.add_argument("--examples", type=int, default=500, help="held-out examples scored (default: %(default)s)")
     p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
     p.add_argument("--show", type=int, default=10, help="replies printed (all are in the JSON; default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the report here")
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.eval_file != "eval.jsonl" and args.data is None:
+        p.error("--eval-file needs --data (a rebuilt split holds eval.jsonl only)")
+    run(args)

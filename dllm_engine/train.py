@@ -82,6 +82,9 @@ class TrainConfig:
     # {"chatterbot" = 20}: examples of that corpus (or of any file under it, `chatterbot/food`) are
     # seen that many times per epoch. A small, strongly prompt-dependent corpus among open chit-chat.
     source_repeats: dict[str, int] = dataclasses.field(default_factory=dict)
+    # the held-out file of data_dir that eval loss and best.pt follow: a model trained on teacher
+    # replies is judged on teacher replies (`dllm distill --split eval` writes distilled-eval.jsonl)
+    eval_file: str = "eval.jsonl"
     bucket_step: int = 16  # length buckets are multiples of this
     # optimisation
     lr: float = 1e-3
@@ -138,6 +141,8 @@ class TrainConfig:
             raise ConfigError(f"source_repeats must map corpus names to counts >= 0, got {cfg.source_repeats!r}")
         if not cfg.train_files or not all(isinstance(n, str) and n for n in cfg.train_files):
             raise ConfigError(f"train_files must list file names in data_dir, got {cfg.train_files!r}")
+        if not isinstance(cfg.eval_file, str) or not cfg.eval_file:
+            raise ConfigError(f"eval_file must name a file in data_dir, got {cfg.eval_file!r}")
         if any(not isinstance(b, int) or b < 1 for b in cfg.block_sizes):
             raise ConfigError(f"block_sizes must be positive integers, got {cfg.block_sizes}")
         if not 0 < cfg.eps < 1:
@@ -610,7 +615,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     t0 = time.perf_counter()
     train_examples = repeat_sources([ex for name in cfg.train_files for ex in read_jsonl(data_dir / name)], cfg.source_repeats)
     train_rows, dropped = encode_chat(tok, train_examples, cfg.reply_len, cfg.max_prompt_tokens)
-    eval_all, _ = encode_chat(tok, read_jsonl(data_dir / "eval.jsonl"), cfg.reply_len, cfg.max_prompt_tokens)
+    eval_all, _ = encode_chat(tok, read_jsonl(data_dir / cfg.eval_file), cfg.reply_len, cfg.max_prompt_tokens)
     if not train_rows:
         raise DataError(f"{data_dir}/{', '.join(cfg.train_files)}: no example fits reply_len={cfg.reply_len} / max_prompt_tokens={cfg.max_prompt_tokens}")
     stride = max(1, len(eval_all) // cfg.eval_examples) if cfg.eval_examples else 1

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from dllm_engine.cli import DEFAULT_MODEL_DIR
-from dllm_engine.distill import MAX_OPENINGS, MAX_REPEATS, MIN_WORD_COUNT, ReplyFilter, Teacher, chat_prompt, clean_reply, question_first, training_prompts, words
+from dllm_engine.data import words
+from dllm_engine.distill import MAX_OPENINGS, MAX_REPEATS, MIN_WORD_COUNT, ReplyFilter, Teacher, chat_prompt, clean_reply, output_paths, question_first, split_prompts
 
 transformers = pytest.importorskip("transformers")
 
@@ -124,10 +125,18 @@ def test_a_reply_with_a_word_rare_in_the_human_text_is_not_kept():
 def test_prompts_come_from_the_training_split_questions_first(tmp_path):
     rows = [("hello there", "hi"), ("how are you?", "fine"), ("nice", "yes"), ("how are you?", "good"), ("line\nbreak", "x")]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "reply": r}) + "\n" for q, r in rows))
-    prompts = training_prompts(tmp_path)
+    prompts = split_prompts(tmp_path)
     assert sorted(prompts) == ["hello there", "how are you?", "nice"]  # distinct, one line each
     ordered = question_first(prompts, seed=1)
     assert ordered[0] == "how are you?" and sorted(ordered) == sorted(prompts)
+
+
+def test_the_eval_split_is_answered_into_a_file_of_its_own(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "train me?"}], "reply": "ok"}) + "\n")
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "reply": "ok"}) + "\n" for q in ["held out?", "Train me?"]))
+    assert split_prompts(tmp_path, "eval") == ["held out?"]  # what training also asks is not held out
+    assert [p.name for p in output_paths(tmp_path, "train")] == ["distilled.jsonl", "distilled.rejected.jsonl"]
+    assert [p.name for p in output_paths(tmp_path, "eval")] == ["distilled-eval.jsonl", "distilled-eval.rejected.jsonl"]
 
 
 def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path):

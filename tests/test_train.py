@@ -183,7 +183,7 @@ def test_mean_weighting_averages_ce_over_masked_tokens_only():
 
 @pytest.mark.parametrize(
     "key, value, match",
-    [("loss_weighting", "sqrt", "loss_weighting"), ("device", "gpu", "device 'gpu'"), ("train_files", [], "train_files")]
+    [("loss_weighting", "sqrt", "loss_weighting"), ("device", "gpu", "device 'gpu'"), ("train_files", [], "train_files"), ("eval_file", "", "eval_file")]
     + ([] if torch.cuda.is_available() else [("device", "cuda", "CUDA is not available")]),
 )
 def test_bad_training_settings_are_refused(key, value, match):
@@ -370,6 +370,19 @@ def test_every_listed_training_file_is_read(trained, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_eval_file_is_the_one_configured(trained, tmp_path):
+    """Held-out teacher replies (`dllm distill --split eval`) can judge a model trained on teacher replies."""
+    d = _data_copy(trained, tmp_path)
+    cfg = _tiny_cfg(trained, data_dir=str(d), out_dir=str(tmp_path / "run"), eval_file="distilled-eval.jsonl", max_steps=1)
+    with pytest.raises(DataError, match=r"distilled-eval.jsonl: not found"):
+        train.train(cfg, progress=False, log=lambda m: None)
+    rows = (d / "eval.jsonl").read_text().splitlines()[:3]
+    (d / "distilled-eval.jsonl").write_text("\n".join(rows) + "\n")
+    lines: list[str] = []
+    train.train(cfg, progress=False, log=lines.append)
+    assert any(", 3 eval rows," in m for m in lines), lines
+
+
 @pytest.mark.parametrize(
     "line, match",
     [('{"messages": [{"role": "user", "content": "hi"}], "reply": "yo"', r"eval.jsonl:2: malformed JSON line"),
@@ -468,6 +481,14 @@ def test_prepare_is_deterministic(tmp_path):
 def test_quality_prompts_are_forty_distinct_spoken_prompts():
     assert len(data.QUALITY_PROMPTS) == 40
     assert len({data.normalize_for_match(p) for p in data.QUALITY_PROMPTS}) == 40
+
+
+def test_quality_report_refuses_an_eval_file_without_its_data_dir(capsys):
+    from dllm_engine.quality import main
+
+    with pytest.raises(SystemExit):
+        main(["--eval-file", "distilled-eval.jsonl"])
+    assert "--eval-file needs --data" in capsys.readouterr().err
 
 
 def test_reply_metrics_catch_loops_and_templates():
