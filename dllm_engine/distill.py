@@ -22,9 +22,10 @@ only, and 17 of its 40 quality replies were one "I'm a bit of a ..." template). 
 word seen fewer than MIN_WORD_COUNT times in the human text: the student's tokenizer splits rare
 words into pieces, and it blends the pieces of different rare words into non-words ("enthver",
 stage 7). Prompts are the last user turns of DIR/train.jsonl (the quality prompts never reach the
-teacher, the eval split's only with `--split eval`, into a file of its own). Two things keep a 2-core CPU fast enough: the shared prefix
-(system turn and examples) is run once and its KV cache shared by every row, and the output layer
-keeps only the tokens that occur at least twice in the training text.
+teacher, the eval split's only with `--split eval`, into a file of its own). Two things keep a
+2-core CPU fast enough: the shared prefix (system turn and examples) is run once and its KV cache
+shared by every row, and the output layer keeps only the tokens that occur at least twice in the
+training text.
 
 The output appends and resumes: prompts already asked are skipped. Lines the teacher did not finish
 as a short reply go to DIR/distilled.rejected.jsonl (`"line"`: what it wrote), so that a resume does

@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--show", type=int, default=10, help="replies printed (all are in the JSON; default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the report here")
     args = p.parse_args(argv)
-    if args.eval_file != "eval.jsonl" and args.data is None:
+    if args.eval_file != p.get_default("eval_file") and args.data is None:
         p.error("--eval-file needs --data (a rebuilt split holds eval.jsonl only)")
+    if args.data is not None and not args.no_loss and not (args.data / args.eval_file).is_file():
+        p.error(f"{args.data / args.eval_file}: not found")  # before minutes of decoding, not after
     run(args)

@@ -483,12 +483,15 @@ def test_quality_prompts_are_forty_distinct_spoken_prompts():
     assert len({data.normalize_for_match(p) for p in data.QUALITY_PROMPTS}) == 40
 
 
-def test_quality_report_refuses_an_eval_file_without_its_data_dir(capsys):
+def test_quality_report_refuses_a_missing_eval_file_before_decoding(tmp_path, capsys):
     from dllm_engine.quality import main
 
     with pytest.raises(SystemExit):
         main(["--eval-file", "distilled-eval.jsonl"])
     assert "--eval-file needs --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--data", str(tmp_path), "--eval-file", "distilled-eval.jsonl"])
+    assert "distilled-eval.jsonl: not found" in capsys.readouterr().err
 
 
 def test_reply_metrics_catch_loops_and_templates():
