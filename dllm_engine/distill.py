@@ -33,13 +33,23 @@ not ask them again. Train on the result with `train_files = ["train.jsonl", "dis
 `--split eval` answers the eval split's prompts instead, into DIR/distilled-eval.jsonl: held-out
 teacher replies, for `eval_file = "distilled-eval.jsonl"` (the human eval split is off the
 distribution of a model trained on teacher replies, so its loss cannot pick that model's best weights).
+
+`--student MODEL` answers with a dLLM's own vanilla replies instead (decoding.SPOKEN's blocks, one
+token per step in confidence order), into DIR/self.jsonl (`self-eval.jsonl`): the trajectories of
+dParallel's certainty-forcing distillation. Trained on them with `certainty_weight`, the model
+learns to reach the replies it already gives in fewer forwards; a teacher's replies cannot teach
+that, because where most of the reply is still masked the student rarely predicts the teacher's
+token, and only right predictions are sharpened. A reply is kept only when it stopped and
+`clean_reply` leaves it as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import copy
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -255,55 +265,92 @@ class Teacher:
         return tokens
 
 
-def output_paths(data_dir: Path, split: str) -> tuple[Path, Path]:
-    """(kept, rejected) files of a split: distilled.jsonl for train, distilled-eval.jsonl for eval."""
-    stem = "distilled" if split == "train" else f"distilled-{split}"
+class StudentReplies:
+    """A dLLM's own vanilla replies, a batch of prompts decoded together by the engine; "" for a
+    reply that did not stop within the canvas (no trajectory to learn)."""
+
+    def __init__(self, model_dir: Path, batch_size: int):
+        from .decoding import SPOKEN
+        from .engine import Engine
+
+        self.engine = Engine.from_pretrained(model_dir, max_batch=batch_size)
+        self.params = dataclasses.replace(SPOKEN, policy="vanilla", cache="none").resolved(self.engine.max_new_tokens)
+
+    def __call__(self, prompts: list[str]) -> list[str]:
+        async def answer() -> list:
+            return await asyncio.gather(*(self.engine.generate([{"role": "user", "content": q}], self.params) for q in prompts))
+
+        return [text.strip() if last.finish_reason == "stop" else "" for text, last in asyncio.run(answer())]
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def unchanged_by_cleaning(text: str, prompt: str) -> str | None:
+    """A student's reply kept only as it is: a trajectory cut short is no longer its own."""
+    return text if text and clean_reply(text, prompt) == text else None
+
+
+def output_paths(data_dir: Path, split: str, stem: str = "distilled") -> tuple[Path, Path]:
+    """(kept, rejected) files of a split: STEM.jsonl for train, STEM-eval.jsonl for eval."""
+    stem = stem if split == "train" else f"{stem}-{split}"
     return data_dir / f"{stem}.jsonl", data_dir / f"{stem}.rejected.jsonl"
 
 
-def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, temperature: float, split: str = "train") -> Path:
-    out_path, rejected_path = output_paths(data_dir, split)
+def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, temperature: float, split: str = "train", student: Path | None = None) -> Path:
+    source = SOURCE if student is None else "self"
+    out_path, rejected_path = output_paths(data_dir, split, "distilled" if student is None else "self")
     prompts = question_first(split_prompts(data_dir, split), seed)
-    human = read_utterances(data_dir / "utterances.txt")
-    keep, done = ReplyFilter(collections.Counter(w for line in human for w in words(line))), set()
+    human = read_utterances(data_dir / "utterances.txt") if student is None else []
+    done: set[str] = set()
+    keep = ReplyFilter(collections.Counter(w for line in human for w in words(line))) if student is None else None
     for path in (out_path, rejected_path):
         if path.exists():
             with open(path) as f:
                 for line in f:
                     row = json.loads(line)
                     done.add(row["messages"][-1]["content"])
-                    if "reply" in row:  # a rejected line has none
+                    if keep is not None and "reply" in row:  # a rejected line has none
                         keep.count(row["reply"])
     todo = [q for q in prompts[:limit] if q not in done]
     log.info("%d %s prompts, %d asked already, %d to do", len(prompts), split, len(done), len(todo))
     if not todo:
         return out_path
-    tok, model = load_teacher()
-    teacher = Teacher(tok, model, *chat_prompt(tok), keep=kept_vocabulary(tok, human), temperature=temperature)
-    gen = torch.Generator().manual_seed(seed + len(done))
+    if student is None:
+        tok, model = load_teacher()
+        teacher = Teacher(tok, model, *chat_prompt(tok), keep=kept_vocabulary(tok, human), temperature=temperature)
+        gen = torch.Generator().manual_seed(seed + len(done))
+        answer, accept, close = (lambda batch: teacher.reply(batch, gen)), keep, (lambda: None)
+    else:
+        answer = StudentReplies(student, batch_size)
+        accept, close = unchanged_by_cleaning, answer.close
     kept = 0
-    with open(out_path, "a") as out, open(rejected_path, "a") as rejected, tqdm(total=len(todo), desc="distill", unit="prompt") as bar:
-        for i in range(0, len(todo), batch_size):
-            batch = sorted(todo[i : i + batch_size], key=len)  # similar lengths: less padding
-            for q, line in zip(batch, teacher.reply(batch, gen)):
-                messages = [{"role": "user", "content": q}]
-                reply = keep(line, q)
-                if reply:
-                    out.write(json.dumps({"messages": messages, "reply": reply, "source": SOURCE}) + "\n")
-                    kept += 1
-                else:
-                    rejected.write(json.dumps({"messages": messages, "line": line}) + "\n")
-            out.flush()
-            rejected.flush()
-            bar.update(len(batch))
-            bar.set_postfix(kept=kept)
+    try:
+        with open(out_path, "a") as out, open(rejected_path, "a") as rejected, tqdm(total=len(todo), desc="distill", unit="prompt") as bar:
+            for i in range(0, len(todo), batch_size):
+                batch = sorted(todo[i : i + batch_size], key=len)  # similar lengths: less padding
+                for q, line in zip(batch, answer(batch)):
+                    messages = [{"role": "user", "content": q}]
+                    reply = accept(line, q)
+                    if reply:
+                        out.write(json.dumps({"messages": messages, "reply": reply, "source": source}) + "\n")
+                        kept += 1
+                    else:
+                        rejected.write(json.dumps({"messages": messages, "line": line}) + "\n")
+                out.flush()
+                rejected.flush()
+                bar.update(len(batch))
+                bar.set_postfix(kept=kept)
+    finally:
+        close()
     return out_path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("distill", help="teacher replies to the training prompts (needs the 'distill' extra)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("distill", help="teacher replies to the training prompts (the teacher needs the 'distill' extra), or a dLLM's own (--student)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a `dllm prepare-data` output directory (reads train.jsonl or eval.jsonl, utterances.txt)")
     p.add_argument("--split", choices=["train", "eval"], default="train", help="whose last user turns to answer: train writes distilled.jsonl, eval distilled-eval.jsonl (for `eval_file` in a training config; default: %(default)s)")
+    p.add_argument("--student", type=Path, metavar="MODEL", help="answer with this dLLM's own vanilla replies into self.jsonl / self-eval.jsonl (certainty-forcing trajectories; no teacher needed)")
     p.add_argument("--limit", type=int, help="answer only the first N prompts (seeded shuffle, questions first; default: all)")
     p.add_argument("--batch-size", type=int, default=96, help="prompts sampled together (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed (default: %(default)s)")
@@ -323,6 +370,6 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        print(distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split))
+        print(distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split, args.student))
     except DataError as e:
         raise SystemExit(f"error: {e}") from None

@@ -100,6 +100,10 @@ class TrainConfig:
     # "elbo": LLaDA's CE / t (an unbiased bound, but a row with t near eps weighs 1/eps: noisy small
     # batches); "mean": the plain mean CE over masked tokens (MaskGIT-style, low-variance).
     loss_weighting: str = "elbo"
+    # Certainty forcing (dParallel, Chen et al. 2025): + weight x the entropy of every scored
+    # position the model already predicts right. Threshold decoding commits only what is >= tau
+    # confident, so a model that is right but unsure still decodes one token per forward.
+    certainty_weight: float = 0.0
     # Block-diffusion masking (see `diffusion_loss`): block sizes drawn per batch; [] = plain LLaDA SFT.
     block_sizes: list[int] = dataclasses.field(default_factory=list)
     init_std: float = 0.02
@@ -147,6 +151,8 @@ class TrainConfig:
             raise ConfigError(f"block_sizes must be positive integers, got {cfg.block_sizes}")
         if not 0 < cfg.eps < 1:
             raise ConfigError(f"eps must be in (0, 1), got {cfg.eps}")
+        if not cfg.certainty_weight >= 0:
+            raise ConfigError(f"certainty_weight must be >= 0, got {cfg.certainty_weight}")
         if cfg.loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {cfg.loss_weighting!r}")
         try:
@@ -400,6 +406,7 @@ def diffusion_loss(
     block_size: int | None = None,
     eos_id: int | None = None,
     weighting: str = "elbo",
+    certainty: float = 0.0,
 ) -> torch.Tensor:
     """LLaDA SFT loss: mask each region token w.p. t ~ U(eps, 1); CE on masked tokens / t / region length.
     With `weighting="mean"`, the mean CE over all masked tokens of the batch instead.
@@ -409,6 +416,9 @@ def diffusion_loss(
     before it are clean, tokens after it fully masked, and inside it each token is masked w.p. t.
     The loss covers the window's masked tokens (weighted 1/t, normalized by the block size). A small
     model learns the distribution it is decoded from much faster than the whole-reply one.
+
+    `certainty` > 0 adds that multiple of the predictive entropy at each scored position whose
+    argmax is already the target (TrainConfig.certainty_weight), weighted like its cross-entropy.
     """
     ids, region, key_valid = batch["ids"], batch["region"], batch["key_valid"]
     n = ids.shape[0]
@@ -431,6 +441,10 @@ def diffusion_loss(
     hidden = model(noisy, key_valid=key_valid)
     logits = model.logits(hidden[scored]).float()
     ce = F.cross_entropy(logits, ids[scored], reduction="none")
+    if certainty:
+        logp = logits.log_softmax(-1)
+        right = logits.argmax(-1) == ids[scored]
+        ce = ce + certainty * right * -(logp.exp() * logp).sum(-1)
     if weighting == "mean":
         return ce.sum() / max(ce.numel(), 1)
     weight = (1 / t / norm).expand_as(ids)[scored]
@@ -718,7 +732,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
                 g["lr"] = lr_at(step, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 block = cfg.block_sizes[int(torch.randint(len(cfg.block_sizes), (1,), generator=gen))] if cfg.block_sizes else None
-                loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen, block, sp.eos, cfg.loss_weighting)
+                loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen, block, sp.eos, cfg.loss_weighting, cfg.certainty_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -139,6 +139,36 @@ def test_the_eval_split_is_answered_into_a_file_of_its_own(tmp_path):
     assert [p.name for p in output_paths(tmp_path, "eval")] == ["distilled-eval.jsonl", "distilled-eval.rejected.jsonl"]
 
 
+def test_a_student_answers_with_its_own_vanilla_replies_and_resumes(tiny_chat, tmp_path):
+    import asyncio
+    import dataclasses
+
+    from dllm_engine.cli import main
+    from dllm_engine.decoding import SPOKEN
+    from dllm_engine.engine import Engine
+    from tests.helpers import PAIRS
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "reply": r}) + "\n" for q, r in PAIRS))
+    main(["distill", "--data", str(tmp_path), "--student", str(tiny_chat / "model"), "--batch-size", "4"])
+    kept, rejected = (read_rows(p) for p in output_paths(tmp_path, "train", "self"))
+    assert len(kept) + len(rejected) == len(PAIRS) and len(kept) >= len(PAIRS) // 2  # it memorized most
+    assert {r["source"] for r in kept} == {"self"}
+    engine = Engine.from_pretrained(tiny_chat / "model", max_batch=1)  # one at a time: what it says alone
+    params = dataclasses.replace(SPOKEN, policy="vanilla", cache="none").resolved(engine.max_new_tokens)
+    try:
+        for row in kept:
+            text, _ = asyncio.run(engine.generate(row["messages"], params))
+            assert row["reply"] == text.strip()
+    finally:
+        engine.close()
+    main(["distill", "--data", str(tmp_path), "--student", str(tiny_chat / "model")])  # all asked: nothing added
+    assert len(read_rows(output_paths(tmp_path, "train", "self")[0])) == len(kept)
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path):
     from dllm_engine.cli import main
 

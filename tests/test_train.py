@@ -181,9 +181,31 @@ def test_mean_weighting_averages_ce_over_masked_tokens_only():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_certainty_adds_the_entropy_of_right_predictions_only():
+    """certainty > 0: + weight x entropy where the argmax is the target, nothing where it is wrong."""
+    from dllm_engine.config import LLaDAConfig
+    from dllm_engine.model import DiffusionLM
+
+    cfg = LLaDAConfig(d_model=16, n_layers=1, n_heads=2, mlp_hidden_size=32, vocab_size=40)
+    model = DiffusionLM(cfg)
+    rows = [train.Row([1, 5], [8, 9, 3, 0]), train.Row([1, 5], [10, 3, 0, 0])]
+    batch = train.collate(rows, pad_id=0)
+    hidden = torch.randn(*batch["ids"].shape, cfg.d_model, generator=torch.Generator().manual_seed(0))
+    head = model.model.transformer["ff_out"].weight
+    hidden[0] += 3 * head[batch["ids"][0]]  # row 0 leans towards its targets, row 1 is random
+    logits = model.logits(hidden)
+    right = logits.argmax(-1) == batch["ids"]
+    assert right[batch["region"]].any() and not right[batch["region"]].all()  # both kinds are scored
+    model.forward = lambda ids, key_valid=None: hidden
+    loss = lambda c: train.diffusion_loss(model, batch, mask_id=2, eps=0.999, gen=torch.Generator().manual_seed(1), weighting="mean", certainty=c)
+    logp = logits[batch["region"]].log_softmax(-1)  # t ~ U(0.999, 1): every region token is masked
+    entropy = -(logp.exp() * logp).sum(-1) * right[batch["region"]]
+    assert (loss(0.5) - loss(0.0)).item() == pytest.approx(0.5 * entropy.mean().item(), rel=1e-4)
+
+
 @pytest.mark.parametrize(
     "key, value, match",
-    [("loss_weighting", "sqrt", "loss_weighting"), ("device", "gpu", "device 'gpu'"), ("train_files", [], "train_files"), ("eval_file", "", "eval_file")]
+    [("loss_weighting", "sqrt", "loss_weighting"), ("device", "gpu", "device 'gpu'"), ("train_files", [], "train_files"), ("eval_file", "", "eval_file"), ("certainty_weight", -1.0, "certainty_weight")]
     + ([] if torch.cuda.is_available() else [("device", "cuda", "CUDA is not available")]),
 )
 def test_bad_training_settings_are_refused(key, value, match):
