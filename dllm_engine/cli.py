@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+from .data import DataError
 from .decoding import CACHES, POLICIES, DecodeParams
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
@@ -136,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.func(args)
+    try:
+        args.func(args)
+    except (ConfigError, DataError) as e:  # a missing model directory, a malformed data file: no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

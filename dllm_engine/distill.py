@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import DataError, normalize_for_match, repeats_a_word, words
+from .data import normalize_for_match, repeats_a_word, words
 from .loading import resolve_dtype
 from .train import read_jsonl, read_utterances
 
@@ -288,7 +288,7 @@ class StudentReplies:
 
 def unchanged_by_cleaning(text: str, prompt: str) -> str | None:
     """A student's reply kept only as it is: a trajectory cut short is no longer its own."""
-    return text if text and clean_reply(text, prompt) == text else None
+    return text if clean_reply(text, prompt) == text else None
 
 
 def output_paths(data_dir: Path, split: str, stem: str = "distilled") -> tuple[Path, Path]:
@@ -298,12 +298,15 @@ def output_paths(data_dir: Path, split: str, stem: str = "distilled") -> tuple[P
 
 
 def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, temperature: float, split: str = "train", student: Path | None = None) -> Path:
-    source = SOURCE if student is None else "self"
-    out_path, rejected_path = output_paths(data_dir, split, "distilled" if student is None else "self")
     prompts = question_first(split_prompts(data_dir, split), seed)
-    human = read_utterances(data_dir / "utterances.txt") if student is None else []
+    if student is None:
+        source, stem = SOURCE, "distilled"
+        human = read_utterances(data_dir / "utterances.txt")
+        keep: ReplyFilter | None = ReplyFilter(collections.Counter(w for line in human for w in words(line)))
+    else:
+        source, stem, human, keep = "self", "self", [], None
+    out_path, rejected_path = output_paths(data_dir, split, stem)
     done: set[str] = set()
-    keep = ReplyFilter(collections.Counter(w for line in human for w in words(line))) if student is None else None
     for path in (out_path, rejected_path):
         if path.exists():
             with open(path) as f:
@@ -369,7 +372,4 @@ def _temperature(text: str) -> float:
 def _cmd_distill(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        print(distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split, args.student))
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    print(distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split, args.student))

@@ -439,11 +439,10 @@ def diffusion_loss(
         scored, norm = window & coin, torch.full((n, 1), block_size, device=dev)
     noisy = torch.where(masked, mask_id, ids)
     hidden = model(noisy, key_valid=key_valid)
-    logits = model.logits(hidden[scored]).float()
-    ce = F.cross_entropy(logits, ids[scored], reduction="none")
+    logp = model.logits(hidden[scored]).float().log_softmax(-1)
+    ce = F.nll_loss(logp, ids[scored], reduction="none")  # = cross_entropy, with logp kept for the entropy
     if certainty:
-        logp = logits.log_softmax(-1)
-        right = logits.argmax(-1) == ids[scored]
+        right = logp.argmax(-1) == ids[scored]
         ce = ce + certainty * right * -(logp.exp() * logp).sum(-1)
     if weighting == "mean":
         return ce.sum() / max(ce.numel(), 1)

@@ -164,6 +164,10 @@ def test_a_student_answers_with_its_own_vanilla_replies_and_resumes(tiny_chat, t
     main(["distill", "--data", str(tmp_path), "--student", str(tiny_chat / "model")])  # all asked: nothing added
     assert len(read_rows(output_paths(tmp_path, "train", "self")[0])) == len(kept)
 
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "new?"}], "reply": "yes"}) + "\n")
+    with pytest.raises(SystemExit, match=r"error: model directory .*missing does not exist"):
+        main(["distill", "--data", str(tmp_path), "--student", str(tmp_path / "missing")])
+
 
 def read_rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -220,6 +220,13 @@ def test_missing_directory(tmp_path):
         load_model(tmp_path / "nowhere")
 
 
+def test_the_cli_reports_a_missing_model_as_an_error_not_a_traceback(tmp_path):
+    from dllm_engine.cli import main
+
+    with pytest.raises(SystemExit, match=r"^error: model directory .*nowhere does not exist"):
+        main(["generate", "--model", str(tmp_path / "nowhere"), "hi"])
+
+
 def test_missing_config(model_dir):
     (model_dir / "config.json").unlink()
     with pytest.raises(ConfigError, match=r"config\.json not found"):
