@@ -122,6 +122,14 @@ def test_a_reply_with_a_word_rare_in_the_human_text_is_not_kept():
     assert keep("I'm a Travel!", "x") == "I'm a Travel!"  # words compare without case or punctuation
 
 
+def test_a_student_line_is_kept_only_as_it_is():
+    """Cleaning a student's reply would make a trajectory it never decoded."""
+    keep = ReplyFilter(known("sure it is fine"), exact=True)
+    assert keep("Sure. Sure. It is fine.", "x") is None  # cleaning cuts it at the repeated sentence
+    assert keep("Sure, it is", "x") is None  # no complete sentence
+    assert keep("Sure, it is fine.", "x") == "Sure, it is fine."
+
+
 def test_prompts_come_from_the_training_split_questions_first(tmp_path):
     rows = [("hello there", "hi"), ("how are you?", "fine"), ("nice", "yes"), ("how are you?", "good"), ("line\nbreak", "x")]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "reply": r}) + "\n" for q, r in rows))
@@ -149,6 +157,7 @@ def test_a_student_answers_with_its_own_vanilla_replies_and_resumes(tiny_chat, t
     from tests.helpers import PAIRS
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}], "reply": r}) + "\n" for q, r in PAIRS))
+    (tmp_path / "utterances.txt").write_text("".join(f"{q} {r}\n" for q, r in PAIRS) * MIN_WORD_COUNT)  # the known words
     main(["distill", "--data", str(tmp_path), "--student", str(tiny_chat / "model"), "--batch-size", "4"])
     kept, rejected = (read_rows(p) for p in output_paths(tmp_path, "train", "self"))
     assert len(kept) + len(rejected) == len(PAIRS) and len(kept) >= len(PAIRS) // 2  # it memorized most
