@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -230,3 +231,20 @@ def test_an_open_max_new_tokens_is_the_models_reply_length_from_its_generation_c
     (d / "generation_config.json").write_text('{"max_new_tokens": "long"}')
     with pytest.raises(ConfigError, match="generation_config.json: max_new_tokens must be a positive integer"):
         Engine.from_pretrained(d, dtype="float32")
+
+
+def test_early_stop_only_skips_forwards_after_the_reply(tiny_chat):
+    """The quality report's reference run (vanilla without early stop) says vanilla's replies."""
+    from tests.helpers import PAIRS
+
+    engine = Engine.from_pretrained(tiny_chat / "model", dtype="float32", max_batch=1)
+    vanilla = DecodeParams(policy="vanilla", cache="none", block_size=4, max_new_tokens=32)
+    try:
+        for prompt, _ in PAIRS[:3]:
+            text, out = asyncio.run(engine.generate(chat(prompt), vanilla))
+            ref_text, ref = asyncio.run(engine.generate(chat(prompt), dataclasses.replace(vanilla, early_stop=False)))
+            assert out.finish_reason == "stop" and text.strip()
+            assert ref_text == text and ref.stats.new_tokens == out.stats.new_tokens
+            assert ref.stats.forwards == 32 > out.stats.forwards
+    finally:
+        engine.close()
