@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .config import ConfigError
 from .data import normalize_for_match, repeats_a_word, words
 from .loading import resolve_dtype
 from .train import read_jsonl, read_utterances
@@ -367,6 +368,8 @@ def _temperature(text: str) -> float:
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
+    if args.student and args.temperature:
+        raise ConfigError("--temperature samples the teacher; a student (--student) answers with its own greedy vanilla replies")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split, args.student))

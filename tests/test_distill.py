@@ -204,6 +204,9 @@ def test_a_negative_or_nan_temperature_is_refused_before_anything_runs(tmp_path,
             main(["distill", "--data", str(tmp_path), "--temperature", bad])
         assert "--temperature" in capsys.readouterr().err
     assert not (tmp_path / "distilled.jsonl").exists()
+    with pytest.raises(SystemExit, match=r"error: --temperature samples the teacher"):  # not silently greedy
+        main(["distill", "--data", str(tmp_path), "--student", str(tmp_path), "--temperature", "0.7"])
+    assert not (tmp_path / "self.jsonl").exists()
 
 
 def test_a_missing_teacher_package_or_file_says_how_to_install_it(monkeypatch):
