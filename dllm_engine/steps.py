@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .config import LLaDAConfig
 from .decoding import predict
-from .loading import load_model, resolve_dtype
+from .loading import DTYPES, load_model, resolve_dtype
 from .model import DiffusionLM, KVCache
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     src.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a real checkpoint's shape instead of a model directory")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs and bf16-capable CPUs), float32, bfloat16, float16 (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPUs and bf16-capable CPUs (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes (default: %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=210, help="prompt length (default: %(default)s)")
@@ -170,5 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.canvas % args.block_size or min(args.batches + [args.prompt_tokens, args.canvas, args.block_size, args.repeats]) < 1:
         p.error("sizes must be >= 1 and --canvas a multiple of --block-size")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args)

@@ -51,7 +51,7 @@ def test_the_report_has_every_step_kind_for_every_batch(random_model_dir, tmp_pa
     assert "full ms" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--canvas", "20", "--block-size", "8"], ["--batches", "0"], ["--model", "x", "--shape", "llada-8b"], ["--shape", "llada-7b"]])
+@pytest.mark.parametrize("argv", [["--canvas", "20", "--block-size", "8"], ["--batches", "0"], ["--model", "x", "--shape", "llada-8b"], ["--shape", "llada-7b"], ["--dtype", "fp8"], ["--device", "gpu"]])
 def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         main(argv)
