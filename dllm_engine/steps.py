@@ -27,12 +27,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import LLaDAConfig
+from .config import ConfigError, LLaDAConfig
 from .decoding import predict
 from .loading import DTYPES, load_model, resolve_dtype
 from .model import DiffusionLM, KVCache
-
-log = logging.getLogger(__name__)
 
 # Shape fields of real checkpoints' config.json (LLaDA-8B-Base and -Instruct share them).
 SHAPES = {
@@ -170,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.canvas % args.block_size or min(args.batches + [args.prompt_tokens, args.canvas, args.block_size, args.repeats]) < 1:
         p.error("sizes must be >= 1 and --canvas a multiple of --block-size")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -177,4 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch sees no CUDA device here")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
+    try:
+        return run(args)
+    except ConfigError as e:  # a missing or broken model directory
+        p.error(str(e))

@@ -51,8 +51,14 @@ def test_the_report_has_every_step_kind_for_every_batch(random_model_dir, tmp_pa
     assert "full ms" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--canvas", "20", "--block-size", "8"], ["--batches", "0"], ["--model", "x", "--shape", "llada-8b"], ["--shape", "llada-7b"], ["--dtype", "fp8"], ["--device", "gpu"]])
+@pytest.mark.parametrize("argv", [["--canvas", "20", "--block-size", "8"], ["--batches", "0"], ["--model", "x", "--shape", "llada-8b"], ["--shape", "llada-7b"], ["--dtype", "fp8"], ["--device", "gpu"], ["--threads", "-1"]])
 def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_a_missing_model_directory_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "missing"), "--batches", "1"])
+    assert "missing does not exist" in capsys.readouterr().err
