@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .bench import machine
+from .config import ConfigError
 from .data import QUALITY_PROMPTS, repeats_a_word, words
 from .decoding import SPOKEN, DecodeParams
 from .engine import Engine
@@ -156,4 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--eval-file needs --data (a rebuilt split holds eval.jsonl only)")
     if args.data is not None and not args.no_loss and not (args.data / args.eval_file).is_file():
         p.error(f"{args.data / args.eval_file}: not found")  # before minutes of decoding, not after
-    run(args)
+    try:
+        run(args)
+    except ConfigError as e:  # a missing or broken model directory
+        p.error(str(e))

@@ -505,6 +505,14 @@ def test_quality_prompts_are_forty_distinct_spoken_prompts():
     assert len({data.normalize_for_match(p) for p in data.QUALITY_PROMPTS}) == 40
 
 
+def test_quality_report_refuses_a_missing_model_directory(tmp_path, capsys):
+    from dllm_engine.quality import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "missing"), "--no-loss"])
+    assert "missing does not exist" in capsys.readouterr().err
+
+
 def test_quality_report_refuses_a_missing_eval_file_before_decoding(tmp_path, capsys):
     from dllm_engine.quality import main
 
