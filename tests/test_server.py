@@ -432,8 +432,9 @@ async def _eventually(pred, timeout: float = WAIT) -> bool:
 def test_twilio_protocol_violations_get_close_codes(srv):
     async def code_after(*messages) -> int:
         async with connect(srv.url("/twilio/stream")) as ws:
-            for m in messages:
-                await ws.send(m)
+            with suppress(ConnectionClosed):  # the server may close before the last frame is all sent
+                for m in messages:
+                    await ws.send(m)
             return await close_code(ws)
 
     connected = json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
