@@ -61,9 +61,41 @@ MODEL_KEYS = {f.name for f in dataclasses.fields(LLaDAConfig)} - {"mask_token_id
 # ---- configuration ------------------------------------------------------------------------------
 
 
+PATH_KEYS = ("data_dir", "out_dir", "init_from")
+
+
+def read_config_file(path: Path, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML config's keys over those of the config its `extends` names, so that a stage of a
+    recipe states only what it changes. Tables (`[model]`, `[source_repeats]`) merge key by key;
+    relative paths are relative to the file that sets them."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+    for key in PATH_KEYS:
+        if isinstance(raw.get(key), str) and raw[key]:
+            raw[key] = str((path.parent / raw[key]).resolve())
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"config {path}: extends must name a config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in extended_by or base_path == path.resolve():
+        raise ConfigError(f"config {path}: extends {base} in a cycle")
+    merged = read_config_file(base_path, extended_by + (path.resolve(),))
+    for key, value in raw.items():
+        both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both_tables else value
+    return merged
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Top-level keys of the TOML file; the `[model]` table holds LLaDA config.json field names."""
+    """Top-level keys of the TOML file; the `[model]` table holds LLaDA config.json field names.
+    `extends = "other.toml"` takes another config's keys first (`read_config_file`)."""
 
     data_dir: str
     out_dir: str
@@ -119,7 +151,7 @@ class TrainConfig:
     log_interval: int = 50  # steps between log lines (the tqdm bar updates every step)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], base_dir: Path | None = None) -> "TrainConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - names)
         if unknown:
@@ -134,10 +166,6 @@ class TrainConfig:
         if bad:
             raise ConfigError(f"unknown [model] key(s): {', '.join(bad)} (LLaDA field names: {', '.join(sorted(MODEL_KEYS))})")
         cfg = cls(**raw)
-        if base_dir is not None:  # relative paths are relative to the config file
-            cfg.data_dir = str((base_dir / cfg.data_dir).resolve())
-            cfg.out_dir = str((base_dir / cfg.out_dir).resolve())
-            cfg.init_from = str((base_dir / cfg.init_from).resolve()) if cfg.init_from else ""
         for name in ("reply_len", "batch_tokens", "max_steps", "eval_interval", "log_interval", "bucket_step", "max_batch_size"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -168,17 +196,10 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
+        raw = read_config_file(path)  # its errors name the file they are about
         try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config {path} not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config {path} is not valid TOML: {e}") from None
-        try:
-            return cls.from_dict(raw, path.parent)
-        except TypeError as e:
-            raise ConfigError(f"config {path}: {e}") from None
-        except ConfigError as e:
+            return cls.from_dict(raw)
+        except (TypeError, ConfigError) as e:
             raise ConfigError(f"config {path}: {e}") from None
 
     def use_autocast(self) -> bool:

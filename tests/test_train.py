@@ -350,6 +350,36 @@ def test_shipped_configs_parse_and_paths_are_relative_to_the_file():
         assert not Path(train.TrainConfig.load(path).out_dir).resolve().is_relative_to(root), path
 
 
+def test_a_config_extends_another_and_states_only_what_it_changes(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.toml").write_text(
+        'data_dir = "data"\nout_dir = "/runs/a"\nlr = 1e-3\nseed = 1\n'
+        "[model]\nd_model = 64\nn_heads = 4\n[source_repeats]\nchatterbot = 2\n"
+    )
+    (tmp_path / "b.toml").write_text(
+        'extends = "base/a.toml"\nout_dir = "runs/b"\nlr = 3e-4\n[model]\nn_layers = 3\n[source_repeats]\nchitchat = 0\n'
+    )
+    cfg = train.TrainConfig.load(tmp_path / "b.toml")
+    assert (cfg.lr, cfg.seed) == (3e-4, 1)
+    assert cfg.model == {"d_model": 64, "n_heads": 4, "n_layers": 3}  # tables merge key by key
+    assert cfg.source_repeats == {"chatterbot": 2, "chitchat": 0}
+    assert cfg.data_dir == str(tmp_path / "base" / "data")  # relative to the file that sets it
+    assert cfg.out_dir == str(tmp_path / "runs" / "b")
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\ndata_dir = "d"\nout_dir = "o"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match="extends a.toml in a cycle"):
+        train.TrainConfig.load(tmp_path / "a.toml")
+    (tmp_path / "b.toml").write_text('extends = "missing.toml"\n')
+    with pytest.raises(ConfigError, match="missing.toml not found"):
+        train.TrainConfig.load(tmp_path / "a.toml")
+    (tmp_path / "b.toml").write_text("extends = 3\n")
+    with pytest.raises(ConfigError, match="extends must name a config file"):
+        train.TrainConfig.load(tmp_path / "b.toml")
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = train.TrainConfig(data_dir="d", out_dir="o", lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     lrs = [train.lr_at(s, cfg) for s in range(120)]
