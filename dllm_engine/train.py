@@ -82,10 +82,10 @@ def read_config_file(path: Path, extended_by: tuple[Path, ...] = ()) -> dict[str
         return raw
     if not isinstance(base, str):
         raise ConfigError(f"config {path}: extends must name a config file, got {base!r}")
-    base_path = (path.parent / base).resolve()
-    if base_path in extended_by or base_path == path.resolve():
+    chain, base_path = extended_by + (path.resolve(),), (path.parent / base).resolve()
+    if base_path in chain:
         raise ConfigError(f"config {path}: extends {base} in a cycle")
-    merged = read_config_file(base_path, extended_by + (path.resolve(),))
+    merged = read_config_file(base_path, chain)
     for key, value in raw.items():
         both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
         merged[key] = {**merged[key], **value} if both_tables else value
