@@ -24,7 +24,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     params = decode_params(args)
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=1)
-    dialogue = Dialogue(engine.tokenizer, args.system, args.max_history_tokens)
+    dialogue = Dialogue.for_engine(engine, args.system, args.max_history_tokens)
     print(f"model loaded in {time.perf_counter() - t0:.2f} s. Type a message; Ctrl-D or /quit to leave.", file=sys.stderr)
 
     async def reply() -> str:
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decode_args(c, SPOKEN.fallback_max_new_tokens, block_size=SPOKEN.block_size)
     c.add_argument("--system", help="system prompt (if the model's chat template has a system role)")
     c.add_argument("--reuse-prefix", action="store_true", help="keep each conversation's prompt keys/values across turns instead of recomputing them (approximate; see README)")
-    c.add_argument("--max-history-tokens", type=int, default=512, help="drop the oldest turns past this many prompt tokens (default: %(default)s)")
+    c.add_argument("--max-history-tokens", type=int, default=512, help="drop the oldest turns past this many prompt tokens, or past the prompt length the model was trained on (its generation_config.json) if shorter (default: %(default)s)")
     c.set_defaults(func=cmd_chat)
     from . import bench
 

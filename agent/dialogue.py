@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dllm_engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from dllm_engine.engine import Engine
 
 
 class Dialogue:
@@ -15,6 +20,13 @@ class Dialogue:
         self.system_prompt = system_prompt
         self.max_history_tokens = max_history_tokens
         self.turns: list[dict[str, str]] = []
+
+    @classmethod
+    def for_engine(cls, engine: Engine, system_prompt: str | None, max_history_tokens: int) -> Dialogue:
+        """A dialogue whose budget is also the prompt length the model was trained on, where its
+        generation_config.json says it: the shipped 8M model saw prompts of <= 48 tokens and after a
+        200-token history writes non-words and runs to its cap."""
+        return cls(engine.tokenizer, system_prompt, min(max_history_tokens, engine.max_prompt_tokens or max_history_tokens))
 
     def add(self, role: str, text: str) -> None:
         self.turns.append({"role": role, "content": text.strip()})

@@ -82,7 +82,7 @@ class Session:
     def __init__(self, agent, config) -> None:  # noqa: ANN001 (Agent, AgentConfig: import cycle)
         self.agent = agent
         self.config = config
-        self.dialogue = Dialogue(agent.engine.tokenizer, config.system_prompt, config.max_history_tokens)
+        self.dialogue = Dialogue.for_engine(agent.engine, config.system_prompt, config.max_history_tokens)
         self.vad = SileroVAD(agent.vad_session)
         self.endpointer = Endpointer(config.turns, FRAME_MS)
         self.framer = Framer(FRAME)

@@ -48,7 +48,7 @@ class AgentConfig:
     barge_in_ms: int = 300  # user speech this long while the agent talks interrupts it (backchannels are shorter)
     echo_guard_ms: int = 500  # no barge-in during the first ms of agent speech (its own echo)
     system_prompt: str | None = None
-    max_history_tokens: int = 384
+    max_history_tokens: int = 384  # or the model's trained prompt length, if shorter (Dialogue.for_engine)
     greeting: str | None = None  # spoken when a session starts
     idle_timeout_s: float = 0.0  # hang up after this much received audio without user speech; 0: never
     max_call_s: float = 0.0  # hang up after this much received audio; 0: never

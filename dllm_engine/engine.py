@@ -25,7 +25,7 @@ from typing import AsyncIterator, Union
 import torch
 
 from .decoding import DecodeParams, Output, Runner, Sequence
-from .loading import generation_max_new_tokens, load_model
+from .loading import generation_limits, load_model
 from .model import DiffusionLM, KVCache
 from .tokenizer import Tokenizer
 
@@ -75,11 +75,14 @@ class Engine:
 
     def __init__(
         self, model: DiffusionLM, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None, max_conversations: int = 16,
-        max_new_tokens: int | None = None,
+        max_new_tokens: int | None = None, max_prompt_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens  # the model's reply length, for params that leave it open
+        # The longest prompt the model was trained on, for callers that can trim their history
+        # (the agent's Dialogue); not enforced here: a longer prompt still decodes.
+        self.max_prompt_tokens = max_prompt_tokens
         cfg = model.config
         self.max_len = min(max_len or cfg.max_sequence_length, cfg.max_sequence_length)
         param = next(model.parameters())
@@ -100,7 +103,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto", **kwargs) -> "Engine":
         model, tokenizer = load_model(path, device=device, dtype=dtype)
-        kwargs.setdefault("max_new_tokens", generation_max_new_tokens(path))
+        for key, value in generation_limits(path).items():
+            kwargs.setdefault(key, value)
         return cls(model, tokenizer, **kwargs)
 
     # ---- public API -------------------------------------------------------------------------

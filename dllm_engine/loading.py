@@ -59,19 +59,26 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def generation_max_new_tokens(directory: str | Path) -> int | None:
-    """`max_new_tokens` of the directory's generation_config.json (HF's file of generation
-    defaults), if it has one: the reply canvas a small model was trained on."""
+GENERATION_LIMITS = ("max_new_tokens", "max_prompt_tokens")
+
+
+def generation_limits(directory: str | Path) -> dict[str, int]:
+    """The reply canvas (`max_new_tokens`) and prompt length (`max_prompt_tokens`, this project's
+    key) a small model was trained on, from the directory's generation_config.json (HF's file of
+    generation defaults), where it says them: a model never saw a longer canvas or prompt, and on
+    one it runs on or loses the thread."""
     path = Path(directory) / "generation_config.json"
     if not path.exists():
-        return None
+        return {}
     try:
-        value = json.loads(path.read_text()).get("max_new_tokens")
-    except (json.JSONDecodeError, AttributeError) as e:
+        raw = json.loads(path.read_text())
+        limits = {key: raw[key] for key in GENERATION_LIMITS if raw.get(key) is not None}
+    except (json.JSONDecodeError, AttributeError, TypeError) as e:
         raise ConfigError(f"{path}: not a JSON object: {e}") from None
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ConfigError(f"{path}: max_new_tokens must be a positive integer, got {value!r}")
-    return value
+    for key, value in limits.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{path}: {key} must be a positive integer, got {value!r}")
+    return limits
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto") -> tuple[DiffusionLM, Tokenizer]:

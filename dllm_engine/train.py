@@ -585,8 +585,9 @@ def check_shape(ckpt_model: dict[str, Any], model_cfg: LLaDAConfig, path: Path) 
 
 def export(run_dir: str | Path, out_dir: str | Path, which: str = "best", dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write the run's best (or last) weights as a HF-layout model dir with the tokenizer files, and
-    a generation_config.json whose max_new_tokens is the reply region it was trained on (a canvas
-    longer than that is one the model never saw: it does not fill it with EOS)."""
+    a generation_config.json with the reply region (`max_new_tokens`) and prompt length
+    (`max_prompt_tokens`) it was trained on: on a longer canvas the model does not fill the rest
+    with EOS, and after a longer history it loses the thread (the agent trims its history to it)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     ckpt_path = run_dir / CHECKPOINT
     if not ckpt_path.exists():
@@ -600,9 +601,10 @@ def export(run_dir: str | Path, out_dir: str | Path, which: str = "best", dtype:
     model = DiffusionLM(LLaDAConfig(**ckpt["model_config"]))
     model.load_state_dict(state)
     save_model(model, out_dir, dtype=dtype)
-    reply_len = ckpt.get("train_config", {}).get("reply_len")
-    if reply_len:
-        (out_dir / "generation_config.json").write_text(json.dumps({"max_new_tokens": reply_len}, indent=2) + "\n")
+    trained = ckpt.get("train_config", {})
+    limits = {"max_new_tokens": trained.get("reply_len"), "max_prompt_tokens": trained.get("max_prompt_tokens")}
+    if any(limits.values()):
+        (out_dir / "generation_config.json").write_text(json.dumps({k: v for k, v in limits.items() if v}, indent=2) + "\n")
     tok_dir = Path(ckpt["tokenizer_dir"])
     for name in TOKENIZER_FILES:
         src = run_dir / "tokenizer" / name

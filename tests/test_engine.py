@@ -213,9 +213,10 @@ def test_an_open_max_new_tokens_is_the_models_reply_length_from_its_generation_c
 
     d = tmp_path / "model"
     shutil.copytree(random_model_dir, d)
-    (d / "generation_config.json").write_text('{"max_new_tokens": 12}')
+    (d / "generation_config.json").write_text('{"max_new_tokens": 12, "max_prompt_tokens": 20}')
     eng = Engine.from_pretrained(d, dtype="float32", max_batch=1)
     try:
+        assert eng.max_prompt_tokens == 20  # for the agent's history budget
         open_cap = DecodeParams(policy="vanilla", cache="none", block_size=4, early_stop=False)
         assert len(asyncio.run(collect(eng, chat("hi"), open_cap))[1]) == 12  # the whole canvas: the model's 12
         explicit = DecodeParams(policy="vanilla", cache="none", block_size=4, max_new_tokens=8, early_stop=False)
@@ -226,10 +227,15 @@ def test_an_open_max_new_tokens_is_the_models_reply_length_from_its_generation_c
     try:
         fallback = DecodeParams(policy="vanilla", cache="none", block_size=4, early_stop=False, fallback_max_new_tokens=20)
         assert len(asyncio.run(collect(eng, chat("hi"), fallback))[1]) == 20
+        assert eng.max_prompt_tokens is None
     finally:
         eng.close()
-    (d / "generation_config.json").write_text('{"max_new_tokens": "long"}')
-    with pytest.raises(ConfigError, match="generation_config.json: max_new_tokens must be a positive integer"):
+    for bad, key in (('{"max_new_tokens": "long"}', "max_new_tokens"), ('{"max_prompt_tokens": 0}', "max_prompt_tokens")):
+        (d / "generation_config.json").write_text(bad)
+        with pytest.raises(ConfigError, match=f"generation_config.json: {key} must be a positive integer"):
+            Engine.from_pretrained(d, dtype="float32")
+    (d / "generation_config.json").write_text("[12]")
+    with pytest.raises(ConfigError, match="generation_config.json: not a JSON object"):
         Engine.from_pretrained(d, dtype="float32")
 
 

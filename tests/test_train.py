@@ -119,8 +119,9 @@ def test_export_is_a_loadable_hf_layout_dir(trained, tmp_path):
     model, tok = load_model(out, dtype="float32")
     assert model.config.mask_token_id == tok.special.mask and model.config.vocab_size == tok.vocab_size
     assert json.loads((out / "config.json").read_text())["model_type"] == "llada"
-    reply_len = train.load_checkpoint(trained / "run" / train.CHECKPOINT)["train_config"]["reply_len"]
-    assert json.loads((out / "generation_config.json").read_text()) == {"max_new_tokens": reply_len}
+    trained_on = train.load_checkpoint(trained / "run" / train.CHECKPOINT)["train_config"]
+    limits = {"max_new_tokens": trained_on["reply_len"], "max_prompt_tokens": trained_on["max_prompt_tokens"]}
+    assert json.loads((out / "generation_config.json").read_text()) == limits
 
 
 # ---- the objective ----------------------------------------------------------------------------------

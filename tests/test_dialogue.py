@@ -1,0 +1,36 @@
+"""The agent's history budget: its own cap, and the prompt length the model was trained on."""
+
+from __future__ import annotations
+
+import shutil
+
+from agent.dialogue import Dialogue
+from dllm_engine.engine import Engine
+
+EXCHANGES = [("what did you do today?", "I went for a long walk by the river."), ("was it cold?", "A little, but the sun was out.")]
+
+
+def talk(dialogue: Dialogue) -> list[int]:
+    for user, assistant in EXCHANGES:
+        dialogue.add("user", user)
+        dialogue.add("assistant", assistant)
+    dialogue.add("user", "what will you do tomorrow?")
+    return dialogue.prompt()
+
+
+def test_the_history_fits_the_prompt_length_the_model_was_trained_on(random_model_dir, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(random_model_dir, d)
+    engine = Engine.from_pretrained(d, dtype="float32", max_batch=1)  # no generation_config.json: the agent's cap alone
+    try:
+        alone = engine.tokenizer.apply_chat_template([{"role": "user", "content": "what will you do tomorrow?"}])
+        assert len(talk(Dialogue.for_engine(engine, None, 512))) > len(alone) + 20  # both exchanges kept
+        assert talk(Dialogue.for_engine(engine, None, len(alone))) == alone  # the agent's cap: the last turn
+    finally:
+        engine.close()
+    (d / "generation_config.json").write_text(f'{{"max_prompt_tokens": {len(alone)}}}')
+    engine = Engine.from_pretrained(d, dtype="float32", max_batch=1)
+    try:
+        assert talk(Dialogue.for_engine(engine, None, 512)) == alone  # the model's length wins over a larger cap
+    finally:
+        engine.close()
