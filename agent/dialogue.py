@@ -38,9 +38,4 @@ class Dialogue:
         user turn, kept only if the user really finished).
         """
         head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        turns = list(self.turns) + list(pending or [])
-        while True:
-            ids = self.tokenizer.apply_chat_template(head + turns)
-            if len(ids) <= self.max_history_tokens or len(turns) <= 1:
-                return ids
-            turns = turns[2:] if len(turns) > 2 else turns[1:]
+        return self.tokenizer.apply_chat_template(head + self.turns + list(pending or []), max_tokens=self.max_history_tokens)

@@ -56,10 +56,11 @@ async def _replies(engine: Engine, prompts: list[str], params: DecodeParams, des
 
 
 async def _dialogue(engine: Engine, turns: list[str], params: DecodeParams) -> list[dict]:
+    """The history is kept within the model's trained prompt length, as the voice agent keeps it."""
     history: list[dict] = []
     for user in turns:
         history.append({"role": "user", "content": user})
-        text, _ = await engine.generate(history, params)
+        text, _ = await engine.generate(engine.tokenizer.apply_chat_template(history, max_tokens=engine.max_prompt_tokens), params)
         history.append({"role": "assistant", "content": text.strip()})
     return history
 

@@ -127,8 +127,16 @@ class Tokenizer:
         except TemplateError as e:
             raise ValueError(f"chat template rejected the conversation: {e}") from None
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, max_tokens: int | None = None) -> list[int]:
+        """With `max_tokens`, the oldest turns after a leading system message are dropped, a
+        user/assistant pair at a time, until the rendering fits; the last turn always stays."""
+        head = messages[:1] if messages and messages[0].get("role") == "system" else []
+        turns = messages[len(head):]
+        while True:
+            ids = self.encode(self.render_chat(head + turns, add_generation_prompt))
+            if max_tokens is None or len(ids) <= max_tokens or len(turns) <= 1:
+                return ids
+            turns = turns[2:] if len(turns) > 2 else turns[1:]
 
 
 def _raise(message: str) -> None:
