@@ -73,7 +73,7 @@ def generation_limits(directory: str | Path) -> dict[str, int]:
     try:
         raw = json.loads(path.read_text())
         limits = {key: raw[key] for key in GENERATION_LIMITS if raw.get(key) is not None}
-    except (json.JSONDecodeError, AttributeError, TypeError) as e:
+    except (json.JSONDecodeError, AttributeError) as e:
         raise ConfigError(f"{path}: not a JSON object: {e}") from None
     for key, value in limits.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
