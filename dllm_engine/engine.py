@@ -25,7 +25,7 @@ from typing import AsyncIterator, Union
 import torch
 
 from .decoding import DecodeParams, Output, Runner, Sequence
-from .loading import generation_limits, load_model
+from .loading import generation_limits, load_model, on_own_thread
 from .model import DiffusionLM, KVCache
 from .tokenizer import Tokenizer
 
@@ -102,10 +102,11 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto", **kwargs) -> "Engine":
-        model, tokenizer = load_model(path, device=device, dtype=dtype)
         for key, value in generation_limits(path).items():
             kwargs.setdefault(key, value)
-        return cls(model, tokenizer, **kwargs)
+        # Loaded and its cache zeroed off the caller's thread, so that the engine thread's OpenMP
+        # team is the only one (see on_own_thread): a small model steps ~1.6x faster on 2 cores.
+        return on_own_thread(lambda: cls(*load_model(path, device=device, dtype=dtype), **kwargs))
 
     # ---- public API -------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from dllm_engine.bpe import BOS, CHAT_TEMPLATE, EOS, EOT, MASK
 from dllm_engine.config import ConfigError, LLaDAConfig
-from dllm_engine.loading import INDEX_FILE, load_model, resolve_dtype, save_model
+from dllm_engine.loading import INDEX_FILE, load_model, on_own_thread, resolve_dtype, save_model
 from dllm_engine.model import DiffusionLM, KVCache
 from tests.helpers import edit_json, llada_8b_instruct_config, make_model_dir, random_model
 
@@ -367,3 +368,20 @@ def test_corrupt_tokenizer_config(model_dir):
     (model_dir / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="tokenizer_config.json"):
         load_model(model_dir)
+
+
+def test_on_own_thread_runs_elsewhere_and_returns_the_result(model_dir):
+    where: list[threading.Thread] = []
+
+    def load(path):
+        where.append(threading.current_thread())
+        return load_model(path, dtype="float32")
+
+    model, tokenizer = on_own_thread(load, model_dir)
+    assert where and where[0] is not threading.current_thread() and not where[0].is_alive()
+    assert torch.equal(logits_of(model), logits_of(load_model(model_dir, dtype="float32")[0]))
+
+
+def test_on_own_thread_raises_the_loaders_error_on_the_callers_thread(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        on_own_thread(load_model, tmp_path / "missing")
