@@ -119,7 +119,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    from .voice_agent import AgentConfig
+
+    add_model_args(p, threads_default=f"{AgentConfig.torch_threads}, leaving a core to ASR and TTS")
     add_decode_args(p, SPOKEN.fallback_max_new_tokens, block_size=SPOKEN.block_size)
     g = p.add_argument_group("network and security")
     g.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback requires a token (default: %(default)s)")

@@ -25,11 +25,11 @@ def default_model_path() -> Path:
     raise SystemExit(f"no default model is shipped in {DEFAULT_MODEL_DIR} yet: pass --model PATH (a LLaDA-layout directory)")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, threads_default: str = "torch's choice") -> None:
     p.add_argument("--model", type=Path, help="model directory (HF layout); default: the shipped model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights/compute dtype; auto = bf16 where the hardware has it (default: %(default)s)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help=f"torch intra-op threads (default: {threads_default})")
 
 
 def add_decode_args(p: argparse.ArgumentParser, fallback_max_new_tokens: int = DecodeParams.fallback_max_new_tokens, block_size: int | None = None) -> None:
