@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> dict:
     vanilla = dataclasses.replace(default, policy="vanilla", cache="none")
     reference = dataclasses.replace(vanilla, early_stop=False)
     try:
+        # Warm-up: the first forwards pay for allocations; not any one decoder's time.
+        asyncio.run(engine.generate([{"role": "user", "content": QUALITY_PROMPTS[0]}], default))
         fast = asyncio.run(_replies(engine, QUALITY_PROMPTS, default, "threshold+dual"))
         slow = asyncio.run(_replies(engine, QUALITY_PROMPTS, vanilla, "vanilla"))
         ref = asyncio.run(_replies(engine, QUALITY_PROMPTS, reference, "vanilla reference"))
