@@ -468,6 +468,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--token", default=os.environ.get("VOICE_AGENT_TOKEN"), help="the --url server's token (default: $VOICE_AGENT_TOKEN)")
     t.add_argument("--model", type=Path, help="dLLM directory for the agent loaded here (default: the shipped model); not with --url")
     t.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS", help="the agent's Whisper window, as `serve --asr-window` (default: %(default)s); not with --url")
+    t.add_argument("--threads", type=int, help="the agent's torch threads, as `serve --threads` (default: AgentConfig's); not with --url")
+    t.add_argument("--compile", action="store_true", help="compile the agent's dLLM layers, as `serve --compile`; not with --url")
     t.add_argument("--voice", type=Path, help="piper voice .onnx that synthesizes the questions (default: the agent's voice)")
     t.add_argument("--speech-dir", type=Path, help="WAVs + transcripts.tsv to speak instead of synthesized questions (format above)")
     load = p.add_argument_group("load")
@@ -532,7 +534,10 @@ def describe(args: argparse.Namespace) -> dict:
 
 async def bench(args: argparse.Namespace, agent=None, utterances: list[Utterance] | None = None) -> dict:  # noqa: ANN001 (Agent)
     """Every configuration × concurrency level; `agent` is None against --url."""
-    report: dict = {"machine": machine(), **describe(args), "asr_window_s": agent.config.asr_window_s if agent else None, "runs": []}
+    report: dict = {
+        "machine": machine(), **describe(args), "runs": [],
+        **({"asr_window_s": agent.config.asr_window_s, "torch_threads": agent.config.torch_threads, "compiled": agent.config.compile} if agent else {}),
+    }
     if args.url:
         report["server_health"] = check_reachable(args.url)
     if utterances is None:
@@ -569,12 +574,15 @@ def run(args: argparse.Namespace) -> dict:
         if args.url:
             if args.transport == "inproc":
                 raise BenchError("--transport inproc runs sessions in this process: it takes no --url")
-            if args.model:
-                raise BenchError("--model loads a model here; against --url the server's own model answers")
+            if args.model or args.threads or args.compile:
+                raise BenchError("--model, --threads and --compile set up the agent loaded here; against --url the server's own answers")
             args.url = base_url(args.url)
             check_reachable(args.url)
         utterances = load_speech(args.speech_dir) if args.speech_dir else None
-        agent = None if args.url else Agent.load(AgentConfig(model=args.model, asr_window_s=args.asr_window, max_sessions=max(args.callers)))
+        agent = None if args.url else Agent.load(AgentConfig(
+            model=args.model, asr_window_s=args.asr_window, max_sessions=max(args.callers), compile=args.compile,
+            **({"torch_threads": args.threads} if args.threads else {}),
+        ))
         try:
             return asyncio.run(bench(args, agent, utterances))
         finally:

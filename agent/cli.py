@@ -23,7 +23,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     setup_torch(args)
     params = decode_params(args)
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=1)
+    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=1, compile=args.compile)
     dialogue = Dialogue.for_engine(engine, args.system, args.max_history_tokens)
     print(f"model loaded in {time.perf_counter() - t0:.2f} s. Type a message; Ctrl-D or /quit to leave.", file=sys.stderr)
 
@@ -92,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model=args.model or default_model_path(),
         device=args.device,
         dtype=args.dtype,
+        compile=args.compile,
         asr_model=args.asr_model,
         asr_window_s=args.asr_window,
         voice=args.voice,

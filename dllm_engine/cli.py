@@ -30,6 +30,8 @@ def add_model_args(p: argparse.ArgumentParser, threads_default: str = "torch's c
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights/compute dtype; auto = bf16 where the hardware has it (default: %(default)s)")
     p.add_argument("--threads", type=int, help=f"torch intra-op threads (default: {threads_default})")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's layers: faster steps after a start-up compile (up to a minute per kind of forward the first time, less once inductor has them on disk)")
 
 
 def add_decode_args(p: argparse.ArgumentParser, fallback_max_new_tokens: int = DecodeParams.fallback_max_new_tokens, block_size: int | None = None) -> None:
@@ -75,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     setup_torch(args)
     params = decode_params(args)
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=1)
+    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=1, compile=args.compile)
     load_s = time.perf_counter() - t0
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
 

@@ -232,6 +232,22 @@ class Runner:
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One forward of each kind a step makes (one row; two rows of equal and of unequal length).
+
+        For compiled layers, which compile on their first call of each kind: tens of seconds that
+        belong at start-up, not inside the first requests. Writes only slots 0-1, positions 0-7,
+        which every request rewrites before reading.
+        """
+        kinds = [[8], [8, 8], [8, 6]] if self.cache.slots > 1 else [[8]]
+        for lengths in kinds:
+            n = len(lengths)
+            key_valid = torch.arange(8, device=self.device) < torch.tensor(lengths, device=self.device)[:, None]
+            ids = torch.full((n, 8), self.special.pad, dtype=torch.long, device=self.device)
+            pos = torch.arange(8, device=self.device).expand(n, 8).contiguous()
+            self.model(ids, pos, key_valid, self.cache, torch.arange(n, device=self.device))
+
+    @torch.inference_mode()
     def step(self, seqs: list[Sequence], want_steps: set[str] = frozenset()) -> list[Output]:
         """One denoising step for every sequence; returns one Output per sequence.
 

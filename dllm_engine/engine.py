@@ -18,6 +18,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict, deque
 from pathlib import Path
 from typing import AsyncIterator, Union
@@ -75,7 +76,7 @@ class Engine:
 
     def __init__(
         self, model: DiffusionLM, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None, max_conversations: int = 16,
-        max_new_tokens: int | None = None, max_prompt_tokens: int | None = None,
+        max_new_tokens: int | None = None, max_prompt_tokens: int | None = None, compile: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -89,6 +90,8 @@ class Engine:
         self.device = param.device
         self.cache = KVCache(cfg, max_batch, self.max_len, param.dtype, self.device)
         self.runner = Runner(model, tokenizer, self.cache)
+        if compile:
+            self._compile()
         self.max_batch = max_batch
         self._ids = itertools.count()
         self._commands: queue.Queue = queue.Queue()
@@ -191,6 +194,17 @@ class Engine:
             self._thread.join(timeout=10)
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _compile(self) -> None:
+        """Compile the model's layers and run each kind of forward once, before serving."""
+        log.info("compiling the model's layers (torch.compile): up to a minute per kind of forward the first time, less once inductor has them on disk")
+        t0 = time.perf_counter()
+        self.model.compile_layers()
+        try:
+            self.runner.warm_up()
+        except Exception as e:  # inductor needs a C++ compiler on a CPU, Triton on a GPU
+            raise RuntimeError(f"torch.compile failed ({type(e).__name__}: {e}); run without compiling") from e
+        log.info("compiled in %.1f s", time.perf_counter() - t0)
 
     def _submit(self, prompt: Prompt, params: DecodeParams, request_id: str | None, step_events: bool, conversation: str | None) -> _Request:
         if self._closed:

@@ -82,7 +82,8 @@ class StepTimer:
         """One step whose queries are positions [start, end) and whose block starts at block_start."""
         n = self.ids.shape[0]
         pos = torch.arange(start, end, device=self.device).expand(n, -1)
-        hidden = self.model(self.ids[:, start:end], pos, self.key_valid, self.cache, self.slots)
+        # Contiguous as decoding.Runner builds them (compiled layers would compile a strided copy apart).
+        hidden = self.model(self.ids[:, start:end].contiguous(), pos, self.key_valid, self.cache, self.slots)
         at = block_start - start
         predict(self.model.logits(hidden[:, at : at + self.block]), self.no_sampling, [None] * n)
 
@@ -121,11 +122,13 @@ def run(args: argparse.Namespace) -> dict:
         model_dir = args.model or default_model_path()
         model, _ = load_model(model_dir, device=device, dtype=args.dtype)
         name = str(model_dir)
+    if args.compile:
+        model.compile_layers()  # each batch size's first (warm-up) step compiles
     dtype = next(model.parameters()).dtype
     n_params = sum(p.numel() for p in model.parameters())
     report: dict = {
         "model": name, "parameters": n_params, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "machine": machine(),
+        "threads": torch.get_num_threads(), "compiled": model.compiled, "machine": machine(),
         "conditions": {"prompt_tokens": args.prompt_tokens, "canvas": args.canvas, "block_size": args.block_size, "repeats": args.repeats},
         "runs": [],
     }
@@ -140,7 +143,8 @@ def run(args: argparse.Namespace) -> dict:
             row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         report["runs"].append(row)
         del timer
-    print(f"{name}: {n_params / 1e6:.1f}M parameters, {report['dtype']} on {device} ({report['threads']} threads)")
+    print(f"{name}: {n_params / 1e6:.1f}M parameters, {report['dtype']} on {device} ({report['threads']} threads"
+          + (", compiled layers)" if model.compiled else ")"))
     print(f"{'batch':>6}{'full ms':>10}{'prefix ms':>11}{'dual ms':>9}")
     for r in report["runs"]:
         print(f"{r['batch']:>6}{r['full_ms']:>10.1f}{r['prefix_ms']:>11.1f}{r['dual_ms']:>9.1f}")
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompt-tokens", type=int, default=210, help="prompt length (default: %(default)s)")
     p.add_argument("--canvas", type=int, default=256, help="new-token canvas (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=32, help="decoding block (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's layers (compiles during each batch size's warm-up step)")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per step kind and block (default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the report here")
     args = p.parse_args(argv)

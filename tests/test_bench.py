@@ -104,6 +104,12 @@ def test_unreachable_server_is_one_clear_error() -> None:
         bench.main(["--url", url])
 
 
+@pytest.mark.parametrize("option", [["--model", "somewhere"], ["--threads", "2"], ["--compile"]])
+def test_options_for_the_agent_loaded_here_are_refused_with_a_url(option: list[str]) -> None:
+    with pytest.raises(SystemExit, match="set up the agent loaded here; against --url the server's own answers"):
+        bench.main(["--url", "ws://127.0.0.1:1", *option])
+
+
 def _wav(path: Path, width: int = 2, channels: int = 1, rate: int = 16000) -> None:
     with wave.open(str(path), "wb") as w:
         w.setsampwidth(width)

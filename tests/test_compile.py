@@ -1,0 +1,65 @@
+"""Compiled layers (torch.compile): the same forwards as eager, compiled at start-up and never again."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from dllm_engine.decoding import DecodeParams
+from dllm_engine.engine import Engine
+from dllm_engine.loading import load_model
+from dllm_engine.model import KVCache
+
+# Inductor builds its CPU kernels with the system's C++ compiler (.ci/run installs g++).
+pytestmark = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile needs a C++ compiler on a CPU")
+
+
+def forwards(model, cache: KVCache, lengths: list[int]) -> list[torch.Tensor]:
+    """A full forward of rows of `lengths` (right-padded) that fills the cache, then a cached 8-token block."""
+    n, t = len(lengths), max(lengths)
+    gen = torch.Generator().manual_seed(len(lengths) * 100 + t)
+    ids = torch.randint(3, model.config.vocab_size, (n, t), generator=gen)
+    key_valid = torch.arange(t) < torch.tensor(lengths)[:, None]
+    pos = torch.arange(t).expand(n, t).contiguous()
+    slots = torch.arange(n)
+    with torch.inference_mode():
+        full = model(ids, pos, key_valid, cache, slots)
+        block = model(ids[:, 8:16].contiguous(), pos[:, 8:16].contiguous(), key_valid, cache, slots)
+    return [full, block, *cache.k, *cache.v]
+
+
+def test_compiled_layers_give_the_eager_forwards(random_model_dir):
+    eager, _ = load_model(random_model_dir, dtype="float32")
+    compiled, _ = load_model(random_model_dir, dtype="float32")
+    compiled.compile_layers()
+    for lengths in ([40], [40, 40], [40, 27]):  # one row; rows without and with key padding
+        a = forwards(eager, KVCache(eager.config, 2, 64, torch.float32, "cpu"), lengths)
+        b = forwards(compiled, KVCache(compiled.config, 2, 64, torch.float32, "cpu"), lengths)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
+
+
+def test_a_compiled_engine_compiles_before_serving_and_never_again(random_model_dir):
+    model, tok = load_model(random_model_dir, dtype="float32")
+    engine = Engine(model, tok, max_batch=3, max_len=512, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    params = DecodeParams(cache="dual", threshold=0.3, block_size=8, max_new_tokens=24, early_stop=False)
+    prompts = ["hi", "what do you like to do on a sunny weekend?", "good morning", "tell me a story"]
+
+    async def main():
+        alone = await engine.generate(prompts[0], params)
+        together = await asyncio.gather(*(engine.generate(p, params) for p in prompts[1:]))
+        return [alone, *together]
+
+    try:
+        replies = asyncio.run(main())
+    finally:
+        engine.close()
+    assert graphs > 0
+    assert counters["stats"]["unique_graphs"] == graphs
+    for text, out in replies:
+        assert out.finish_reason == "length" and out.stats.forwards > 0
