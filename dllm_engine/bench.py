@@ -2,8 +2,8 @@
 
 A fixed set of conversations (a 3-exchange history of about 200 tokens plus a short user turn)
 runs through: vanilla exactly as LLaDA's reference does it (whole canvas, no cache, one token per
-step, no early stop), vanilla with early stop, prefix cache + threshold and dual cache +
-threshold, each at batch 1 (requests one after another) and batch N (all at once through the
+step, no early stop), vanilla with early stop, threshold commits without a cache (parallel commits
+alone), prefix cache + threshold and dual cache + threshold, each at batch 1 (requests one after another) and batch N (all at once through the
 engine's continuous batching). Tokens are counted up to EOS / end of turn. Agreement is the share
 of prompts whose reply text equals the reference's.
 
@@ -144,6 +144,7 @@ class Run:
 CONFIGS = [
     ("vanilla (reference)", "vanilla", "none", False),
     ("vanilla + early stop", "vanilla", "none", True),
+    ("threshold, no cache", "threshold", "none", True),
     ("prefix + threshold", "threshold", "prefix", True),
     ("dual + threshold", "threshold", "dual", True),
 ]

@@ -188,7 +188,7 @@ class DiffusionLM(nn.Module):
     def compile_layers(self) -> None:
         """Compile the forward's tensor work with torch.compile (inductor, dynamic shapes).
 
-        Why: a small model's cached step is hundreds of short ops; fused kernels make it ~1.3x
+        Why: a small model's cached step is hundreds of short ops; fused kernels make it 1.1-1.3x
         faster on a CPU. Each kind of call (one row; several rows, key padding or not) compiles
         once, tens of seconds on a small CPU the first time (inductor caches on disk), so callers
         warm up (see decoding.Runner.warm_up).

@@ -11,6 +11,8 @@
   exactly, and the tokens/s of the default decoding against vanilla's twice over: early-stopped,
   and as LLaDA's reference runs it (every step a forward over the whole canvas, no early stop: the
   engine benchmark's baseline; its replies are vanilla's, only slower);
+- which part of the default decoding makes a reply differ from vanilla's: the threshold policy
+  without a cache, and with a prefix cache instead of the dual one (`same_as_vanilla_by_cache`);
 - a few multi-turn dialogues (for the model card).
 """
 
@@ -96,6 +98,7 @@ def run(args: argparse.Namespace) -> dict:
         fast = asyncio.run(_replies(engine, QUALITY_PROMPTS, default, "threshold+dual"))
         slow = asyncio.run(_replies(engine, QUALITY_PROMPTS, vanilla, "vanilla"))
         ref = asyncio.run(_replies(engine, QUALITY_PROMPTS, reference, "vanilla reference"))
+        by_cache = {c: asyncio.run(_replies(engine, QUALITY_PROMPTS, dataclasses.replace(default, cache=c), f"threshold+{c}")) for c in ("none", "prefix")}
         report["dialogues"] = [asyncio.run(_dialogue(engine, d, default)) for d in DIALOGUES]
     finally:
         engine.close()
@@ -111,6 +114,9 @@ def run(args: argparse.Namespace) -> dict:
         "distinct_2": round(distinct_2(replies), 3),
         "commonest_reply_count": collections.Counter(replies).most_common(1)[0][1],  # one template for every prompt: 40
         "same_as_vanilla": round(sum(f["reply"] == s["reply"] for f, s in zip(fast, slow)) / len(fast), 3),
+        "same_as_vanilla_by_cache": {
+            c: round(sum(f["reply"] == s["reply"] for f, s in zip(rs, slow)) / len(rs), 3) for c, rs in [*by_cache.items(), ("dual", fast)]
+        },
         "tokens_per_s_default": round(tps(fast), 1),
         "tokens_per_s_vanilla": round(tps(slow), 1),
         "speedup_vs_vanilla": round(tps(fast) / max(tps(slow), 1e-9), 2),
