@@ -3,9 +3,9 @@
 A fixed set of conversations (a 3-exchange history of about 200 tokens plus a short user turn)
 runs through: vanilla exactly as LLaDA's reference does it (whole canvas, no cache, one token per
 step, no early stop), vanilla with early stop, threshold commits without a cache (parallel commits
-alone), prefix cache + threshold and dual cache + threshold, each at batch 1 (requests one after another) and batch N (all at once through the
-engine's continuous batching). Tokens are counted up to EOS / end of turn. Agreement is the share
-of prompts whose reply text equals the reference's.
+alone), prefix cache + threshold and dual cache + threshold, each at batch 1 (requests one after
+another) and batch N (all at once through the engine's continuous batching). Tokens are counted up
+to EOS / end of turn. Agreement is the share of prompts whose reply text equals the reference's.
 
 Cross-turn prefix reuse is measured apart (`prefix_reuse` in the JSON): each conversation is played
 turn by turn (the fixed history as what was said), once recomputing every prompt and once reusing

@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> dict:
         engine.close()
     replies = [r["reply"] for r in fast]
     tps = lambda rs: sum(r["tokens"] for r in rs) / max(sum(r["seconds"] for r in rs), 1e-9)  # noqa: E731
+    same = lambda rs: round(sum(r["reply"] == s["reply"] for r, s in zip(rs, slow)) / len(rs), 3)  # noqa: E731
     report["decoding"] = {"default": vars(default), "vanilla": vars(vanilla), "reference": vars(reference)}
     report["replies"] = [{**f, "vanilla_reply": s["reply"], "same_as_vanilla": f["reply"] == s["reply"]} for f, s in zip(fast, slow)]
     report["summary"] = {
@@ -113,10 +114,8 @@ def run(args: argparse.Namespace) -> dict:
         "replies_repeating_a_phrase_3x": sum(repeats_a_word(r, longest=4) for r in replies),  # "I'm sorry, I'm sorry. I'm sorry."
         "distinct_2": round(distinct_2(replies), 3),
         "commonest_reply_count": collections.Counter(replies).most_common(1)[0][1],  # one template for every prompt: 40
-        "same_as_vanilla": round(sum(f["reply"] == s["reply"] for f, s in zip(fast, slow)) / len(fast), 3),
-        "same_as_vanilla_by_cache": {
-            c: round(sum(f["reply"] == s["reply"] for f, s in zip(rs, slow)) / len(rs), 3) for c, rs in [*by_cache.items(), ("dual", fast)]
-        },
+        "same_as_vanilla": same(fast),
+        "same_as_vanilla_by_cache": {**{c: same(rs) for c, rs in by_cache.items()}, "dual": same(fast)},
         "tokens_per_s_default": round(tps(fast), 1),
         "tokens_per_s_vanilla": round(tps(slow), 1),
         "speedup_vs_vanilla": round(tps(fast) / max(tps(slow), 1e-9), 2),
