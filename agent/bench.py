@@ -62,6 +62,7 @@ from tqdm import tqdm
 
 from audio.codec import SUPPORTED_RATES, AudioError, resample, to_float32, trim
 from dllm_engine.bench import machine
+from dllm_engine.cli import positive_int
 
 from . import bench_report
 from . import events as ev
@@ -468,7 +469,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--token", default=os.environ.get("VOICE_AGENT_TOKEN"), help="the --url server's token (default: $VOICE_AGENT_TOKEN)")
     t.add_argument("--model", type=Path, help="dLLM directory for the agent loaded here (default: the shipped model); not with --url")
     t.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS", help="the agent's Whisper window, as `serve --asr-window` (default: %(default)s); not with --url")
-    t.add_argument("--threads", type=int, help="the agent's torch threads, as `serve --threads` (default: AgentConfig's); not with --url")
+    t.add_argument("--threads", type=positive_int, help="the agent's torch threads, as `serve --threads` (default: AgentConfig's); not with --url")
     t.add_argument("--compile", action="store_true", help="compile the agent's dLLM layers, as `serve --compile`; not with --url")
     t.add_argument("--voice", type=Path, help="piper voice .onnx that synthesizes the questions (default: the agent's voice)")
     t.add_argument("--speech-dir", type=Path, help="WAVs + transcripts.tsv to speak instead of synthesized questions (format above)")

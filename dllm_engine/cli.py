@@ -25,11 +25,19 @@ def default_model_path() -> Path:
     raise SystemExit(f"no default model is shipped in {DEFAULT_MODEL_DIR} yet: pass --model PATH (a LLaDA-layout directory)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --threads: torch would otherwise fail later with a traceback."""
+    value = int(text)  # a ValueError reads "invalid positive_int value: 'x'"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser, threads_default: str = "torch's choice") -> None:
     p.add_argument("--model", type=Path, help="model directory (HF layout); default: the shipped model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights/compute dtype; auto = bf16 where the hardware has it (default: %(default)s)")
-    p.add_argument("--threads", type=int, help=f"torch intra-op threads (default: {threads_default})")
+    p.add_argument("--threads", type=positive_int, help=f"torch intra-op threads (default: {threads_default})")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model's layers: faster steps after a start-up compile (up to a minute per kind of forward the first time, less once inductor has them on disk)")
 

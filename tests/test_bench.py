@@ -104,6 +104,14 @@ def test_unreachable_server_is_one_clear_error() -> None:
         bench.main(["--url", url])
 
 
+@pytest.mark.parametrize("threads", ["0", "-1", "two"])
+def test_threads_must_be_a_positive_integer(threads: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--threads", threads])
+    err = capsys.readouterr().err
+    assert "--threads" in err and ("must be >= 1" in err or "invalid positive_int value" in err)
+
+
 @pytest.mark.parametrize("option", [["--model", "somewhere"], ["--threads", "2"], ["--compile"]])
 def test_options_for_the_agent_loaded_here_are_refused_with_a_url(option: list[str]) -> None:
     with pytest.raises(SystemExit, match="set up the agent loaded here; against --url the server's own answers"):

@@ -220,8 +220,11 @@ def test_cli_serve_help_and_refusals(capsys):
         build_parser().parse_args(["serve", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--host", "--port", "--model", "--token", "--public-url", "--ssl-certfile", "--ssl-keyfile", "--max-sessions", "--allow-origin", "TWILIO_AUTH_TOKEN"):
+    for flag in ("--host", "--port", "--model", "--token", "--public-url", "--ssl-certfile", "--ssl-keyfile", "--max-sessions", "--allow-origin", "--compile", "TWILIO_AUTH_TOKEN"):
         assert flag in out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--threads", "0"])  # torch would fail later, with a traceback
+    assert "--threads: must be >= 1, got 0" in capsys.readouterr().err
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0"])
     assert args.port == 8000
     with pytest.raises(SystemExit, match="--token"):
