@@ -213,7 +213,7 @@ def run_bench(engine: Engine, batches: list[int], max_new_tokens: int, block_siz
             "prompts": len(prompts),
             "prompt_tokens_mean": statistics.mean(prompt_tokens),
             "model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "vocab_size": cfg.vocab_size,
-                      "parameters": sum(p.numel() for p in engine.model.parameters())},
+                      "parameters": sum(p.numel() for p in engine.model.parameters()), "block_causal": cfg.block_causal},
             "device": str(engine.device),
             "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
@@ -265,7 +265,7 @@ def print_table(result: dict) -> None:
     c = result["conditions"]
     print(f"\nmax_new_tokens {c['max_new_tokens']}, block {c['block_size']}, tau {c['threshold']}, "
           f"{c['prompts']} prompts of ~{c['prompt_tokens_mean']:.0f} tokens, {c['dtype']} on {c['device']}, {c['threads']} threads"
-          + (", compiled layers" if c.get("compiled") else ""))
+          + (", compiled layers" if c.get("compiled") else "") + (", block-causal (exact caches: prefix = dual)" if c["model"].get("block_causal") else ""))
     head = f"{'run':<22}{'batch':>6}{'tok/s':>9}{'tok/fwd':>9}{'1st block ms':>14}{'total ms':>10}{'tokens':>8}{'agree':>7}{'x ref':>7}{'x early':>8}"
     print(head)
     print("-" * len(head))

@@ -51,6 +51,12 @@ class LLaDAConfig:
     eos_token_id: int | list[int] | None = None  # HF checkpoints may list several; all stop generation
     pad_token_id: int | None = None
     bos_token_id: int | None = None
+    # The project's extension (LLaDA's own checkpoints are bidirectional): attention is causal across
+    # blocks and bidirectional inside one. The prompt is the first block, then the canvas's decoding
+    # blocks, of whatever size a request decodes with (trained with several). A block's keys and
+    # values then depend only on it and what precedes it, so the prefix and dual caches are exact,
+    # not Fast-dLLM's approximation, and a step never needs the masked suffix (Fast-dLLM v2, SDAR).
+    block_causal: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:

@@ -16,6 +16,11 @@ Sequences in one call may differ in length, policy, cache and progress: they are
 full and partial forwards, right-padded, and key-masked, so each row computes exactly what it
 would compute alone.
 
+A block-causal model (`LLaDAConfig.block_causal`) attends only to its own block and the ones
+before it (the prompt is the first block), so both caches are exact and the same: the forward at a
+block start runs the previous block (its final keys) and the new one against the cached prefix,
+and the steps after it only the block. The masked suffix is never computed, except by `none`.
+
 Cross-turn prefix reuse (`Sequence.reused`, filled in by the engine): the first positions' keys and
 values come from an earlier request of the same conversation and are never recomputed, so even the
 "full" forwards start after them. For a bidirectional model this is an approximation (those keys
@@ -131,9 +136,12 @@ class Output:
 class Sequence:
     """Decoding state of one request: its canvas, current block and what was streamed."""
 
-    def __init__(self, request_id: str, prompt: list[int], params: DecodeParams, tokenizer: Tokenizer, device: torch.device) -> None:
+    def __init__(
+        self, request_id: str, prompt: list[int], params: DecodeParams, tokenizer: Tokenizer, device: torch.device, block_causal: bool = False
+    ) -> None:
         self.id = request_id
         self.params = params
+        self.block_causal = block_causal
         self.prompt_len = len(prompt)
         self.length = len(prompt) + params.canvas_len
         self.n_blocks = params.canvas_len // params.block_size
@@ -161,15 +169,28 @@ class Sequence:
         return self.prompt_len + self.block * self.params.block_size
 
     @property
+    def block_end(self) -> int:
+        return self.block_start + self.params.block_size
+
+    @property
     def needs_full_forward(self) -> bool:
+        """A forward that (re)computes keys before the block: the whole sequence, or for a
+        block-causal model with a cache, the previous block and this one."""
         return self.params.cache == "none" or self.block_step == 0
 
+    @property
+    def key_end(self) -> int:
+        """Keys this step may read: [0, key_end). A block-causal block sees nothing after it."""
+        return self.block_end if self.block_causal and self.params.cache != "none" else self.length
+
     def query_range(self) -> tuple[int, int]:
-        if self.needs_full_forward:
+        if self.params.cache == "none":
             return self.reused, self.length
-        if self.params.cache == "prefix":
+        if self.block_step == 0:
+            return (max(self.reused, self.settled), self.block_end) if self.block_causal else (self.reused, self.length)
+        if self.params.cache == "prefix" and not self.block_causal:
             return self.block_start, self.length
-        return self.block_start, self.block_start + self.params.block_size
+        return self.block_start, self.block_end
 
     def stats(self) -> Stats:
         now = time.perf_counter()
@@ -184,6 +205,13 @@ class Sequence:
             first_block_ms=ms(self.t_first_block),
             total_ms=(now - self.t_start) * 1e3,
         )
+
+
+def block_causal_keys(query_pos: torch.Tensor, n_keys: int, prompt_len: int, block_size: int) -> torch.Tensor:
+    """(T, n_keys): which keys each query position may attend in a block-causal model, whose
+    attention blocks are the prompt (0), then the canvas's decoding blocks (1, 2, ...)."""
+    blocks = lambda p: torch.where(p < prompt_len, 0, 1 + (p - prompt_len) // block_size)  # noqa: E731
+    return blocks(torch.arange(n_keys, device=query_pos.device))[None, :] <= blocks(query_pos)[:, None]
 
 
 def commit_counts(conf_sorted: torch.Tensor, policy: torch.Tensor, threshold: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -233,19 +261,23 @@ class Runner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """One forward of each kind a step makes (one row; two rows of equal and of unequal length).
+        """One forward of each kind a step makes (one row; two rows of equal and of unequal length;
+        for a block-causal model also with a mask per query, as its block starts have).
 
         For compiled layers, which compile on their first call of each kind: tens of seconds that
         belong at start-up, not inside the first requests. Writes only slots 0-1, positions 0-7,
         which every request rewrites before reading.
         """
         kinds = [[8], [8, 8], [8, 6]] if self.cache.slots > 1 else [[8]]
+        order = torch.arange(8, device=self.device)
         for lengths in kinds:
             n = len(lengths)
-            key_valid = torch.arange(8, device=self.device) < torch.tensor(lengths, device=self.device)[:, None]
+            key_valid = order < torch.tensor(lengths, device=self.device)[:, None]
             ids = torch.full((n, 8), self.special.pad, dtype=torch.long, device=self.device)
-            pos = torch.arange(8, device=self.device).expand(n, 8).contiguous()
-            self.model(ids, pos, key_valid, self.cache, torch.arange(n, device=self.device))
+            pos = order.expand(n, 8).contiguous()
+            masks = [key_valid] + ([key_valid[:, None, :] & (order[:, None] >= order)] if self.model.config.block_causal else [])
+            for mask in masks:
+                self.model(ids, pos, mask, self.cache, torch.arange(n, device=self.device))
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], want_steps: set[str] = frozenset()) -> list[Output]:
@@ -264,7 +296,7 @@ class Runner:
         full = seqs[0].needs_full_forward  # the same for the whole group
         ranges = [s.query_range() for s in seqs]
         t = max(b - a for a, b in ranges)
-        s_keys = max(s.length for s in seqs)
+        s_keys = max(s.key_end for s in seqs)
         ids = torch.full((n, t), self.special.pad, dtype=torch.long, device=dev)
         pos = torch.full((n, t), self.cache.scratch, dtype=torch.long, device=dev)
         key_valid = torch.zeros((n, s_keys), dtype=torch.bool, device=dev)
@@ -272,8 +304,10 @@ class Runner:
         for i, (s, (a, b)) in enumerate(zip(seqs, ranges)):
             ids[i, : b - a] = s.ids[a:b]
             pos[i, : b - a] = torch.arange(a, b, device=dev)
-            key_valid[i, : s.length] = True
+            key_valid[i, : s.key_end] = True
             block_idx[i] = torch.arange(s.params.block_size, device=dev) + (s.block_start - a)
+        if full and seqs[0].block_causal:  # queries of several blocks: each sees its own and earlier ones
+            key_valid = torch.stack([block_causal_keys(p, s_keys, s.prompt_len, s.params.block_size) & kv for s, p, kv in zip(seqs, pos, key_valid)])
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
         hidden = self.model(ids, pos, key_valid, self.cache, slots)
         hidden = hidden.gather(1, block_idx[..., None].expand(-1, -1, hidden.shape[-1]))

@@ -8,7 +8,8 @@ between steps, at their own block boundaries, while sharing forwards with the ot
 Requests that name a `conversation` reuse its cached prefix: when one finishes, the keys and values
 of its settled positions are kept (a few conversations, least recently used dropped first); the
 next request of that conversation loads the longest common token prefix instead of recomputing it.
-Off unless asked for: it is an approximation for a bidirectional model (see decoding.py).
+Off unless asked for: it is an approximation, even for a block-causal model, whose prompt is one
+bidirectional block (see decoding.py).
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ class Engine:
                 f"prompt of {len(ids)} tokens + {params.canvas_len} new exceeds the context of {self.max_len} tokens"
             )
         request_id = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(request_id, ids, params, self.tokenizer, self.device)
+        seq = Sequence(request_id, ids, params, self.tokenizer, self.device, self.model.config.block_causal)
         req = _Request(seq, asyncio.get_running_loop(), step_events, conversation)
         with self._lock:
             if request_id in self._requests:

@@ -2,7 +2,8 @@
 
 Module names mirror LLaDA's checkpoint names (`model.transformer.blocks.{i}.q_proj`, ...), so a
 state dict loads without renaming. Attention is full (no causal mask): every position sees the
-whole canvas, which is what lets a diffusion LM fill masked tokens anywhere.
+whole canvas, which is what lets a diffusion LM fill masked tokens anywhere. A block-causal model
+(`LLaDAConfig.block_causal`) gets its mask from the caller, who knows where the blocks are.
 
 The optional `KVCache` is a static per-slot buffer (gpt-fast style). A forward that is given a
 cache first writes its own rotated keys and values at their positions, then attends over the
@@ -157,22 +158,24 @@ class DiffusionLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states (N, T, d) for query tokens `ids` (N, T) at positions `pos`.
 
-        Without a cache the queries are also the keys; `key_valid` (N, T) masks padding.
+        `key_valid` says which keys a query may attend: (N, S) the same for every query of a row
+        (padding), or (N, T, S) per query (a block-causal model's blocks, see `LLaDAConfig`).
+        Without a cache the queries are also the keys (S = T).
         With a cache, row i writes its keys/values into `cache` slot `slots[i]` at `pos[i]`
         (padding rows should point `pos` at `cache.scratch`) and attends over that slot's
-        positions [0, key_valid.shape[1]) where `key_valid` is True.
+        positions [0, S) where `key_valid` is True.
         """
         n, t = ids.shape
         if pos is None:
             pos = torch.arange(t, device=ids.device).expand(n, t)
         attn_mask = None
         if key_valid is not None and not bool(key_valid.all()):
-            attn_mask = key_valid[:, None, None, :]
+            attn_mask = key_valid[:, None, None, :] if key_valid.dim() == 2 else key_valid[:, None]
         kv = None
         if cache is not None:
             assert slots is not None and key_valid is not None, "a cached forward needs slots and key_valid"
             write_idx, rows = _cache_index(slots, pos, views=not self.compiled)
-            kv = (cache.k, cache.v, write_idx, rows, key_valid.shape[1])
+            kv = (cache.k, cache.v, write_idx, rows, key_valid.shape[-1])
         return self._layers(ids, pos, attn_mask, kv)
 
     def _layers(self, ids: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor | None, kv: tuple | None) -> torch.Tensor:

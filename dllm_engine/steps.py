@@ -10,6 +10,10 @@ conditions (a ~210-token prompt: a 3-turn history plus a user turn; a 256-token 
 - `prefix`: the current block and everything after it against the cached prefix (mean over the 8 blocks);
 - `dual`: the current block alone against the cached prefix and suffix.
 
+For a block-causal model (`LLaDAConfig.block_causal`) the steps are those its exact cache makes:
+`full` under its block mask; `block_start` the previous block and this one against the prefix
+(the first step of each block); `dual` (= `prefix`) the block alone against the prefix only.
+
 `--shape llada-8b` builds LLaDA-8B's shape with random weights on the device (no checkpoint
 needed): a step costs the same whatever the weights, while tokens/s would say nothing (random
 weights commit one token per step).
@@ -28,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ConfigError, LLaDAConfig
-from .decoding import predict
+from .decoding import block_causal_keys, predict
 from .loading import DTYPES, load_model, resolve_dtype
 from .model import DiffusionLM, KVCache
 
@@ -77,13 +81,21 @@ class StepTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def keys(self, start: int, end: int) -> torch.Tensor:
+        """What queries [start, end) may attend: every key, or under a block-causal model's mask
+        (the prompt is block 0) the keys of their own and earlier blocks, none after `end`."""
+        if not self.model.config.block_causal:
+            return self.key_valid
+        mask = block_causal_keys(torch.arange(start, end, device=self.device), end, self.prompt_len, self.block)
+        return mask.expand(self.ids.shape[0], -1, -1)
+
     @torch.inference_mode()
     def step(self, start: int, end: int, block_start: int) -> None:
         """One step whose queries are positions [start, end) and whose block starts at block_start."""
         n = self.ids.shape[0]
         pos = torch.arange(start, end, device=self.device).expand(n, -1)
         # Contiguous as decoding.Runner builds them (compiled layers would compile a strided copy apart).
-        hidden = self.model(self.ids[:, start:end].contiguous(), pos, self.key_valid, self.cache, self.slots)
+        hidden = self.model(self.ids[:, start:end].contiguous(), pos, self.keys(start, end), self.cache, self.slots)
         at = block_start - start
         predict(self.model.logits(hidden[:, at : at + self.block]), self.no_sampling, [None] * n)
 
@@ -101,6 +113,16 @@ class StepTimer:
 
     def measure(self, repeats: int) -> dict[str, float]:
         blocks = range(self.prompt_len, self.length, self.block)
+        if self.model.config.block_causal:
+            dual = statistics.mean(self.ms(b, b + self.block, b, repeats) for b in blocks)
+            return {
+                "full_ms": self.ms(0, self.length, self.prompt_len, repeats),
+                # the previous block and this one (the first block's start is the prompt and it)
+                "block_start_ms": statistics.mean(self.ms(b - self.block, b + self.block, b, repeats) for b in blocks[1:])
+                if len(blocks) > 1 else self.ms(0, self.prompt_len + self.block, self.prompt_len, repeats),
+                "prefix_ms": dual,
+                "dual_ms": dual,
+            }
         return {
             "full_ms": self.ms(0, self.length, self.prompt_len, repeats),
             "prefix_ms": statistics.mean(self.ms(b, self.length, b, repeats) for b in blocks),
@@ -145,9 +167,10 @@ def run(args: argparse.Namespace) -> dict:
         del timer
     print(f"{name}: {n_params / 1e6:.1f}M parameters, {report['dtype']} on {device} ({report['threads']} threads"
           + (", compiled layers)" if model.compiled else ")"))
-    print(f"{'batch':>6}{'full ms':>10}{'prefix ms':>11}{'dual ms':>9}")
+    start = "block_start_ms" in report["runs"][0]
+    print(f"{'batch':>6}{'full ms':>10}" + (f"{'block start ms':>16}" if start else "") + f"{'prefix ms':>11}{'dual ms':>9}")
     for r in report["runs"]:
-        print(f"{r['batch']:>6}{r['full_ms']:>10.1f}{r['prefix_ms']:>11.1f}{r['dual_ms']:>9.1f}")
+        print(f"{r['batch']:>6}{r['full_ms']:>10.1f}" + (f"{r['block_start_ms']:>16.1f}" if start else "") + f"{r['prefix_ms']:>11.1f}{r['dual_ms']:>9.1f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

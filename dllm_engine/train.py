@@ -418,6 +418,42 @@ def collate(rows: list[Row], pad_id: int, device: torch.device | str = "cpu") ->
 # ---- objective ----------------------------------------------------------------------------------
 
 
+def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor, batch: dict[str, torch.Tensor], block_size: int | None = None) -> torch.Tensor:
+    """Hidden states (N, T, d) for the partly masked `noisy` ids of a collated batch.
+
+    A bidirectional model: one plain forward. A block-causal one (`LLaDAConfig.block_causal`):
+    every reply block's loss in one forward (BD3-LM's vectorized training) over [prompt, clean
+    reply, noisy reply], where the prompt sees itself, a clean block the prompt and the clean
+    blocks up to it, and a noisy block the prompt, the clean blocks before it and itself: what
+    decoding meets at each block. The noisy copy's states come back at the reply's positions.
+    `block_size` None: the whole reply is one block.
+    """
+    ids, region, key_valid = batch["ids"], batch["region"], batch["key_valid"]
+    if not model.config.block_causal:
+        return model(noisy, key_valid=key_valid)
+    n, t = ids.shape
+    dev = ids.device
+    start, length = region.long().argmax(1), region.sum(1)  # each row's reply span
+    r = int(length.max())
+    j = torch.arange(r, device=dev)
+    src = (start[:, None] + j).clamp(max=t - 1)
+    in_reply = j < length[:, None]
+    block = block_size or t
+    zeros = torch.zeros((n, r), dtype=torch.bool, device=dev)
+    prompt = torch.cat([key_valid & ~region, zeros], 1)
+    clean = torch.cat([region, zeros], 1)
+    noise = torch.cat([torch.zeros_like(region), in_reply], 1)
+    valid = torch.cat([key_valid, in_reply], 1)
+    blk = torch.cat([(torch.arange(t, device=dev) - start[:, None]).clamp(min=0) // block, (j // block).expand(n, r)], 1)
+    q, k = (lambda x: x[:, :, None]), (lambda x: x[:, None, :])
+    before, same = k(blk) < q(blk), k(blk) == q(blk)
+    sees = k(prompt) | (k(clean) & ~q(prompt) & (before | (same & q(clean)))) | (k(noise) & q(noise) & same)
+    attn = (sees | ~q(valid)) & k(valid)  # padding queries see every real key: no empty softmax row
+    pos = torch.cat([torch.arange(t, device=dev).expand(n, t), src], 1)
+    hidden = model(torch.cat([ids, noisy.gather(1, src)], 1), pos, attn)
+    return hidden[:, :t].masked_scatter(region[..., None], hidden[:, t:][in_reply])
+
+
 def diffusion_loss(
     model: DiffusionLM,
     batch: dict[str, torch.Tensor],
@@ -432,7 +468,9 @@ def diffusion_loss(
     """LLaDA SFT loss: mask each region token w.p. t ~ U(eps, 1); CE on masked tokens / t / region length.
     With `weighting="mean"`, the mean CE over all masked tokens of the batch instead.
 
-    With `block_size`, the noise is the one semi-autoregressive decoding meets instead: per row a
+    A block-causal model is scored on every block at once with `block_size` its attention blocks
+    (`denoise_hidden`), each token masked w.p. t. For a bidirectional one, with `block_size`, the
+    noise is the one semi-autoregressive decoding meets instead: per row a
     block-aligned window of the region up to the block holding the first EOS is drawn; tokens
     before it are clean, tokens after it fully masked, and inside it each token is masked w.p. t.
     The loss covers the window's masked tokens (weighted 1/t, normalized by the block size). A small
@@ -441,12 +479,12 @@ def diffusion_loss(
     `certainty` > 0 adds that multiple of the predictive entropy at each scored position whose
     argmax is already the target (TrainConfig.certainty_weight), weighted like its cross-entropy.
     """
-    ids, region, key_valid = batch["ids"], batch["region"], batch["key_valid"]
+    ids, region = batch["ids"], batch["region"]
     n = ids.shape[0]
     dev = ids.device  # random draws come from the CPU generator: the same masks on any device
     t = (eps + (1 - eps) * torch.rand(n, 1, generator=gen)).to(dev)
     coin = torch.rand(ids.shape, generator=gen).to(dev) < t
-    if block_size is None:
+    if block_size is None or model.config.block_causal:
         masked = region & coin
         scored, norm = masked, region.sum(1, keepdim=True)
     else:
@@ -459,7 +497,7 @@ def diffusion_loss(
         masked = (window & coin) | (region & (at >= start + block_size))
         scored, norm = window & coin, torch.full((n, 1), block_size, device=dev)
     noisy = torch.where(masked, mask_id, ids)
-    hidden = model(noisy, key_valid=key_valid)
+    hidden = denoise_hidden(model, noisy, batch, block_size)
     logp = model.logits(hidden[scored]).float().log_softmax(-1)
     ce = F.nll_loss(logp, ids[scored], reduction="none")  # = cross_entropy, with logp kept for the entropy
     if certainty:
@@ -477,6 +515,7 @@ def eval_loss(model: DiffusionLM, batches: list[dict[str, torch.Tensor]], mask_i
 
     `loss@r` averages over all masked region tokens (EOS padding included, as trained);
     `reply_loss@r` over masked reply tokens only (the reply and its end of turn, not the padding).
+    A block-causal model sees the reply as one block here, the nearest to a bidirectional one's view.
     """
     was_training = model.training
     model.eval()
@@ -489,7 +528,7 @@ def eval_loss(model: DiffusionLM, batches: list[dict[str, torch.Tensor]], mask_i
             ids, region = b["ids"], b["region"]
             masked = region & (torch.rand(ids.shape, generator=gen).to(ids.device) < r)
             with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-                hidden = model(torch.where(masked, mask_id, ids), key_valid=b["key_valid"])
+                hidden = denoise_hidden(model, torch.where(masked, mask_id, ids), b)
                 ce = F.cross_entropy(model.logits(hidden[masked]).float(), ids[masked], reduction="none")
             reply = ids[masked] != eos_id
             tot, cnt = tot + ce.sum().item(), cnt + ce.numel()
@@ -575,10 +614,12 @@ def load_init(path: Path) -> dict:
     return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "step": f"exported {path.name}"}
 
 
-def check_shape(ckpt_model: dict[str, Any], model_cfg: LLaDAConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint whose model differs from the config's (names the fields)."""
+def check_shape(ckpt_model: dict[str, Any], model_cfg: LLaDAConfig, path: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse to resume a checkpoint whose model differs from the config's (names the fields).
+    A field the checkpoint predates has its default."""
     want = dataclasses.asdict(model_cfg)
-    diff = [f"{k}: checkpoint {ckpt_model.get(k)!r} vs config {want[k]!r}" for k in sorted(want) if ckpt_model.get(k) != want[k]]
+    got = {f.name: f.default for f in dataclasses.fields(LLaDAConfig)} | ckpt_model
+    diff = [f"{k}: checkpoint {got.get(k)!r} vs config {want[k]!r}" for k in sorted(want) if k not in ignore and got.get(k) != want[k]]
     if diff:
         raise ConfigError(f"{path} was trained with a different model shape ({'; '.join(diff)}); use another out_dir or the matching config")
 
@@ -668,7 +709,8 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     model = init_model(model_cfg, cfg.init_std, cfg.seed)
     if cfg.init_from and ckpt is None:
         src = load_init(Path(cfg.init_from))
-        check_shape(src["model_config"], model_cfg, Path(cfg.init_from))
+        # The same weights serve either attention pattern: a bidirectional model may go on block-causal.
+        check_shape(src["model_config"], model_cfg, Path(cfg.init_from), ignore=("block_causal",))
         model.load_state_dict(src["model"])
         log(f"initialized from {cfg.init_from} (step {src.get('step')})")
     model.to(device)

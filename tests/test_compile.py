@@ -13,6 +13,7 @@ from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
 from dllm_engine.loading import load_model
 from dllm_engine.model import KVCache
+from tests.helpers import make_model_dir
 
 # Inductor builds its CPU kernels with the system's C++ compiler (.ci/run installs g++).
 pytestmark = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile needs a C++ compiler on a CPU")
@@ -43,8 +44,10 @@ def test_compiled_layers_give_the_eager_forwards(random_model_dir):
             torch.testing.assert_close(y, x, atol=1e-4, rtol=1e-4)
 
 
-def test_a_compiled_engine_compiles_before_serving_and_never_again(random_model_dir):
-    model, tok = load_model(random_model_dir, dtype="float32")
+@pytest.mark.parametrize("block_causal", [False, True])
+def test_a_compiled_engine_compiles_before_serving_and_never_again(random_model_dir, tmp_path, block_causal):
+    """Block-causal models add a kind: block starts with a mask per query."""
+    model, tok = load_model(make_model_dir(tmp_path, {"block_causal": True}) if block_causal else random_model_dir, dtype="float32")
     engine = Engine(model, tok, max_batch=3, max_len=512, compile=True)
     graphs = counters["stats"]["unique_graphs"]
     params = DecodeParams(cache="dual", threshold=0.3, block_size=8, max_new_tokens=24, early_stop=False)

@@ -62,3 +62,16 @@ def test_a_missing_model_directory_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "missing"), "--batches", "1"])
     assert "missing does not exist" in capsys.readouterr().err
+
+
+def test_a_block_causal_step_reads_no_key_after_its_block():
+    """The keys after the block are garbage here: a block-causal dual step must not see them."""
+    cfg = tiny_config(mask_token_id=1, block_causal=True)
+    timer = StepTimer(random_model(cfg, torch.device("cpu"), torch.float32), batch=1, prompt_len=12, canvas=16, block=8)
+    timer.step(0, timer.length, 12)
+    hidden = lambda: timer.model.logits(timer.model(timer.ids[:, 12:20], torch.arange(12, 20)[None], timer.keys(12, 20), timer.cache, timer.slots))  # noqa: E731
+    before = hidden()
+    for k in timer.cache.k + timer.cache.v:
+        k[:, 20:] = torch.randn_like(k[:, 20:])
+    torch.testing.assert_close(hidden(), before)
+    assert set(timer.measure(1)) == {"full_ms", "block_start_ms", "prefix_ms", "dual_ms"}
