@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from dllm_engine.cli import add_decode_args, add_model_args, decode_params, default_model_path, setup_torch
+from dllm_engine.cli import add_decode_args, add_model_args, decode_params, default_model_path, positive_int, setup_torch
 from dllm_engine.decoding import SPOKEN
 
 from .dialogue import Dialogue
@@ -137,7 +137,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     g.add_argument("--web-dir", type=Path, help="browser client directory served at / (default: agent/web/, shipped with the package)")
     lim = p.add_argument_group("limits (each refusal has its own close code, see README)")
-    lim.add_argument("--max-sessions", type=int, default=4, help="concurrent sessions, all endpoints; also the engine's batch size (default: %(default)s)")
+    lim.add_argument("--max-sessions", type=positive_int, default=4, help="concurrent sessions, all endpoints; also the engine's batch size (default: %(default)s)")
     lim.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest WebSocket message; larger ones close with 1009 (default: %(default)s)")
     lim.add_argument("--max-queued-audio", type=float, default=60.0, metavar="SECONDS",
                      help="reply audio waiting for one client before it is dropped as not reading, close 1008 (default: %(default)s)")

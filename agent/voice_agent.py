@@ -62,6 +62,13 @@ class AgentConfig:
     asr_threads: int = 2
     tts_threads: int = 2  # the first sentence's audio sooner than on one thread
 
+    def __post_init__(self) -> None:
+        # Here, not at load: a zero would otherwise surface as a torch or onnxruntime traceback.
+        for name in ("torch_threads", "asr_threads", "tts_threads", "max_sessions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"AgentConfig.{name} must be a positive integer, got {value!r}")
+
 
 class Agent:
     """Models shared by every session of the process."""

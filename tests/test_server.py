@@ -225,6 +225,9 @@ def test_cli_serve_help_and_refusals(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--threads", "0"])  # torch would fail later, with a traceback
     assert "--threads: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--max-sessions", "0"])
+    assert "--max-sessions: must be >= 1, got 0" in capsys.readouterr().err
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0"])
     assert args.port == 8000
     with pytest.raises(SystemExit, match="--token"):

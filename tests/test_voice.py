@@ -257,3 +257,11 @@ async def test_a_question_ends_the_turn_before_the_plain_endpoint(voice_agent, p
         got = await converse(s, speech, until=ev.TurnMetrics)
     assert of(got, ev.SpeechStopped) and of(got, ev.Transcript)[0].text.endswith("?")
     assert of(got, ev.TurnMetrics)[-1].timeline["speculative"] is True
+
+
+@pytest.mark.parametrize("field", ["torch_threads", "asr_threads", "tts_threads", "max_sessions"])
+def test_agent_config_refuses_a_count_below_one(field):
+    from agent import AgentConfig
+
+    with pytest.raises(ValueError, match=f"AgentConfig.{field} must be a positive integer, got 0"):
+        AgentConfig(**{field: 0})
