@@ -6,7 +6,8 @@
 - replies to the 40 everyday prompts of `data.QUALITY_PROMPTS` with the default decoding
   (threshold 0.9, dual cache), written out for reading: how many end (EOS / end of turn) within
   48 tokens, how many repeat a word (or a phrase of up to 4 words) three times in a row,
-  distinct-2, how many are the commonest reply;
+  distinct-2, how many are the commonest reply, how many hold a word the human text has fewer than
+  10 times (a non-word blended from rare words' pieces, which a voice would read out);
 - the same prompts with the vanilla decoder: how many threshold replies equal the vanilla reply
   exactly, and the tokens/s of the default decoding against vanilla's twice over: early-stopped,
   and as LLaDA's reference runs it (every step a forward over the whole canvas, no early stop: the
@@ -33,7 +34,9 @@ from .bench import machine
 from .config import ConfigError
 from .data import QUALITY_PROMPTS, repeats_a_word, words
 from .decoding import SPOKEN, DecodeParams
+from .distill import MIN_WORD_COUNT
 from .engine import Engine
+from .train import encode_chat, eval_loss, iter_batches, prompt_gain, read_jsonl, read_utterances
 
 DIALOGUES = [
     ["Hi, how are you?", "What did you do today?", "That sounds nice. Anything fun planned for the weekend?"],
@@ -71,7 +74,6 @@ def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_to
     """Masked-token loss in fp32 (the model alone: no engine, no cache), and how much the prompt
     helps (`train.prompt_gain`, nats per reply token: 0 means the model ignores what it is asked)."""
     from .loading import load_model
-    from .train import encode_chat, eval_loss, iter_batches, prompt_gain, read_jsonl
 
     model, tokenizer = load_model(model_dir, dtype="float32")
     exs = read_jsonl(data_dir / eval_file)
@@ -123,13 +125,15 @@ def run(args: argparse.Namespace) -> dict:
         "speedup_vs_reference": round(tps(fast) / max(tps(ref), 1e-9), 2),  # the engine issue's 8x
         "tokens_per_forward_default": round(sum(r["tokens"] for r in fast) / max(sum(r["forwards"] for r in fast), 1), 2),
     }
-    if not args.no_loss:
-        data_dir = args.data
-        if data_dir is None:  # rebuild the held-out split (deterministic, ~15 s)
-            from .data import prepare
+    data_dir = args.data
+    if data_dir is None:  # rebuild the split (deterministic, ~15 s)
+        from .data import prepare
 
-            data_dir = Path(tempfile.mkdtemp(prefix="dllm-quality-"))
-            prepare(data_dir, verbose=False)
+        data_dir = Path(tempfile.mkdtemp(prefix="dllm-quality-"))
+        prepare(data_dir, verbose=False)
+    known = collections.Counter(w for line in read_utterances(data_dir / "utterances.txt") for w in words(line))
+    report["summary"]["replies_with_rare_words"] = sum(any(known[w] < MIN_WORD_COUNT for w in words(r)) for r in replies)
+    if not args.no_loss:
         report["held_out_loss"] = held_out_loss(model_dir, data_dir, args.reply_len, args.max_prompt_tokens, args.examples, [0.25, 0.5, 0.75], args.eval_file)
         report["held_out_file"] = args.eval_file
     s = report["summary"]
