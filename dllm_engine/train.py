@@ -114,6 +114,11 @@ class TrainConfig:
     # {"chatterbot" = 20}: examples of that corpus (or of any file under it, `chatterbot/food`) are
     # seen that many times per epoch. A small, strongly prompt-dependent corpus among open chit-chat.
     source_repeats: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Multi-turn copies (`with_history`): each example is seen `history_copies` more times, each after
+    # 1..`history_turns` earlier exchanges drawn from the other examples. Teacher pairs are one turn
+    # deep; a call's history is not, and a model that never saw one stops ending its replies after it.
+    history_copies: int = 0
+    history_turns: int = 3
     # the held-out file of data_dir that eval loss and best.pt follow: a model trained on teacher
     # replies is judged on teacher replies (`dllm distill --split eval` writes distilled-eval.jsonl)
     eval_file: str = "eval.jsonl"
@@ -169,6 +174,8 @@ class TrainConfig:
         for name in ("reply_len", "batch_tokens", "max_steps", "eval_interval", "log_interval", "bucket_step", "max_batch_size"):
             if getattr(cfg, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.history_copies < 0 or cfg.history_turns < 1:
+            raise ConfigError(f"history_copies must be >= 0 and history_turns >= 1, got {cfg.history_copies} and {cfg.history_turns}")
         if not isinstance(cfg.source_repeats, dict) or any(not isinstance(n, int) or n < 0 for n in cfg.source_repeats.values()):
             raise ConfigError(f"source_repeats must map corpus names to counts >= 0, got {cfg.source_repeats!r}")
         if not cfg.train_files or not all(isinstance(n, str) and n for n in cfg.train_files):
@@ -184,11 +191,9 @@ class TrainConfig:
         if cfg.loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {cfg.loss_weighting!r}")
         try:
-            device = torch.device(cfg.device)
+            torch.device(cfg.device)  # whether this machine has it is train()'s question: a GPU config parses anywhere
         except RuntimeError as e:
             raise ConfigError(f"device {cfg.device!r}: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
         if cfg.autocast_bf16 not in ("auto", True, False):
             raise ConfigError(f"autocast_bf16 must be auto, true or false, got {cfg.autocast_bf16!r}")
         return cfg
@@ -272,6 +277,22 @@ def repeat_sources(examples: list[dict], repeats: dict[str, int]) -> list[dict]:
         return next((repeats[p] for p in ("/".join(parts[:k]) for k in range(len(parts), 0, -1)) if p in repeats), 1)
 
     return [ex for ex in examples for _ in range(times(ex.get("source", "")))]
+
+
+def with_history(examples: list[dict], copies: int, turns: int, seed: int) -> list[dict]:
+    """The examples, then `copies` more of each whose messages start with 1..`turns` exchanges
+    (a user turn and its reply) drawn from the examples' own last turns: the model learns to answer
+    the last turn after a history, as a voice call gives it. Deterministic in `seed`."""
+    if not copies:
+        return examples
+    rng = random.Random(seed)
+    exchanges = [(ex["messages"][-1]["content"], ex["reply"]) for ex in examples if ex["messages"][-1]["role"] == "user"]
+    out = list(examples)
+    for _ in range(copies):
+        for ex in examples:
+            history = [{"role": role, "content": text} for pair in rng.choices(exchanges, k=rng.randint(1, turns)) for role, text in zip(("user", "assistant"), pair)]
+            out.append({**ex, "messages": history + ex["messages"]})
+    return out
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -672,6 +693,8 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     `minutes` / `steps` end this invocation early (with a checkpoint); the schedule still runs to
     cfg.max_steps over later `resume=True` calls.
     """
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
     out, data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
     tok_dir = data_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
@@ -691,6 +714,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
 
     t0 = time.perf_counter()
     train_examples = repeat_sources([ex for name in cfg.train_files for ex in read_jsonl(data_dir / name)], cfg.source_repeats)
+    train_examples = with_history(train_examples, cfg.history_copies, cfg.history_turns, cfg.seed)
     train_rows, dropped = encode_chat(tok, train_examples, cfg.reply_len, cfg.max_prompt_tokens)
     eval_all, _ = encode_chat(tok, read_jsonl(data_dir / cfg.eval_file), cfg.reply_len, cfg.max_prompt_tokens)
     if not train_rows:

@@ -206,12 +206,20 @@ def test_certainty_adds_the_entropy_of_right_predictions_only():
 
 @pytest.mark.parametrize(
     "key, value, match",
-    [("loss_weighting", "sqrt", "loss_weighting"), ("device", "gpu", "device 'gpu'"), ("train_files", [], "train_files"), ("eval_file", "", "eval_file"), ("certainty_weight", -1.0, "certainty_weight")]
-    + ([] if torch.cuda.is_available() else [("device", "cuda", "CUDA is not available")]),
+    [("loss_weighting", "sqrt", "loss_weighting"), ("device", "gpu", "device 'gpu'"), ("train_files", [], "train_files"), ("eval_file", "", "eval_file"), ("certainty_weight", -1.0, "certainty_weight"), ("history_copies", -1, "history_copies"), ("history_turns", 0, "history_turns")]
+,
 )
 def test_bad_training_settings_are_refused(key, value, match):
     with pytest.raises(ConfigError, match=match):
         train.TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", key: value})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_gpu_config_parses_anywhere_but_trains_only_where_cuda_is(tmp_path):
+    cfg = train.TrainConfig.from_dict({"data_dir": str(tmp_path / "d"), "out_dir": str(tmp_path / "o"), "device": "cuda"})
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        train.train(cfg)
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 def test_block_masking_matches_semi_autoregressive_decoding():
@@ -521,6 +529,23 @@ def test_source_repeats_weight_a_corpus_and_its_files():
     assert [e.get("source") for e in out] == ["chatterbot/food", None]
     with pytest.raises(ConfigError, match="source_repeats"):
         train.TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "source_repeats": {"chatterbot": -1}})
+
+
+def test_history_copies_answer_the_same_last_turn_after_drawn_exchanges():
+    exs = [{"messages": [{"role": "user", "content": f"q{i}"}], "reply": f"a{i}", "source": "s"} for i in range(5)]
+    out = train.with_history(exs, copies=3, turns=2, seed=1)
+    assert out[:5] == exs and len(out) == 20
+    lengths = set()
+    for k, ex in enumerate(out[5:]):
+        original = exs[k % 5]
+        assert ex["reply"] == original["reply"] and ex["source"] == "s" and ex["messages"][-1] == original["messages"][-1]
+        history = ex["messages"][:-1]
+        lengths.add(len(history) // 2)
+        assert [m["role"] for m in history] == ["user", "assistant"] * (len(history) // 2)
+        assert all(f"a{u['content'][1:]}" == a["content"] for u, a in zip(history[::2], history[1::2]))  # real exchanges
+    assert lengths == {1, 2}
+    assert train.with_history(exs, 3, 2, seed=1) == out and train.with_history(exs, 3, 2, seed=2) != out
+    assert train.with_history(exs, 0, 2, seed=1) == exs
 
 
 def test_prepare_is_deterministic(tmp_path):
