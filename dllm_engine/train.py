@@ -9,7 +9,7 @@ weighted 1/t and normalized by the reply-region length, averaged over rows (`los
 (`pretrain_steps`) trains the same way on plain utterances (BOS, then utterance + EOS as the region).
 
 `source_repeats` weights corpora (an example's `source` from `dllm prepare-data`; 0 leaves one out); `device` says
-where to train (`cuda` is written for but has not yet run on a GPU). Rows are bucketed by length
+where to train (`cuda` trained the shipped stage 22 on an H200: `configs/default-stage22.toml`). Rows are bucketed by length
 (right-padded within a batch, padded keys masked with `key_valid`), the learning rate warms up
 linearly then follows a cosine to `min_lr_ratio * lr` at `max_steps`.
 
