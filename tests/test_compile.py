@@ -66,3 +66,16 @@ def test_a_compiled_engine_compiles_before_serving_and_never_again(random_model_
     assert counters["stats"]["unique_graphs"] == graphs
     for text, out in replies:
         assert out.finish_reason == "length" and out.stats.forwards > 0
+
+
+def test_the_blocks_share_one_compiled_graph_whatever_the_depth(tmp_path):
+    """Regional compilation: a deeper model (an 8B checkpoint has 32 blocks) compiles no more ops."""
+    captured = []
+    for n_layers in (1, 4):
+        torch._dynamo.reset()
+        before = counters["stats"]["calls_captured"]
+        model, _ = load_model(make_model_dir(tmp_path / str(n_layers), {"n_layers": n_layers}), dtype="float32")
+        model.compile_layers()
+        forwards(model, KVCache(model.config, 1, 64, torch.float32, "cpu"), [40])
+        captured.append(counters["stats"]["calls_captured"] - before)
+    assert captured[0] > 0 and captured[1] == captured[0]
