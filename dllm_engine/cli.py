@@ -40,6 +40,7 @@ def add_model_args(p: argparse.ArgumentParser, threads_default: str = "torch's c
     p.add_argument("--threads", type=positive_int, help=f"torch intra-op threads (default: {threads_default})")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block: fused kernels, faster on some machines (measure), after a start-up compile (about a minute the first time, less once inductor has them on disk)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay decoding steps from CUDA graphs (a GPU only): a large model's batch-1 step is bound by launching its kernels")
 
 
 def add_decode_args(p: argparse.ArgumentParser, fallback_max_new_tokens: int = DecodeParams.fallback_max_new_tokens, block_size: int | None = None) -> None:
@@ -85,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     setup_torch(args)
     params = decode_params(args)
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=1, compile=args.compile)
+    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=1, compile=args.compile, cuda_graphs=args.cuda_graphs)
     load_s = time.perf_counter() - t0
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
 

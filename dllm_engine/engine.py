@@ -77,7 +77,7 @@ class Engine:
 
     def __init__(
         self, model: DiffusionLM, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None, max_conversations: int = 16,
-        max_new_tokens: int | None = None, max_prompt_tokens: int | None = None, compile: bool = False,
+        max_new_tokens: int | None = None, max_prompt_tokens: int | None = None, compile: bool = False, cuda_graphs: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -93,6 +93,8 @@ class Engine:
         self.runner = Runner(model, tokenizer, self.cache)
         if compile:
             self._compile()
+        if cuda_graphs:  # captured per shape at its first step
+            model.use_cuda_graphs()
         self.max_batch = max_batch
         self._ids = itertools.count()
         self._commands: queue.Queue = queue.Queue()

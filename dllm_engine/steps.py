@@ -146,11 +146,13 @@ def run(args: argparse.Namespace) -> dict:
         name = str(model_dir)
     if args.compile:
         model.compile_layers()  # each batch size's first (warm-up) step compiles
+    if args.cuda_graphs:
+        model.use_cuda_graphs()  # each kind of step is captured at its warm-up
     dtype = next(model.parameters()).dtype
     n_params = sum(p.numel() for p in model.parameters())
     report: dict = {
         "model": name, "parameters": n_params, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "compiled": model.compiled, "machine": machine(),
+        "threads": torch.get_num_threads(), "compiled": model.compiled, "cuda_graphs": model.graphed, "machine": machine(),
         "conditions": {"prompt_tokens": args.prompt_tokens, "canvas": args.canvas, "block_size": args.block_size, "repeats": args.repeats},
         "runs": [],
     }
@@ -166,7 +168,7 @@ def run(args: argparse.Namespace) -> dict:
         report["runs"].append(row)
         del timer
     print(f"{name}: {n_params / 1e6:.1f}M parameters, {report['dtype']} on {device} ({report['threads']} threads"
-          + (", compiled layers)" if model.compiled else ")"))
+          + (", compiled layers" if model.compiled else "") + (", CUDA graphs" if model.graphed else "") + ")")
     start = "block_start_ms" in report["runs"][0]
     print(f"{'batch':>6}{'full ms':>10}" + (f"{'block start ms':>16}" if start else "") + f"{'prefix ms':>11}{'dual ms':>9}")
     for r in report["runs"]:
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--canvas", type=int, default=256, help="new-token canvas (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=32, help="decoding block (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's layers (compiles during each batch size's warm-up step)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the steps from CUDA graphs (captured during each kind's warm-up step; a GPU only)")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per step kind and block (default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the report here")
     args = p.parse_args(argv)

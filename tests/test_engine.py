@@ -254,3 +254,25 @@ def test_early_stop_only_skips_forwards_after_the_reply(tiny_chat):
             assert ref.stats.forwards == 32 > out.stats.forwards
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_an_engine_with_cuda_graphs_decodes_as_it_does_without(random_model_dir, cache):
+    """Each kind of step (prefix steps shrink block by block) is captured at its first call and
+    replayed after. One request at a time: how concurrent ones batch depends on timing, and a
+    GPU's kernels for another batch size may round differently."""
+    params = DecodeParams(cache=cache, threshold=0.3, block_size=8, max_new_tokens=32, early_stop=False)
+    prompts = ["hi", "what do you like to do on a sunny weekend?", "good morning", "tell me a story"]
+    replies = []
+    for graphs in (False, True):
+        engine = Engine.from_pretrained(random_model_dir, device="cuda", dtype="float32", max_batch=3, cuda_graphs=graphs)
+
+        async def main():
+            return [(await engine.generate(chat(p), params))[0] for p in prompts]
+
+        try:
+            replies.append(asyncio.run(main()))
+        finally:
+            engine.close()
+    assert replies[1] == replies[0]

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from dllm_engine.config import ConfigError
 from dllm_engine.model import KVCache
 from tests.helpers import random_model, tiny_config
 
@@ -369,3 +370,40 @@ def test_cache_in_another_dtype_than_the_model(model):
     cache32 = KVCache(model.config, slots=1, max_len=16, dtype=torch.float32, device="cpu")
     out = low.logits(low(ids, pos, valid, cache32, slot))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+
+@CUDA
+@torch.inference_mode()
+def test_cuda_graph_replays_give_the_eager_forwards_and_cache(model):
+    """Each shape is captured once and replayed: same hidden states, same keys and values written,
+    whatever slots and positions the call brings (they are inputs of the graph, not constants)."""
+    eager = copy.deepcopy(model).to("cuda")
+    graphed = copy.deepcopy(model).to("cuda")
+    graphed.use_cuda_graphs(max_query_tokens=64)
+    caches = [KVCache(model.config, slots=3, max_len=40, dtype=torch.float32, device="cuda") for _ in range(2)]
+    ids = ids_for(14, 3, 40).cuda()
+    full_pos = torch.arange(40, device="cuda").expand(3, 40)
+    valid = torch.ones(3, 40, dtype=torch.bool, device="cuda")
+    slots = torch.tensor([2, 0, 1], device="cuda")
+    for m, cache in zip((eager, graphed), caches):
+        m(ids, full_pos, valid, cache, slots)  # fills the caches: 120 query tokens, over the limit, eager in both
+    for start, rows in ((8, [2, 0]), (24, [1, 2]), (16, [0, 1])):  # one shape, other slots and positions
+        block = slice(start, start + 8)
+        sel = torch.tensor(rows, device="cuda")
+        want, got = (m(ids[sel, block].contiguous(), full_pos[sel, block].contiguous(), valid[sel], c, slots[sel]) for m, c in zip((eager, graphed), caches))
+        close(got, want, atol=1e-5)
+    assert len(graphed._layers.graphs) == 1
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        close(b, a, atol=1e-5)
+
+
+def test_cuda_graphs_are_refused_off_a_gpu_and_with_compiled_layers(model):
+    with pytest.raises(ConfigError, match="CUDA device"):
+        copy.deepcopy(model).use_cuda_graphs()
+    compiled = copy.deepcopy(model)
+    compiled.compile_layers()
+    with pytest.raises(ConfigError, match="one or the other"):
+        compiled.use_cuda_graphs()

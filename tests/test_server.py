@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from agent.cli import build_parser
+from agent.cli import build_parser, main as cli_main
 from agent.hub import ServerSettings
 from agent.security import twilio_signature
 from agent.server import create_app, server_for
@@ -235,6 +236,12 @@ def test_cli_serve_help_and_refusals(capsys):
     args = build_parser().parse_args(["serve", "--ssl-certfile", "cert.pem"])
     with pytest.raises(SystemExit, match="ssl-keyfile"):
         args.func(args)
+    # what the model loader refuses: one line, no traceback
+    with pytest.raises(SystemExit, match="error: model directory .*nowhere does not exist"):
+        cli_main(["chat", "--model", "/nowhere"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="error: CUDA graphs need the model on a CUDA device"):
+            cli_main(["chat", "--cuda-graphs"])
 
 
 # ---- Realtime ------------------------------------------------------------------------------
