@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from dllm_engine.cli import add_decode_args, add_model_args, decode_params, default_model_path, positive_int, setup_torch
+from dllm_engine.cli import add_decode_args, add_model_args, decode_params, default_model_path, engine_from_args, positive_int, setup_torch
 from dllm_engine.config import ConfigError
 from dllm_engine.decoding import SPOKEN
 
@@ -19,12 +19,12 @@ from .dialogue import Dialogue
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """A text REPL over the same dialogue and engine the voice pipeline uses."""
-    from dllm_engine.engine import Engine, RequestError
+    from dllm_engine.engine import RequestError
 
     setup_torch(args)
     params = decode_params(args)
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=1, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    engine = engine_from_args(args)
     dialogue = Dialogue.for_engine(engine, args.system, args.max_history_tokens)
     print(f"model loaded in {time.perf_counter() - t0:.2f} s. Type a message; Ctrl-D or /quit to leave.", file=sys.stderr)
 

@@ -282,10 +282,10 @@ def print_table(result: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    from .cli import default_model_path
+    from .cli import engine_from_args
 
     batches = [int(b) for b in args.batches.split(",")]
-    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=max(batches), compile=args.compile, cuda_graphs=args.cuda_graphs)
+    engine = engine_from_args(args, max_batch=max(batches))
     try:
         result = run_bench(engine, batches, args.max_new_tokens, args.block_size, args.threshold, args.prompts)
     finally:

@@ -8,12 +8,16 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ConfigError
 from .data import DataError
 from .decoding import CACHES, POLICIES, DecodeParams
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 
@@ -41,6 +45,15 @@ def add_model_args(p: argparse.ArgumentParser, threads_default: str = "torch's c
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block: fused kernels, faster on some machines (measure), after a start-up compile (about a minute the first time, less once inductor has them on disk)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay decoding steps from CUDA graphs (a GPU only): a large model's batch-1 step is bound by launching its kernels")
+
+
+def engine_from_args(args: argparse.Namespace, max_batch: int = 1) -> Engine:
+    """The engine that `add_model_args`' options describe."""
+    from .engine import Engine
+
+    return Engine.from_pretrained(
+        args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=max_batch, compile=args.compile, cuda_graphs=args.cuda_graphs
+    )
 
 
 def add_decode_args(p: argparse.ArgumentParser, fallback_max_new_tokens: int = DecodeParams.fallback_max_new_tokens, block_size: int | None = None) -> None:
@@ -81,12 +94,12 @@ def setup_torch(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .engine import Engine, RequestError
+    from .engine import RequestError
 
     setup_torch(args)
     params = decode_params(args)
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=1, compile=args.compile, cuda_graphs=args.cuda_graphs)
+    engine = engine_from_args(args)
     load_s = time.perf_counter() - t0
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
 
