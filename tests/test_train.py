@@ -206,8 +206,10 @@ def test_certainty_adds_the_entropy_of_right_predictions_only():
 
 @pytest.mark.parametrize(
     "key, value, match",
-    [("loss_weighting", "sqrt", "loss_weighting"), ("device", "gpu", "device 'gpu'"), ("train_files", [], "train_files"), ("eval_file", "", "eval_file"), ("certainty_weight", -1.0, "certainty_weight"), ("history_copies", -1, "history_copies"), ("history_turns", 0, "history_turns")]
-,
+    [
+        ("loss_weighting", "sqrt", "loss_weighting"), ("device", "gpu", "device 'gpu'"), ("train_files", [], "train_files"), ("eval_file", "", "eval_file"),
+        ("certainty_weight", -1.0, "certainty_weight"), ("history_copies", -1, "history_copies"), ("history_turns", 0, "history_turns"),
+    ],
 )
 def test_bad_training_settings_are_refused(key, value, match):
     with pytest.raises(ConfigError, match=match):
