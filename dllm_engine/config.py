@@ -51,12 +51,18 @@ class LLaDAConfig:
     eos_token_id: int | list[int] | None = None  # HF checkpoints may list several; all stop generation
     pad_token_id: int | None = None
     bos_token_id: int | None = None
+    end_of_turn_token_id: int | None = None  # None: the tokenizer's <|eot_id|> (or the like)
     # The project's extension (LLaDA's own checkpoints are bidirectional): attention is causal across
     # blocks and bidirectional inside one. The prompt is the first block, then the canvas's decoding
     # blocks, of whatever size a request decodes with (trained with several). A block's keys and
     # values then depend only on it and what precedes it, so the prefix and dual caches are exact,
     # not Fast-dLLM's approximation, and a step never needs the masked suffix (Fast-dLLM v2, SDAR).
     block_causal: bool = False
+    # With block_causal: the prompt is not one block but one per chat turn, each ending at the
+    # end-of-turn token. A turn's keys and values then never see what is said after it,
+    # so a conversation's next prompt reuses them exactly, as an autoregressive server's prefix cache
+    # does (the engine's `conversation=`), and only the newest turns are computed.
+    turn_blocks: bool = False
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -73,6 +79,8 @@ class LLaDAConfig:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
         if isinstance(self.eos_token_id, list) and not (self.eos_token_id and all(isinstance(t, int) for t in self.eos_token_id)):
             raise ConfigError(f"eos_token_id={self.eos_token_id!r} must be an id or a non-empty list of ids")
+        if self.turn_blocks and not self.block_causal:
+            raise ConfigError("turn_blocks needs block_causal (a bidirectional prompt has no blocks)")
         if self.embedding_size < self.vocab_size:
             raise ConfigError(f"embedding_size={self.embedding_size} < vocab_size={self.vocab_size}")
 

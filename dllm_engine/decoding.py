@@ -17,14 +17,16 @@ full and partial forwards, right-padded, and key-masked, so each row computes ex
 would compute alone.
 
 A block-causal model (`LLaDAConfig.block_causal`) attends only to its own block and the ones
-before it (the prompt is the first block), so both caches are exact and the same: the forward at a
-block start runs the previous block (its final keys) and the new one against the cached prefix,
-and the steps after it only the block. The masked suffix is never computed, except by `none`.
+before it (the prompt is the first block, or with `turn_blocks` one block per chat turn), so both
+caches are exact and the same: the forward at a block start runs the previous block (its final
+keys) and the new one against the cached prefix, and the steps after it only the block. The masked
+suffix is never computed, except by `none`.
 
 Cross-turn prefix reuse (`Sequence.reused`, filled in by the engine): the first positions' keys and
 values come from an earlier request of the same conversation and are never recomputed, so even the
-"full" forwards start after them. For a bidirectional model this is an approximation (those keys
-saw the earlier turn's canvas, not this one); `dllm bench` measures what it costs and gains.
+"full" forwards start after them. Exact for a `turn_blocks` model (the engine reuses whole earlier
+turns only); otherwise an approximation (those keys saw the earlier turn's canvas or prompt, not
+this one), which `dllm bench` measures.
 """
 
 from __future__ import annotations
@@ -137,7 +139,14 @@ class Sequence:
     """Decoding state of one request: its canvas, current block and what was streamed."""
 
     def __init__(
-        self, request_id: str, prompt: list[int], params: DecodeParams, tokenizer: Tokenizer, device: torch.device, block_causal: bool = False
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: DecodeParams,
+        tokenizer: Tokenizer,
+        device: torch.device,
+        block_causal: bool = False,
+        turn_blocks: bool = False,
     ) -> None:
         self.id = request_id
         self.params = params
@@ -147,6 +156,9 @@ class Sequence:
         self.n_blocks = params.canvas_len // params.block_size
         mask = tokenizer.special.mask
         self.ids = torch.tensor(prompt + [mask] * params.canvas_len, dtype=torch.long, device=device)
+        # Each position's attention block (block-causal models only; see `attention_blocks`).
+        turn_end = tokenizer.special.end_of_turn if turn_blocks else None
+        self.blocks = attention_blocks(self.ids[: self.prompt_len], params.canvas_len, params.block_size, turn_end) if block_causal else None
         self.block = 0
         self.block_step = 0
         self.slot: int | None = None
@@ -207,11 +219,25 @@ class Sequence:
         )
 
 
-def block_causal_keys(query_pos: torch.Tensor, n_keys: int, prompt_len: int, block_size: int) -> torch.Tensor:
-    """(T, n_keys): which keys each query position may attend in a block-causal model, whose
-    attention blocks are the prompt (0), then the canvas's decoding blocks (1, 2, ...)."""
-    blocks = lambda p: torch.where(p < prompt_len, 0, 1 + (p - prompt_len) // block_size)  # noqa: E731
-    return blocks(torch.arange(n_keys, device=query_pos.device))[None, :] <= blocks(query_pos)[:, None]
+def attention_blocks(prompt: torch.Tensor, canvas_len: int, block_size: int, turn_end: int | None = None) -> torch.Tensor:
+    """The attention block of each position of a block-causal model's sequence: the prompt is
+    block 0, or with `turn_end` (`LLaDAConfig.turn_blocks`) one block per chat turn, each ending at
+    that token; then the canvas's decoding blocks of `block_size`."""
+    if turn_end is None:
+        in_prompt = torch.zeros_like(prompt)
+    else:
+        ends = (prompt == turn_end).long()
+        in_prompt = ends.cumsum(-1) - ends  # turn ends before each position
+    first = int(in_prompt[-1]) + 1 if len(prompt) else 0
+    return torch.cat([in_prompt, first + torch.arange(canvas_len, device=prompt.device) // block_size])
+
+
+def block_causal_keys(query_pos: torch.Tensor, blocks: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """(T, n_keys): which keys each query position may attend: those of its own block and earlier
+    ones (`blocks` from `attention_blocks`). Positions past the sequence (a batch's padding) count
+    as its last block; the caller's key mask hides those keys."""
+    at = lambda p: blocks[p.clamp(max=len(blocks) - 1)]  # noqa: E731
+    return at(torch.arange(n_keys, device=query_pos.device))[None, :] <= at(query_pos)[:, None]
 
 
 def commit_counts(conf_sorted: torch.Tensor, policy: torch.Tensor, threshold: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -307,7 +333,7 @@ class Runner:
             key_valid[i, : s.key_end] = True
             block_idx[i] = torch.arange(s.params.block_size, device=dev) + (s.block_start - a)
         if full and seqs[0].block_causal:  # queries of several blocks: each sees its own and earlier ones
-            key_valid = torch.stack([block_causal_keys(p, s_keys, s.prompt_len, s.params.block_size) & kv for s, p, kv in zip(seqs, pos, key_valid)])
+            key_valid = torch.stack([block_causal_keys(p, s.blocks, s_keys) & kv for s, p, kv in zip(seqs, pos, key_valid)])
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
         hidden = self.model(ids, pos, key_valid, self.cache, slots)
         hidden = hidden.gather(1, block_idx[..., None].expand(-1, -1, hidden.shape[-1]))

@@ -8,8 +8,10 @@ between steps, at their own block boundaries, while sharing forwards with the ot
 Requests that name a `conversation` reuse its cached prefix: when one finishes, the keys and values
 of its settled positions are kept (a few conversations, least recently used dropped first); the
 next request of that conversation loads the longest common token prefix instead of recomputing it.
-Off unless asked for: it is an approximation, even for a block-causal model, whose prompt is one
-bidirectional block (see decoding.py).
+For a `turn_blocks` model this is exact: only the previous prompt's whole turns are kept, whose keys
+never saw anything after them (`Engine.exact_prefix_reuse`). For any other model it is an
+approximation (their keys saw the rest of the prompt, or the canvas; see decoding.py), so callers
+ask for it only when they accept that.
 """
 
 from __future__ import annotations
@@ -42,18 +44,23 @@ class RequestError(ValueError):
 
 
 class _Prefix:
-    """A conversation's cached prefix: token ids and their keys/values (per layer)."""
+    """A conversation's cached prefix: token ids and their keys/values (per layer). `turn_ends`
+    (a turn-blocks model's): the positions after each of its turns, the only places a reused prefix
+    may end, since a turn's keys are the same in every prompt that repeats it up to its end."""
 
-    def __init__(self, ids: list[int], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
-        self.ids, self.k, self.v = ids, k, v
+    def __init__(self, ids: list[int], k: list[torch.Tensor], v: list[torch.Tensor], turn_ends: list[int] | None = None) -> None:
+        self.ids, self.k, self.v, self.turn_ends = ids, k, v, turn_ends
 
-    def common_length(self, ids: list[int]) -> int:
+    def reusable(self, ids: list[int]) -> int:
+        """How many leading positions of a prompt with these ids may take the cached keys."""
         n = 0
         for a, b in zip(self.ids, ids):
             if a != b:
                 break
             n += 1
-        return n
+        if self.turn_ends is None:
+            return n
+        return max((e for e in self.turn_ends if e <= n), default=0)
 
 
 class _Request:
@@ -186,6 +193,11 @@ class Engine:
                     req.conversation = None
 
     @property
+    def exact_prefix_reuse(self) -> bool:
+        """Whether `conversation=` gives the same replies as recomputing every prompt (a turn-blocks model)."""
+        return self.model.config.turn_blocks
+
+    @property
     def active_requests(self) -> int:
         with self._lock:
             return len(self._requests)
@@ -224,7 +236,8 @@ class Engine:
                 f"prompt of {len(ids)} tokens + {params.canvas_len} new exceeds the context of {self.max_len} tokens"
             )
         request_id = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(request_id, ids, params, self.tokenizer, self.device, self.model.config.block_causal)
+        cfg = self.model.config
+        seq = Sequence(request_id, ids, params, self.tokenizer, self.device, cfg.block_causal, cfg.turn_blocks)
         req = _Request(seq, asyncio.get_running_loop(), step_events, conversation)
         with self._lock:
             if request_id in self._requests:
@@ -279,13 +292,18 @@ class Engine:
         with self._lock:
             prefix = self._prefixes.get(req.conversation) if req.conversation else None
         if prefix is not None:
-            seq.reused = prefix.common_length(seq.ids[: seq.prompt_len].tolist())
+            seq.reused = prefix.reusable(seq.ids[: seq.prompt_len].tolist())
             self.cache.load(seq.slot, prefix.k, prefix.v, seq.reused)
 
     def _save_prefix(self, req: _Request) -> None:
         seq = req.seq
         ids = seq.ids[: seq.settled].tolist()
-        prefix = _Prefix(ids, *self.cache.save(seq.slot, len(ids)))
+        turn_ends = None
+        if self.model.config.turn_blocks:  # the prompt's whole turns; the canvas was decoded in other blocks
+            eot = self.tokenizer.special.end_of_turn
+            turn_ends = [i + 1 for i, t in enumerate(ids[: seq.prompt_len]) if t == eot]
+            ids = ids[: max(turn_ends, default=0)]
+        prefix = _Prefix(ids, *self.cache.save(seq.slot, len(ids)), turn_ends)
         with self._lock:
             if req.conversation is None:  # forgotten meanwhile
                 return

@@ -105,6 +105,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     dtype = resolve_dtype(dtype, device)
     cfg = LLaDAConfig.from_file(directory / "config.json")
     tokenizer = Tokenizer(directory, cfg)
+    cfg.end_of_turn_token_id = tokenizer.special.end_of_turn  # what the tokenizer resolved: turn blocks end there
     with torch.device("meta"):
         model = DiffusionLM(cfg)
     expected = {name: p.shape for name, p in model.state_dict().items()}

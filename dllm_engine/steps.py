@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ConfigError, LLaDAConfig
-from .decoding import block_causal_keys, predict
+from .decoding import attention_blocks, block_causal_keys, predict
 from .loading import DTYPES, load_model, resolve_dtype
 from .model import DiffusionLM, KVCache
 
@@ -73,6 +73,7 @@ class StepTimer:
         gen = torch.Generator().manual_seed(seed)
         prompt = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=gen)
         self.ids = torch.cat([prompt, torch.full((batch, canvas), cfg.mask_token_id or 0)], 1).to(p.device)
+        self.blocks = attention_blocks(self.ids[0, :prompt_len], canvas, block)  # random ids: the prompt is one block
         self.slots = torch.arange(batch, device=p.device)
         self.key_valid = torch.ones(batch, self.length, dtype=torch.bool, device=p.device)
         self.no_sampling = torch.zeros(batch, device=p.device)
@@ -86,7 +87,7 @@ class StepTimer:
         (the prompt is block 0) the keys of their own and earlier blocks, none after `end`."""
         if not self.model.config.block_causal:
             return self.key_valid
-        mask = block_causal_keys(torch.arange(start, end, device=self.device), end, self.prompt_len, self.block)
+        mask = block_causal_keys(torch.arange(start, end, device=self.device), self.blocks, end)
         return mask.expand(self.ids.shape[0], -1, -1)
 
     @torch.inference_mode()

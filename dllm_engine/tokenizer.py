@@ -92,7 +92,10 @@ class Tokenizer:
         for name, value in (("mask", mask), ("eos", eos), ("pad", pad), *(("eos", t) for t in extra_eos)):
             if not 0 <= value < cfg.vocab_size:
                 raise ConfigError(f"{name} token id {value} is outside the vocabulary of {cfg.vocab_size}")
-        return SpecialTokens(mask=mask, eos=eos, pad=pad, bos=bos, end_of_turn=first(END_OF_TURN_TOKENS), extra_eos=extra_eos)
+        end_of_turn = cfg.end_of_turn_token_id if cfg.end_of_turn_token_id is not None else first(END_OF_TURN_TOKENS)
+        if cfg.turn_blocks and end_of_turn is None:
+            raise ConfigError(f"turn_blocks: no end-of-turn token to end the prompt's blocks (set end_of_turn_token_id in config.json or add one of {END_OF_TURN_TOKENS})")
+        return SpecialTokens(mask=mask, eos=eos, pad=pad, bos=bos, end_of_turn=end_of_turn, extra_eos=extra_eos)
 
     @property
     def vocab_size(self) -> int:

@@ -55,7 +55,7 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 LOSS_WEIGHTINGS = ("elbo", "mean")
-MODEL_KEYS = {f.name for f in dataclasses.fields(LLaDAConfig)} - {"mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"}
+MODEL_KEYS = {f.name for f in dataclasses.fields(LLaDAConfig)} - {"mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id", "end_of_turn_token_id"}
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ class TrainConfig:
         cfg = LLaDAConfig(**fields)
         tok = Tokenizer(tokenizer_dir, cfg)
         s = tok.special
-        return dataclasses.replace(cfg, mask_token_id=s.mask, eos_token_id=s.eos, pad_token_id=s.pad, bos_token_id=s.bos)
+        return dataclasses.replace(cfg, mask_token_id=s.mask, eos_token_id=s.eos, pad_token_id=s.pad, bos_token_id=s.bos, end_of_turn_token_id=s.end_of_turn)
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -444,10 +444,10 @@ def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor, batch: dict[str, tor
 
     A bidirectional model: one plain forward. A block-causal one (`LLaDAConfig.block_causal`):
     every reply block's loss in one forward (BD3-LM's vectorized training) over [prompt, clean
-    reply, noisy reply], where the prompt sees itself, a clean block the prompt and the clean
-    blocks up to it, and a noisy block the prompt, the clean blocks before it and itself: what
-    decoding meets at each block. The noisy copy's states come back at the reply's positions.
-    `block_size` None: the whole reply is one block.
+    reply, noisy reply], where the prompt sees itself (with `turn_blocks`, each turn itself and
+    the turns before it), a clean block the prompt and the clean blocks up to it, and a noisy block
+    the prompt, the clean blocks before it and itself: what decoding meets at each block. The noisy
+    copy's states come back at the reply's positions. `block_size` None: the whole reply is one block.
     """
     ids, region, key_valid = batch["ids"], batch["region"], batch["key_valid"]
     if not model.config.block_causal:
@@ -468,7 +468,13 @@ def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor, batch: dict[str, tor
     blk = torch.cat([(torch.arange(t, device=dev) - start[:, None]).clamp(min=0) // block, (j // block).expand(n, r)], 1)
     q, k = (lambda x: x[:, :, None]), (lambda x: x[:, None, :])
     before, same = k(blk) < q(blk), k(blk) == q(blk)
-    sees = k(prompt) | (k(clean) & ~q(prompt) & (before | (same & q(clean)))) | (k(noise) & q(noise) & same)
+    if model.config.turn_blocks:  # a prompt position sees the turns up to its own
+        ends = (ids == model.config.end_of_turn_token_id) & ~region
+        turn = torch.cat([ends.cumsum(1) - ends.long(), zeros.long()], 1)
+        sees_prompt = k(prompt) & (~q(prompt) | (k(turn) <= q(turn)))
+    else:
+        sees_prompt = k(prompt)
+    sees = sees_prompt | (k(clean) & ~q(prompt) & (before | (same & q(clean)))) | (k(noise) & q(noise) & same)
     attn = (sees | ~q(valid)) & k(valid)  # padding queries see every real key: no empty softmax row
     pos = torch.cat([torch.arange(t, device=dev).expand(n, t), src], 1)
     hidden = model(torch.cat([ids, noisy.gather(1, src)], 1), pos, attn)
@@ -733,8 +739,8 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     model = init_model(model_cfg, cfg.init_std, cfg.seed)
     if cfg.init_from and ckpt is None:
         src = load_init(Path(cfg.init_from))
-        # The same weights serve either attention pattern: a bidirectional model may go on block-causal.
-        check_shape(src["model_config"], model_cfg, Path(cfg.init_from), ignore=("block_causal",))
+        # The same weights serve any attention pattern: a bidirectional model may go on block-causal.
+        check_shape(src["model_config"], model_cfg, Path(cfg.init_from), ignore=("block_causal", "turn_blocks", "end_of_turn_token_id"))
         model.load_state_dict(src["model"])
         log(f"initialized from {cfg.init_from} (step {src.get('step')})")
     model.to(device)

@@ -10,27 +10,44 @@ import torch
 
 from dllm_engine import train
 from dllm_engine.config import ConfigError
-from dllm_engine.decoding import DecodeParams, Runner, Sequence
+from dllm_engine.decoding import DecodeParams, Runner, Sequence, attention_blocks
 from dllm_engine.engine import Engine
 from dllm_engine.loading import load_model
 from dllm_engine.model import KVCache
-from tests.helpers import PAIRS, make_model_dir
+from tests.helpers import PAIRS, make_model_dir, tiny_config
 from tests.test_decoding import prompt_ids, run_to_end
 
 CPU = torch.device("cpu")
 
 
-def block_mask(prompt_len: int, length: int, block: int) -> torch.Tensor:
-    """(length, length): query i may see key j iff j's block is not after i's (the prompt is block 0)."""
-    ids = [0 if i < prompt_len else 1 + (i - prompt_len) // block for i in range(length)]
+def block_mask(prompt_len: int, length: int, block: int, turn_ends: list[int] = ()) -> torch.Tensor:
+    """(length, length): query i may see key j iff j's block is not after i's. The prompt is block 0,
+    or with `turn_ends` (positions after each end-of-turn token) one block per turn."""
+    def block_of(i: int) -> int:
+        if i < prompt_len:
+            return sum(e <= i for e in turn_ends)
+        return 1 + sum(e < prompt_len for e in turn_ends) + (i - prompt_len) // block
+
+    ids = [block_of(i) for i in range(length)]
     return torch.tensor([[ids[j] <= ids[i] for j in range(length)] for i in range(length)])
 
 
-def reference(model, prompt: list[int], mask_id: int, gen_length: int, block: int) -> list[int]:
+def turn_ends(tok, ids: list[int]) -> list[int]:
+    return [i + 1 for i, t in enumerate(ids) if t == tok.special.end_of_turn]
+
+
+CHAT = [
+    {"role": "user", "content": "hello there, how are you today?"},
+    {"role": "assistant", "content": "good morning, the weather is nice."},
+    {"role": "user", "content": "tell me about your weekend."},
+]
+
+
+def reference(model, prompt: list[int], mask_id: int, gen_length: int, block: int, ends: list[int] = ()) -> list[int]:
     """LLaDA's reference loop (whole canvas every step, one token per step) under the block mask."""
     x = torch.tensor([prompt + [mask_id] * gen_length])
     p = len(prompt)
-    mask = block_mask(p, x.shape[1], block)[None]
+    mask = block_mask(p, x.shape[1], block, ends)[None]
     for b in range(gen_length // block):
         for _ in range(block):
             logits = model.logits(model(x, key_valid=mask)).float()
@@ -48,6 +65,11 @@ def causal_model(tmp_path_factory):
     return load_model(make_model_dir(tmp_path_factory.mktemp("block-causal"), {"block_causal": True}), dtype="float32")
 
 
+@pytest.fixture(scope="module")
+def turn_model(tmp_path_factory):
+    return load_model(make_model_dir(tmp_path_factory.mktemp("turn-blocks"), {"block_causal": True, "turn_blocks": True}), dtype="float32")
+
+
 @pytest.fixture
 def runner(causal_model):
     model, tok = causal_model
@@ -58,6 +80,12 @@ def _seq(tok, text: str, **params) -> Sequence:
     return Sequence(text, prompt_ids(tok, text), DecodeParams(**{"early_stop": False, **params}), tok, CPU, block_causal=True)
 
 
+def test_attention_blocks_give_each_turn_its_own_block():
+    prompt = torch.tensor([0, 5, 9, 6, 9, 7])  # 9 ends a turn
+    assert attention_blocks(prompt, 6, 4).tolist() == [0] * 6 + [1] * 4 + [2] * 2
+    assert attention_blocks(prompt, 6, 4, turn_end=9).tolist() == [0, 0, 0, 1, 1, 2] + [3] * 4 + [4] * 2
+
+
 @torch.inference_mode()
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_every_cache_matches_the_reference_token_for_token(causal_model, runner, cache):
@@ -66,6 +94,20 @@ def test_every_cache_matches_the_reference_token_for_token(causal_model, runner,
     seq = _seq(tok, "tell me about your weekend", policy="vanilla", cache=cache, block_size=8, max_new_tokens=32)
     run_to_end(runner, [seq])
     assert seq.ids[seq.prompt_len :].tolist() == reference(model, seq.ids[: seq.prompt_len].tolist(), tok.special.mask, 32, 8)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_a_turn_blocks_model_matches_the_reference_with_one_block_per_turn(turn_model, cache):
+    model, tok = turn_model
+    prompt = tok.apply_chat_template(CHAT)
+    ends = turn_ends(tok, prompt)
+    assert len(ends) == 3  # three turns end, then the assistant header is a block of its own
+    seq = Sequence("t", prompt, DecodeParams(policy="vanilla", cache=cache, block_size=8, max_new_tokens=24, early_stop=False), tok, CPU, True, True)
+    run_to_end(Runner(model, tok, KVCache(model.config, 1, 256, torch.float32, "cpu")), [seq])
+    want = reference(model, prompt, tok.special.mask, 24, 8, ends)
+    assert seq.ids[len(prompt) :].tolist() == want
+    assert want != reference(model, prompt, tok.special.mask, 24, 8)  # the turn blocks change the maths
 
 
 @torch.inference_mode()
@@ -105,11 +147,12 @@ def test_batched_rows_equal_one_by_one(causal_model, runner):
 
 
 @torch.no_grad()
-def test_training_scores_each_block_as_decoding_sees_it(causal_model):
+@pytest.mark.parametrize("turns", [False, True])
+def test_training_scores_each_block_as_decoding_sees_it(causal_model, turn_model, turns):
     """denoise_hidden's states for a noisy block equal a plain forward over the prompt, the clean
     blocks before it and that block: the model is trained on exactly what a block start shows it."""
-    model, tok = causal_model
-    rows = [train.Row.compact(prompt_ids(tok, "hello there"), list(range(5, 17))), train.Row.compact(prompt_ids(tok, "hi"), list(range(20, 30)))]
+    model, tok = turn_model if turns else causal_model
+    rows = [train.Row.compact(tok.apply_chat_template(CHAT), list(range(5, 17))), train.Row.compact(prompt_ids(tok, "hi"), list(range(20, 30)))]
     batch = train.collate(rows, tok.special.pad)
     gen = torch.Generator().manual_seed(0)
     masked = batch["region"] & (torch.rand(batch["ids"].shape, generator=gen) < 0.5)
@@ -121,7 +164,8 @@ def test_training_scores_each_block_as_decoding_sees_it(causal_model):
         for start in range(0, region, block):
             end = min(start + block, region)
             x = torch.cat([batch["ids"][i, : p + start], noisy[i, p + start : p + end]])[None]
-            want = model(x, key_valid=block_mask(p, x.shape[1], block)[None])[0, p + start :]
+            ends = turn_ends(tok, list(row.prompt)) if turns else []
+            want = model(x, key_valid=block_mask(p, x.shape[1], block, ends)[None])[0, p + start :]
             torch.testing.assert_close(hidden[i, p + start : p + end], want, atol=1e-5, rtol=1e-4)
 
 
@@ -150,3 +194,52 @@ def test_a_tiny_block_causal_model_learns_and_answers_with_every_cache(tmp_path)
             assert (text.strip(), out.finish_reason) == ("Yes, dogs are great.", "stop")
     finally:
         engine.close()
+
+
+def test_a_turn_blocks_model_reuses_earlier_turns_exactly_across_a_conversation(turn_model):
+    """Turn by turn with `conversation=`: each prompt reuses the previous prompt's whole turns (up to
+    a turn end), and every reply and every cached key equals what a full recompute gives."""
+    model, tok = turn_model
+    engine = Engine(model, tok, max_batch=2, max_len=512)
+    params = DecodeParams(threshold=0.3, block_size=8, max_new_tokens=16)
+    assert engine.exact_prefix_reuse
+
+    async def turn(messages, conversation):
+        outs = [o async for o in engine.stream(messages, params, conversation=conversation)]
+        return [t for o in outs for t in o.token_ids], outs[-1].stats
+
+    async def main():
+        messages: list[dict[str, str]] = []
+        for i, user in enumerate(["hello there, how are you today?", "tell me about your weekend.", "what do you like to do?"]):
+            messages.append({"role": "user", "content": user})
+            reused_ids, stats = await turn(messages, "kept")
+            engine.forget("fresh")
+            fresh_ids, _ = await turn(messages, "fresh")
+            assert reused_ids == fresh_ids
+            prompt = engine.encode_prompt(messages)
+            ends = turn_ends(tok, prompt)
+            # Up to the previous user turn: the reply after it was decoded in the canvas's blocks, not as a turn.
+            assert stats.reused_tokens == (0 if i == 0 else ends[-3])
+            kept, fresh = engine._prefixes["kept"], engine._prefixes["fresh"]
+            assert kept.ids == fresh.ids == prompt[: ends[-1]]
+            for a, b in zip(kept.k + kept.v, fresh.k + fresh.v):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            messages.append({"role": "assistant", "content": tok.decode(reused_ids).strip() or "ok."})
+        # A history that differs inside its first turn (an interrupted reply is kept as far as it was
+        # spoken) shares tokens but no whole turn: the keys of that turn saw its old end.
+        edited = [{"role": "user", "content": "hello there, how is it going?"}] + messages[1:]
+        kept, prompt = engine._prefixes["kept"].ids, engine.encode_prompt(edited)
+        assert prompt[:5] == kept[:5]
+        ids, stats = await turn(edited, "kept")
+        engine.forget("fresh")
+        assert (ids, stats.reused_tokens) == ((await turn(edited, "fresh"))[0], 0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
+def test_turn_blocks_need_a_block_causal_model():
+    with pytest.raises(ConfigError, match="turn_blocks needs block_causal"):
+        tiny_config(turn_blocks=True)

@@ -34,3 +34,27 @@ def test_the_history_fits_the_prompt_length_the_model_was_trained_on(random_mode
         assert talk(Dialogue.for_engine(engine, None, 512)) == alone  # the model's length wins over a larger cap
     finally:
         engine.close()
+
+
+
+def test_past_the_budget_the_history_drops_to_half_so_the_next_turns_share_their_start(random_model_dir):
+    engine = Engine.from_pretrained(random_model_dir, dtype="float32", max_batch=1)
+    try:
+        tok, budget = engine.tokenizer, 400
+        dialogue = Dialogue.for_engine(engine, None, budget)
+        prompts = []
+        for i in range(12):
+            dialogue.add("user", f"question number {i}, what do you think?")
+            prompts.append(dialogue.prompt())
+            dialogue.add("assistant", f"answer number {i}, I think so.")
+        one = [{"role": "user", "content": "hi"}]
+        header = len(tok.apply_chat_template(one)) - len(tok.apply_chat_template(one, add_generation_prompt=False))
+    finally:
+        engine.close()
+    trims = 0
+    for before, now in zip(prompts, prompts[1:]):
+        assert len(now) <= budget
+        if now[: len(before) - header] != before[:-header]:  # the oldest exchanges went
+            trims += 1
+            assert len(now) <= budget // 2  # down to half, not just under the budget
+    assert 1 <= trims < len(prompts) // 3  # between trims each prompt extends the one before

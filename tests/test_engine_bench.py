@@ -10,7 +10,7 @@ def test_engine_bench_reports_every_configuration_and_prefix_reuse(random_model)
     model, tok = random_model
     engine = Engine(model, tok, max_batch=2, max_len=512)
     try:
-        result = bench.run_bench(engine, batches=[1, 2], max_new_tokens=16, block_size=8, threshold=0.9, n_prompts=2)
+        result = bench.run_bench(engine, batches=[1, 2], max_new_tokens=16, block_size=8, threshold=0.9, n_prompts=2, sweep=[0.9, 0.2])
     finally:
         engine.close()
     runs = result["runs"]
@@ -26,6 +26,11 @@ def test_engine_bench_reports_every_configuration_and_prefix_reuse(random_model)
     assert result["conditions"]["prompts"] == 2 and result["conditions"]["max_new_tokens"] == 16
     machine = result["conditions"]["machine"]  # figures differ by CPU: bf16 is native on some, emulated on others
     assert machine["cpu"] and machine["cores"] >= 1 and isinstance(machine["cpu_bf16"], bool)
+    same_tau, low_tau = result["threshold_sweep"]
+    dual = runs[len(bench.CONFIGS) - 1]
+    assert (same_tau["threshold"], same_tau["batch"], same_tau["cache"]) == (0.9, 1, "dual")
+    assert (same_tau["agreement"], same_tau["forwards"]) == (dual["agreement"], dual["forwards"])  # the table's row again
+    assert low_tau["threshold"] == 0.2 and 0 <= low_tau["agreement"] <= 1 and low_tau["speedup_vs_reference"] > 0
     for reuse in result["prefix_reuse"]:
         assert reuse["turns"] == 2 * 3  # every user turn after the first of each conversation
         assert 0 < reuse["reused_tokens_mean"] < reuse["prompt_tokens_mean"]
