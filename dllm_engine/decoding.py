@@ -42,6 +42,10 @@ from .tokenizer import IncrementalDetokenizer, SpecialTokens, Tokenizer
 
 POLICIES = ("vanilla", "threshold", "factor")
 CACHES = ("none", "prefix", "dual")
+# With CUDA graphs (one per input shape, model.CudaGraphs) a step's keys are padded to a multiple of
+# this, and its queries to a power of two, so that requests of other prompt lengths replay the same
+# graphs instead of capturing their own (the padding is masked out).
+GRAPH_KEYS_BUCKET = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +327,9 @@ class Runner:
         ranges = [s.query_range() for s in seqs]
         t = max(b - a for a, b in ranges)
         s_keys = max(s.key_end for s in seqs)
+        if self.model.graphed:
+            t = 1 << (t - 1).bit_length()
+            s_keys = min(-(-s_keys // GRAPH_KEYS_BUCKET) * GRAPH_KEYS_BUCKET, self.cache.max_len)
         ids = torch.full((n, t), self.special.pad, dtype=torch.long, device=dev)
         pos = torch.full((n, t), self.cache.scratch, dtype=torch.long, device=dev)
         key_valid = torch.zeros((n, s_keys), dtype=torch.bool, device=dev)

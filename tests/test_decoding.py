@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dllm_engine.decoding import DecodeParams, Runner, Sequence, commit_counts
+from dllm_engine.decoding import GRAPH_KEYS_BUCKET, DecodeParams, Runner, Sequence, commit_counts
 from dllm_engine.model import KVCache
 from dllm_engine.tokenizer import IncrementalDetokenizer
 
@@ -180,3 +180,27 @@ def test_unknown_policy_and_cache_are_refused():
         DecodeParams(cache="full")
     with pytest.raises(ValueError, match="threshold"):
         DecodeParams(threshold=0)
+
+
+@torch.inference_mode()
+def test_the_padded_shapes_cuda_graphs_get_change_nothing(random_model, runner, monkeypatch):
+    """Under CUDA graphs a step's queries are padded to a power of two and its keys to a multiple
+    of GRAPH_KEYS_BUCKET (so that requests of other lengths share graphs); the padding is masked
+    out. Exercised here without a GPU: the same replies, alone and batched, as unpadded."""
+    model, tok = random_model
+    cases = [
+        ("what do you like to do?", DecodeParams(policy="vanilla", cache="none", block_size=8, max_new_tokens=24, early_stop=False)),
+        ("hi", DecodeParams(policy="threshold", cache="dual", threshold=0.2, block_size=8, max_new_tokens=32, early_stop=False)),
+        ("tell me a story about a dog", DecodeParams(policy="factor", cache="prefix", block_size=8, max_new_tokens=16, early_stop=False)),
+    ]
+    dev = torch.device("cpu")
+    plain = [Sequence(str(i), prompt_ids(tok, t), p, tok, dev) for i, (t, p) in enumerate(cases)]
+    run_to_end(runner, plain)
+    widths: list[tuple[int, int]] = []
+    forward = model.forward
+    monkeypatch.setattr(model, "graphed", True)  # the flag alone: no graphs on a CPU
+    monkeypatch.setattr(model, "forward", lambda ids, pos, key_valid, *a: widths.append((ids.shape[1], key_valid.shape[-1])) or forward(ids, pos, key_valid, *a))
+    padded = [Sequence(str(i), prompt_ids(tok, t), p, tok, dev) for i, (t, p) in enumerate(cases)]
+    run_to_end(runner, padded)
+    assert [s.ids.tolist() for s in padded] == [s.ids.tolist() for s in plain]
+    assert all(t & (t - 1) == 0 and keys % GRAPH_KEYS_BUCKET == 0 for t, keys in widths)

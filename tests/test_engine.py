@@ -276,3 +276,25 @@ def test_an_engine_with_cuda_graphs_decodes_as_it_does_without(random_model_dir,
         finally:
             engine.close()
     assert replies[1] == replies[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_graphs_are_shared_by_prompts_of_other_lengths(random_model_dir):
+    """Keys padded to a multiple of GRAPH_KEYS_BUCKET and queries to a power of two: a second
+    request a few tokens longer replays the first one's graphs, and decodes as it would eagerly."""
+    params = DecodeParams(cache="dual", threshold=0.3, block_size=8, max_new_tokens=16, early_stop=False)
+    prompts = ["hi", "hi there"]
+    replies = []
+    for graphs in (False, True):
+        engine = Engine.from_pretrained(random_model_dir, device="cuda", dtype="float32", max_batch=1, cuda_graphs=graphs)
+        try:
+            lengths = [len(engine.encode_prompt(chat(p))) for p in prompts]
+            assert lengths[0] < lengths[1] and (lengths[0] + 8 - 1).bit_length() == (lengths[1] + 8 - 1).bit_length()
+            replies.append([asyncio.run(engine.generate(chat(prompts[0]), params))[0]])
+            captured = len(engine.model._layers.graphs) if graphs else 0
+            replies[-1].append(asyncio.run(engine.generate(chat(prompts[1]), params))[0])
+            if graphs:
+                assert captured >= 2 and len(engine.model._layers.graphs) == captured  # nothing new to capture
+        finally:
+            engine.close()
+    assert replies[1] == replies[0]
