@@ -153,6 +153,17 @@ CONFIGS = [
 ]
 
 
+def thresholds(text: str) -> list[float]:
+    """argparse type for --thresholds: each a tau in (0, 1], checked before the long runs start."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"each threshold must be in (0, 1], got {text!r}")
+    return values
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write the figures here as JSON")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default: %(default)s)")
@@ -160,7 +171,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.9, help="tau for the threshold runs (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=len(_HISTORIES), help="how many of the fixed prompts to use (default: %(default)s)")
-    p.add_argument("--thresholds", default="0.7,0.5,0.3", help="comma-separated tau values of an extra dual + threshold sweep at the first of --batches; '' for none (default: %(default)s)")
+    p.add_argument("--thresholds", type=thresholds, default="0.7,0.5,0.3", help="comma-separated tau values of an extra dual + threshold sweep at the first of --batches; '' for none (default: %(default)s)")
 
 
 async def _measure(engine: Engine, prompts: list, params: DecodeParams, batch: int) -> tuple[list[str], list, float]:
@@ -307,8 +318,7 @@ def main(args: argparse.Namespace) -> dict:
     batches = [int(b) for b in args.batches.split(",")]
     engine = engine_from_args(args, max_batch=max(batches))
     try:
-        sweep = [float(t) for t in args.thresholds.split(",") if t.strip()]
-        result = run_bench(engine, batches, args.max_new_tokens, args.block_size, args.threshold, args.prompts, sweep)
+        result = run_bench(engine, batches, args.max_new_tokens, args.block_size, args.threshold, args.prompts, args.thresholds)
     finally:
         engine.close()
     print_table(result)

@@ -93,6 +93,8 @@ class Tokenizer:
             if not 0 <= value < cfg.vocab_size:
                 raise ConfigError(f"{name} token id {value} is outside the vocabulary of {cfg.vocab_size}")
         end_of_turn = cfg.end_of_turn_token_id if cfg.end_of_turn_token_id is not None else first(END_OF_TURN_TOKENS)
+        if end_of_turn is not None and not 0 <= end_of_turn < cfg.vocab_size:
+            raise ConfigError(f"end-of-turn token id {end_of_turn} is outside the vocabulary of {cfg.vocab_size}")
         if cfg.turn_blocks and end_of_turn is None:
             raise ConfigError(f"turn_blocks: no end-of-turn token to end the prompt's blocks (set end_of_turn_token_id in config.json or add one of {END_OF_TURN_TOKENS})")
         return SpecialTokens(mask=mask, eos=eos, pad=pad, bos=bos, end_of_turn=end_of_turn, extra_eos=extra_eos)

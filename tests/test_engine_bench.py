@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dllm_engine import bench
 from dllm_engine.engine import Engine
 
@@ -35,3 +37,12 @@ def test_engine_bench_reports_every_configuration_and_prefix_reuse(random_model)
         assert reuse["turns"] == 2 * 3  # every user turn after the first of each conversation
         assert 0 < reuse["reused_tokens_mean"] < reuse["prompt_tokens_mean"]
         assert 0 <= reuse["agreement"] <= 1 and reuse["reuse"]["total_ms"] > 0
+
+
+@pytest.mark.parametrize("value", ["0.5,x", "0.5,1.5", "0"])
+def test_dllm_bench_refuses_bad_thresholds_before_loading_anything(value, capsys):
+    from dllm_engine.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--thresholds", value])
+    assert exc.value.code == 2 and "--thresholds" in capsys.readouterr().err

@@ -386,3 +386,12 @@ def test_on_own_thread_runs_elsewhere_and_returns_the_result(model_dir):
 def test_on_own_thread_raises_the_loaders_error_on_the_callers_thread(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         on_own_thread(load_model, tmp_path / "missing")
+
+
+def test_a_bad_end_of_turn_id_or_turn_blocks_without_block_causal_are_refused(model_dir):
+    edit_json(model_dir / "config.json", end_of_turn_token_id=10**6)
+    with pytest.raises(ConfigError, match="end-of-turn token id 1000000 is outside the vocabulary"):
+        load_model(model_dir)
+    edit_json(model_dir / "config.json", end_of_turn_token_id=..., turn_blocks=True)
+    with pytest.raises(ConfigError, match="turn_blocks needs block_causal"):
+        load_model(model_dir)
