@@ -267,15 +267,17 @@ def predict(logits: torch.Tensor, temperature: torch.Tensor, generators: list[to
     generator so a seeded request decodes the same alone or in a batch.
     """
     logits = logits.float()
-    scores = logits
     if bool((temperature > 0).any()):
         scores = logits.clone()
         for i, gen in enumerate(generators):
             if gen is not None:
                 u = torch.rand(logits.shape[1:], generator=gen, device=logits.device, dtype=torch.float64)
                 scores[i] = (logits[i].double() / float(temperature[i]) - torch.log(-torch.log(u))).float()
-    x0 = scores.argmax(-1)
-    conf = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
+        x0 = scores.argmax(-1)
+        top = logits.gather(-1, x0[..., None]).squeeze(-1)
+    else:
+        top, x0 = logits.max(-1)
+    conf = torch.exp(top - logits.logsumexp(-1))  # softmax of the chosen token, without the whole softmax
     return x0, conf
 
 

@@ -1,7 +1,7 @@
 """A bidirectional transformer in the LLaDA layout, in plain PyTorch.
 
-Module names mirror LLaDA's checkpoint names (`model.transformer.blocks.{i}.q_proj`, ...), so a
-state dict loads without renaming. Attention is full (no causal mask): every position sees the
+State-dict names are LLaDA's checkpoint names (`model.transformer.blocks.{i}.q_proj.weight`, ...),
+so a checkpoint loads without renaming (a block's fused projections split and join on the way). Attention is full (no causal mask): every position sees the
 whole canvas, which is what lets a diffusion LM fill masked tokens anywhere. A block-causal model
 (`LLaDAConfig.block_causal`) gets its mask from the caller, who knows where the blocks are.
 
@@ -83,19 +83,39 @@ class KVCache:
 
 
 class Block(nn.Module):
+    """One transformer layer. LLaDA's q_proj, k_proj and v_proj run as one matmul (`qkv_proj`), and
+    so do ff_proj (the SiLU gate) and up_proj (`ff_in`): a small model's step, and a large one's on
+    a GPU at batch 1, is bound by how many kernels run, not by their size. The state dict keeps
+    LLaDA's names (`FUSED`), so checkpoints load and save unchanged."""
+
+    FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "ff_in": ("ff_proj", "up_proj")}
+
     def __init__(self, cfg: LLaDAConfig) -> None:
         super().__init__()
         d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.sizes = {"qkv_proj": [d, kv, kv], "ff_in": [cfg.mlp_hidden_size] * 2}
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, kv, bias=False)
-        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.qkv_proj = nn.Linear(d, d + 2 * kv, bias=False)
         self.attn_out = nn.Linear(d, d, bias=False)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)  # gate (SiLU applied)
-        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
+        self.ff_in = nn.Linear(d, 2 * cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+        self.register_state_dict_post_hook(Block._split_fused)
+        self.register_load_state_dict_pre_hook(Block._join_fused)
+
+    @staticmethod
+    def _split_fused(module: "Block", state: dict, prefix: str, _meta: object) -> None:
+        for fused, parts in Block.FUSED.items():
+            for name, w in zip(parts, state.pop(f"{prefix}{fused}.weight").split(module.sizes[fused])):
+                state[f"{prefix}{name}.weight"] = w
+
+    @staticmethod
+    def _join_fused(module: "Block", state: dict, prefix: str, *_: object) -> None:
+        for fused, parts in Block.FUSED.items():
+            names = [f"{prefix}{name}.weight" for name in parts]
+            if all(n in state for n in names):  # else load_state_dict names what is missing
+                state[f"{prefix}{fused}.weight"] = torch.cat([state.pop(n) for n in names])
 
     def forward(
         self,
@@ -106,10 +126,9 @@ class Block(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, object, int] | None,
     ) -> torch.Tensor:
         n, t, _ = x.shape
-        h = self.attn_norm(x)
-        q = apply_rotary(self.q_proj(h).view(n, t, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(h).view(n, t, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(h).view(n, t, self.n_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(self.attn_norm(x)).view(n, t, -1, self.head_dim)
+        qk = apply_rotary(qkv[:, :, : self.n_heads + self.n_kv_heads], cos, sin)
+        q, k, v = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :], qkv[:, :, self.n_heads + self.n_kv_heads :]
         if kv is not None:
             ck, cv, write_idx, rows, n_keys = kv
             ck[write_idx] = k.to(ck.dtype)
@@ -124,8 +143,8 @@ class Block(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         x = x + self.attn_out(y.transpose(1, 2).reshape(n, t, -1))
-        h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        gate, up = self.ff_in(self.ff_norm(x)).chunk(2, dim=-1)
+        return x + self.ff_out(F.silu(gate) * up)
 
 
 class Transformer(nn.Module):
@@ -192,27 +211,35 @@ class DiffusionLM(nn.Module):
             x = block(x, cos, sin, attn_mask, None if kv is None else (kv[0][i], kv[1][i], *kv[2:]))
         return tr["ln_f"](x)
 
-    def compile_layers(self) -> None:
-        """Compile each transformer block with torch.compile (inductor, dynamic shapes).
+    def compile_layers(self, regional: bool | None = None) -> None:
+        """Compile the forward's layers with torch.compile (inductor, dynamic shapes).
 
         Why: a small model's cached step is hundreds of short ops, a large one's on a GPU is
-        launch-bound at batch 1; fused kernels cut both. The blocks are compiled one by one
-        (regional compilation): they share one graph, with the weights as its inputs, so compiling
-        costs one block's time whatever the depth. Each kind of call (one row; several rows, key
+        launch-bound at batch 1; fused kernels cut both. `regional` (the default on a GPU) compiles
+        the blocks one by one: they share one graph, with the weights as its inputs, so compiling
+        costs one block's time whatever the depth (an 8B checkpoint has 32). Otherwise (the default
+        on a CPU, where models are small) the whole stack is one graph: no guards to check between
+        blocks and fusion across them (the default model's cached step in bf16 on an AMX Xeon:
+        4.5 ms eager, 4.2 regional, 3.3 whole). Each kind of call (one row; several rows, key
         padding or not) compiles once, so callers warm up (see decoding.Runner.warm_up).
         """
         if self.compiled:
             return
-        for block in self.model.transformer["blocks"]:
-            block.compile(dynamic=True)
-        eager = self._layers
+        if regional is None:
+            regional = next(self.parameters()).device.type != "cpu"
+        if regional:
+            for block in self.model.transformer["blocks"]:
+                block.compile(dynamic=True)
+            compiled = self._layers
+        else:
+            compiled = torch.compile(self._layers, dynamic=True)
 
         def layers(*args: object) -> torch.Tensor:
             # Without duck sizing: sizes equal by chance at the first call (a full forward's queries
             # and keys, a batch of 8 in 8 cache slots) would be compiled in as equal, and every
             # later call where they differ would compile again.
             with fx_config.patch(use_duck_shape=False):
-                return eager(*args)
+                return compiled(*args)
 
         self._layers = layers
         self.compiled = True

@@ -33,10 +33,11 @@ def forwards(model, cache: KVCache, lengths: list[int]) -> list[torch.Tensor]:
     return [full, block, *cache.k, *cache.v]
 
 
-def test_compiled_layers_give_the_eager_forwards(random_model_dir):
+@pytest.mark.parametrize("regional", [False, True])
+def test_compiled_layers_give_the_eager_forwards(random_model_dir, regional):
     eager, _ = load_model(random_model_dir, dtype="float32")
     compiled, _ = load_model(random_model_dir, dtype="float32")
-    compiled.compile_layers()
+    compiled.compile_layers(regional=regional)
     for lengths in ([40], [40, 40], [40, 27]):  # one row; rows without and with key padding
         a = forwards(eager, KVCache(eager.config, 2, 64, torch.float32, "cpu"), lengths)
         b = forwards(compiled, KVCache(compiled.config, 2, 64, torch.float32, "cpu"), lengths)
@@ -69,13 +70,14 @@ def test_a_compiled_engine_compiles_before_serving_and_never_again(random_model_
 
 
 def test_the_blocks_share_one_compiled_graph_whatever_the_depth(tmp_path):
-    """Regional compilation: a deeper model (an 8B checkpoint has 32 blocks) compiles no more ops."""
+    """Regional compilation (the default on a GPU): a deeper model (an 8B checkpoint has 32 blocks)
+    compiles no more ops."""
     captured = []
     for n_layers in (1, 4):
         torch._dynamo.reset()
         before = counters["stats"]["calls_captured"]
         model, _ = load_model(make_model_dir(tmp_path / str(n_layers), {"n_layers": n_layers}), dtype="float32")
-        model.compile_layers()
+        model.compile_layers(regional=True)
         forwards(model, KVCache(model.config, 1, 64, torch.float32, "cpu"), [40])
         captured.append(counters["stats"]["calls_captured"] - before)
     assert captured[0] > 0 and captured[1] == captured[0]
