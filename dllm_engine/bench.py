@@ -3,7 +3,8 @@
 A fixed set of conversations (a 3-exchange history of about 200 tokens plus a short user turn)
 runs through: vanilla exactly as LLaDA's reference does it (whole canvas, no cache, one token per
 step, no early stop), vanilla with early stop, threshold commits without a cache (parallel commits
-alone), prefix cache + threshold and dual cache + threshold, each at batch 1 (requests one after
+alone), prefix cache + threshold, dual cache + threshold and dual cache + Fast-dLLM's factor rule
+(commit the n most confident while the i-th is >= 1 - f / (i + 1)), each at batch 1 (requests one after
 another) and batch N (all at once through the engine's continuous batching). Tokens are counted up
 to EOS / end of turn. Agreement is the share of prompts whose reply text equals the reference's.
 
@@ -150,7 +151,9 @@ CONFIGS = [
     ("threshold, no cache", "threshold", "none", True),
     ("prefix + threshold", "threshold", "prefix", True),
     ("dual + threshold", "threshold", "dual", True),
+    ("dual + factor", "factor", "dual", True),
 ]
+SWEPT = CONFIGS[-2]  # --thresholds: dual + threshold at other values of tau
 
 
 def thresholds(text: str) -> list[float]:
@@ -170,6 +173,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="canvas / cap (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.9, help="tau for the threshold runs (default: %(default)s)")
+    p.add_argument("--factor", type=float, default=DecodeParams.factor, help="f for the factor run (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=len(_HISTORIES), help="how many of the fixed prompts to use (default: %(default)s)")
     p.add_argument("--thresholds", type=thresholds, default="0.7,0.5,0.3", help="comma-separated tau values of an extra dual + threshold sweep at the first of --batches; '' for none (default: %(default)s)")
 
@@ -190,7 +194,8 @@ async def _measure(engine: Engine, prompts: list, params: DecodeParams, batch: i
 
 
 def run_bench(
-    engine: Engine, batches: list[int], max_new_tokens: int, block_size: int, threshold: float, n_prompts: int, sweep: list[float] = ()
+    engine: Engine, batches: list[int], max_new_tokens: int, block_size: int, threshold: float, n_prompts: int, sweep: list[float] = (),
+    factor: float = DecodeParams.factor,
 ) -> dict:
     prompts = conversations()[:n_prompts]
     prompt_tokens = [len(engine.encode_prompt(p)) for p in prompts]
@@ -198,14 +203,16 @@ def run_bench(
     reference_texts: list[str] | None = None
     # Warm-up: first forwards pay for allocations and kernel selection.
     asyncio.run(engine.generate(prompts[0], DecodeParams(max_new_tokens=block_size, block_size=block_size)))
-    todo = [(b, c, threshold) for b in batches for c in CONFIGS] + [(batches[0], CONFIGS[-1], tau) for tau in sweep]
+    todo = [(b, c, threshold) for b in batches for c in CONFIGS] + [(batches[0], SWEPT, tau) for tau in sweep]
     sweep_runs: list[Run] = []
     bar = tqdm(todo, desc="engine bench", unit="run")
     for i, (batch, (name, policy, cache, early_stop), tau) in enumerate(bar):
         swept = i >= len(todo) - len(sweep)
         name = f"{name}, tau {tau}" if swept else name
         bar.set_postfix_str(f"{name}, batch {batch}")
-        params = DecodeParams(policy=policy, cache=cache, early_stop=early_stop, threshold=tau, block_size=block_size, max_new_tokens=max_new_tokens)
+        params = DecodeParams(
+            policy=policy, cache=cache, early_stop=early_stop, threshold=tau, factor=factor, block_size=block_size, max_new_tokens=max_new_tokens
+        )
         texts, stats, wall = asyncio.run(_measure(engine, prompts, params, batch))
         if reference_texts is None:
             reference_texts = texts
@@ -231,6 +238,7 @@ def run_bench(
             "max_new_tokens": max_new_tokens,
             "block_size": block_size,
             "threshold": threshold,
+            "factor": factor,
             "prompts": len(prompts),
             "prompt_tokens_mean": statistics.mean(prompt_tokens),
             "model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "vocab_size": cfg.vocab_size,
@@ -292,7 +300,7 @@ def run_reuse(engine: Engine, params: DecodeParams, n_prompts: int) -> dict:
 
 def print_table(result: dict) -> None:
     c = result["conditions"]
-    print(f"\nmax_new_tokens {c['max_new_tokens']}, block {c['block_size']}, tau {c['threshold']}, "
+    print(f"\nmax_new_tokens {c['max_new_tokens']}, block {c['block_size']}, tau {c['threshold']}, f {c.get('factor', 1.0)}, "
           f"{c['prompts']} prompts of ~{c['prompt_tokens_mean']:.0f} tokens, {c['dtype']} on {c['device']}, {c['threads']} threads"
           + (", compiled layers" if c.get("compiled") else "") + (", CUDA graphs" if c.get("cuda_graphs") else "") + (", block-causal (exact caches: prefix = dual)" if c["model"].get("block_causal") else ""))
     head = f"{'run':<22}{'batch':>6}{'tok/s':>9}{'tok/fwd':>9}{'1st block ms':>14}{'total ms':>10}{'tokens':>8}{'agree':>7}{'x ref':>7}{'x early':>8}"
@@ -318,7 +326,7 @@ def main(args: argparse.Namespace) -> dict:
     batches = [int(b) for b in args.batches.split(",")]
     engine = engine_from_args(args, max_batch=max(batches))
     try:
-        result = run_bench(engine, batches, args.max_new_tokens, args.block_size, args.threshold, args.prompts, args.thresholds)
+        result = run_bench(engine, batches, args.max_new_tokens, args.block_size, args.threshold, args.prompts, args.thresholds, args.factor)
     finally:
         engine.close()
     print_table(result)

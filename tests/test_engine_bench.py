@@ -29,8 +29,8 @@ def test_engine_bench_reports_every_configuration_and_prefix_reuse(random_model)
     machine = result["conditions"]["machine"]  # figures differ by CPU: bf16 is native on some, emulated on others
     assert machine["cpu"] and machine["cores"] >= 1 and isinstance(machine["cpu_bf16"], bool)
     same_tau, low_tau = result["threshold_sweep"]
-    dual = runs[len(bench.CONFIGS) - 1]
-    assert (same_tau["threshold"], same_tau["batch"], same_tau["cache"]) == (0.9, 1, "dual")
+    dual = runs[bench.CONFIGS.index(bench.SWEPT)]
+    assert (same_tau["threshold"], same_tau["batch"], same_tau["policy"], same_tau["cache"]) == (0.9, 1, "threshold", "dual")
     assert (same_tau["agreement"], same_tau["forwards"]) == (dual["agreement"], dual["forwards"])  # the table's row again
     assert low_tau["threshold"] == 0.2 and 0 <= low_tau["agreement"] <= 1 and low_tau["speedup_vs_reference"] > 0
     for reuse in result["prefix_reuse"]:
