@@ -127,8 +127,8 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         n, t, _ = x.shape
         qkv = self.qkv_proj(self.attn_norm(x)).view(n, t, -1, self.head_dim)
-        qk = apply_rotary(qkv[:, :, : self.n_heads + self.n_kv_heads], cos, sin)
-        q, k, v = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :], qkv[:, :, self.n_heads + self.n_kv_heads :]
+        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is not None:
             ck, cv, write_idx, rows, n_keys = kv
             ck[write_idx] = k.to(ck.dtype)
