@@ -143,6 +143,7 @@ class Run:
     agreement: float | None = None
     speedup_vs_reference: float | None = None
     speedup_vs_early_stop_vanilla: float | None = None
+    replies: list[str] = dataclasses.field(default_factory=list)  # what agreement compares
 
 
 CONFIGS = [
@@ -226,6 +227,7 @@ def run_bench(
             new_tokens=tokens / len(stats),
             forwards=statistics.mean(s.forwards for s in stats),
             agreement=sum(a == b for a, b in zip(texts, reference_texts)) / len(texts),
+            replies=texts,
         )
         (sweep_runs if swept else runs).append(run)
     for run in runs + sweep_runs:

@@ -22,6 +22,7 @@ def test_engine_bench_reports_every_configuration_and_prefix_reuse(random_model)
     for r in runs:
         assert {"tokens_per_s", "tokens_per_forward", "first_block_ms", "agreement"} <= set(r)
         assert r["tokens_per_s"] > 0 and 0 <= r["agreement"] <= 1
+        assert r["agreement"] == sum(a == b for a, b in zip(r["replies"], runs[0]["replies"])) / 2  # the replies it compared
     reference, early = runs[0], runs[1]
     assert reference["agreement"] == 1.0 and early["agreement"] == 1.0  # early stop never changes the text
     assert reference["forwards"] >= early["forwards"]
