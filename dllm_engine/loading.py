@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, LLaDAConfig, read_json
-from .model import DiffusionLM
+from .model import Block, DiffusionLM
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ConfigError(f"checkpoint in {directory} lacks weight(s): {shown}")
+    for prefix, module in model.named_modules():
+        if isinstance(module, Block):  # here, not in load_state_dict's copy of `state`: one copy of the weights at a time
+            module.join_fused(state, f"{prefix}.")
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
     n = sum(p.numel() for p in model.parameters())

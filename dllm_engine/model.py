@@ -101,18 +101,19 @@ class Block(nn.Module):
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.ff_in = nn.Linear(d, 2 * cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
-        self.register_state_dict_post_hook(Block._split_fused)
-        self.register_load_state_dict_pre_hook(Block._join_fused)
+        self.register_state_dict_post_hook(lambda m, state, prefix, _: m.split_fused(state, prefix))
+        self.register_load_state_dict_pre_hook(lambda m, state, prefix, *_: m.join_fused(state, prefix))
 
-    @staticmethod
-    def _split_fused(module: "Block", state: dict, prefix: str, _meta: object) -> None:
-        for fused, parts in Block.FUSED.items():
-            for name, w in zip(parts, state.pop(f"{prefix}{fused}.weight").split(module.sizes[fused])):
+    def split_fused(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """LLaDA's names in a state dict of this block (views of the fused weights)."""
+        for fused, parts in self.FUSED.items():
+            for name, w in zip(parts, state.pop(f"{prefix}{fused}.weight").split(self.sizes[fused])):
                 state[f"{prefix}{name}.weight"] = w
 
-    @staticmethod
-    def _join_fused(module: "Block", state: dict, prefix: str, *_: object) -> None:
-        for fused, parts in Block.FUSED.items():
+    def join_fused(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """The fused weights from LLaDA's, in place: the parts leave `state` as each joined weight
+        enters it, so a loader that joins its own dict holds one copy of the weights, not two."""
+        for fused, parts in self.FUSED.items():
             names = [f"{prefix}{name}.weight" for name in parts]
             if all(n in state for n in names):  # else load_state_dict names what is missing
                 state[f"{prefix}{fused}.weight"] = torch.cat([state.pop(n) for n in names])

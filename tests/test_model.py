@@ -115,6 +115,23 @@ def test_forward_matches_explicit_reference(model):
         close(logits[row], ref_logits)
 
 
+def test_fused_projections_keep_llada_names_and_join_in_place(model):
+    """q/k/v and gate/up run fused, but a state dict has LLaDA's names both ways, and joining pops
+    the parts (a loader joining its own dict holds the weights once)."""
+    state = model.state_dict()
+    assert not any("qkv_proj" in name or "ff_in" in name for name in state)
+    prefix = "model.transformer.blocks.1."
+    block = model.model.transformer["blocks"][1]
+    parts = [state[f"{prefix}{name}.weight"] for name in ("q_proj", "k_proj", "v_proj")]
+    assert [p.shape[0] for p in parts] == [model.config.d_model] + [model.config.n_kv_heads * model.config.head_dim] * 2
+    block.join_fused(state, prefix)
+    assert not any(f"{prefix}{name}.weight" in state for name in ("q_proj", "k_proj", "v_proj", "ff_proj", "up_proj"))
+    assert torch.equal(state[f"{prefix}qkv_proj.weight"], torch.cat(parts))
+    assert torch.equal(state[f"{prefix}qkv_proj.weight"], block.qkv_proj.weight)
+    block.split_fused(state, prefix)
+    assert set(state) == set(model.state_dict())
+
+
 @torch.inference_mode()
 def test_logits_are_cut_to_vocab_and_weight_tying_uses_embeddings():
     m = random_model(tiny_config(vocab_size=VOCAB, embedding_size=72, weight_tying=True), seed=2)
