@@ -308,11 +308,8 @@ def print_table(result: dict) -> None:
     head = f"{'run':<22}{'batch':>6}{'tok/s':>9}{'tok/fwd':>9}{'1st block ms':>14}{'total ms':>10}{'tokens':>8}{'agree':>7}{'x ref':>7}{'x early':>8}"
     print(head)
     print("-" * len(head))
-    for r in result["runs"]:
+    for r in result["runs"] + [{**r, "name": f"  tau {r['threshold']}"} for r in result.get("threshold_sweep", [])]:
         print(f"{r['name']:<22}{r['batch']:>6}{r['tokens_per_s']:>9.1f}{r['tokens_per_forward']:>9.2f}{r['first_block_ms']:>14.1f}"
-              f"{r['total_ms']:>10.0f}{r['new_tokens']:>8.1f}{r['agreement']:>7.2f}{r['speedup_vs_reference']:>7.1f}{r['speedup_vs_early_stop_vanilla']:>8.1f}")
-    for r in result.get("threshold_sweep", []):
-        print(f"{'  tau ' + str(r['threshold']):<22}{r['batch']:>6}{r['tokens_per_s']:>9.1f}{r['tokens_per_forward']:>9.2f}{r['first_block_ms']:>14.1f}"
               f"{r['total_ms']:>10.0f}{r['new_tokens']:>8.1f}{r['agreement']:>7.2f}{r['speedup_vs_reference']:>7.1f}{r['speedup_vs_early_stop_vanilla']:>8.1f}")
     print("\ncross-turn prefix reuse (batch 1, turns 2-4 of each conversation): recompute -> reuse")
     for r in result.get("prefix_reuse", []):
