@@ -168,13 +168,24 @@ def thresholds(text: str) -> list[float]:
     return values
 
 
+def positive(text: str) -> float:
+    """argparse type for --factor: a number > 0, checked before the long runs start."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write the figures here as JSON")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="canvas / cap (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--threshold", type=float, default=0.9, help="tau for the threshold runs (default: %(default)s)")
-    p.add_argument("--factor", type=float, default=DecodeParams.factor, help="f for the factor run (default: %(default)s)")
+    p.add_argument("--factor", type=positive, default=DecodeParams.factor, help="f for the factor run (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=len(_HISTORIES), help="how many of the fixed prompts to use (default: %(default)s)")
     p.add_argument("--thresholds", type=thresholds, default="0.7,0.5,0.3", help="comma-separated tau values of an extra dual + threshold sweep at the first of --batches; '' for none (default: %(default)s)")
 

@@ -1,8 +1,9 @@
 """A bidirectional transformer in the LLaDA layout, in plain PyTorch.
 
 State-dict names are LLaDA's checkpoint names (`model.transformer.blocks.{i}.q_proj.weight`, ...),
-so a checkpoint loads without renaming (a block's fused projections split and join on the way). Attention is full (no causal mask): every position sees the
-whole canvas, which is what lets a diffusion LM fill masked tokens anywhere. A block-causal model
+so a checkpoint loads without renaming (a block's fused projections split and join on the way).
+Attention is full (no causal mask): every position sees the whole canvas, which is what lets a
+diffusion LM fill masked tokens anywhere. A block-causal model
 (`LLaDAConfig.block_causal`) gets its mask from the caller, who knows where the blocks are.
 
 The optional `KVCache` is a static per-slot buffer (gpt-fast style). A forward that is given a
