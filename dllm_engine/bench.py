@@ -157,26 +157,30 @@ CONFIGS = [
 SWEPT = CONFIGS[-2]  # --thresholds: dual + threshold at other values of tau
 
 
-def thresholds(text: str) -> list[float]:
-    """argparse type for --thresholds: each a tau in (0, 1], checked before the long runs start."""
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not all(0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"each threshold must be in (0, 1], got {text!r}")
-    return values
-
-
-def positive(text: str) -> float:
-    """argparse type for --factor: a number > 0, checked before the long runs start."""
+def _number(text: str, ok, bound: str) -> float:
+    """One argparse value, checked before the long runs start."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
     return value
+
+
+def tau(text: str) -> float:
+    """argparse type for --threshold: a tau in (0, 1]."""
+    return _number(text, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def thresholds(text: str) -> list[float]:
+    """argparse type for --thresholds: comma-separated taus."""
+    return [tau(t) for t in text.split(",") if t.strip()]
+
+
+def positive(text: str) -> float:
+    """argparse type for --factor: a number > 0."""
+    return _number(text, lambda v: v > 0, "> 0")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -184,7 +188,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="canvas / cap (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=32, help="(default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=0.9, help="tau for the threshold runs (default: %(default)s)")
+    p.add_argument("--threshold", type=tau, default=0.9, help="tau for the threshold runs (default: %(default)s)")
     p.add_argument("--factor", type=positive, default=DecodeParams.factor, help="f for the factor run (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=len(_HISTORIES), help="how many of the fixed prompts to use (default: %(default)s)")
     p.add_argument("--thresholds", type=thresholds, default="0.7,0.5,0.3", help="comma-separated tau values of an extra dual + threshold sweep at the first of --batches; '' for none (default: %(default)s)")

@@ -40,7 +40,10 @@ def test_engine_bench_reports_every_configuration_and_prefix_reuse(random_model)
         assert 0 <= reuse["agreement"] <= 1 and reuse["reuse"]["total_ms"] > 0
 
 
-@pytest.mark.parametrize("option, value", [("--thresholds", "0.5,x"), ("--thresholds", "0.5,1.5"), ("--thresholds", "0"), ("--factor", "x"), ("--factor", "0")])
+@pytest.mark.parametrize("option, value", [
+        ("--thresholds", "0.5,x"), ("--thresholds", "0.5,1.5"), ("--thresholds", "0"),
+        ("--threshold", "1.5"), ("--threshold", "x"), ("--factor", "x"), ("--factor", "0"),
+    ])
 def test_dllm_bench_refuses_bad_decoding_values_before_loading_anything(option, value, capsys):
     from dllm_engine.cli import main
 
