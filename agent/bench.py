@@ -60,14 +60,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from audio.codec import SUPPORTED_RATES, AudioError, resample, to_float32, trim
+from audio.codec import AudioError, resample, to_float32, trim
 from dllm_engine.bench import machine
 from dllm_engine.cli import positive_int
 
 from . import bench_report
 from . import events as ev
 from .bench_lines import NETWORK_LINES, BenchError, Line, LineError, LocalServer, Target, base_url, check_reachable, inproc_line
-from .session import LIVE_SETTINGS
+from . import live_settings
 
 log = logging.getLogger(__name__)
 
@@ -448,18 +448,19 @@ def _levels(text: str) -> list[int]:
 
 
 def _setting(text: str) -> tuple[str, int | float | bool]:
+    """KEY=VALUE as a live setting, checked against its type and bounds now, not after minutes of set-up."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. end_ms=500), got {text!r}")
-    if value.lower() in ("true", "false"):
-        return key, value.lower() == "true"
+    low = value.lower()
     try:
-        return key, int(value)
+        parsed = low == "true" if low in ("true", "false") else json.loads(value)
     except ValueError:
-        try:
-            return key, float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{key}: expected a number or true/false, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"{key}: expected a number or true/false, got {value!r}") from None
+    try:
+        return key, live_settings.check({key: parsed})[key]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -567,9 +568,6 @@ def run(args: argparse.Namespace) -> dict:
     from .voice_agent import Agent, AgentConfig
 
     try:
-        bad = sorted({k for k, _ in args.set} - set(LIVE_SETTINGS))
-        if bad:
-            raise BenchError(f"--set: unknown setting(s) {', '.join(bad)} (live settings: {', '.join(LIVE_SETTINGS)})")
         if args.set and args.transport == "twilio":
             raise BenchError("--set needs session.update, which Twilio's protocol does not have")
         if args.url:

@@ -1,18 +1,27 @@
-"""Server-wide state shared by every transport: settings, session slots and live connections."""
+"""Server-wide state shared by every transport: settings, session slots and live connections.
+
+Transports see only this narrow surface: `settings`, `stream_tokens`, `agent_sample_rate`, and two
+context managers. `connection()` registers a call so shutdown can close it; `session()` takes a
+session slot and opens the agent's session in it. Each releases what it took in its own `finally`,
+the one place that does: whatever ends a call (an error, a cancelled task, a client that vanished)
+gives its slot back on the way out.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from .security import StreamTokens
 
 if TYPE_CHECKING:
-    from .transports.base import Connection
+    from .session import Session
     from .voice_agent import Agent
 
 log = logging.getLogger(__name__)
@@ -52,30 +61,57 @@ class ServerSettings:
         return (*self.allowed_origins, f"{u.scheme}://{u.netloc}")
 
 
+class Call(Protocol):
+    """What the hub needs of a connection to close it at shutdown."""
+
+    finished: asyncio.Event
+
+    def stop(self, code: int, reason: str) -> None: ...
+
+
+class Busy(Exception):
+    """No session slot: every one is in use, or the server is shutting down."""
+
+
 class Hub:
     """The one Agent, the session slots, and every open connection (so shutdown can close them properly)."""
 
     def __init__(self, agent: Agent, settings: ServerSettings) -> None:
-        self.agent = agent
+        self._agent = agent
         self.settings = settings
-        self.connections: set[Connection] = set()
+        self.connections: set[Call] = set()
         self.active_sessions = 0
         self.stream_tokens = StreamTokens(settings.stream_token_ttl_s)
         self.closing = False
 
-    def acquire(self) -> bool:
-        """Take a session slot; False when the server is full or shutting down."""
-        if self.closing or self.active_sessions >= self.settings.max_sessions:
-            return False
-        self.active_sessions += 1
-        return True
-
-    def release(self) -> None:
-        self.active_sessions -= 1
+    @property
+    def agent_sample_rate(self) -> int:
+        return self._agent.tts.sample_rate
 
     @property
     def full(self) -> bool:
         return self.active_sessions >= self.settings.max_sessions
+
+    @contextlib.contextmanager
+    def connection(self, call: Call) -> Iterator[None]:
+        """Count `call` among the open connections while the block runs."""
+        self.connections.add(call)
+        try:
+            yield
+        finally:
+            self.connections.discard(call)
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[Session]:
+        """A session slot and the agent's session in it; raises Busy when none is free."""
+        if self.closing or self.full:
+            raise Busy("server shutting down" if self.closing else f"server busy: all {self.settings.max_sessions} sessions are in use, try again later")
+        self.active_sessions += 1
+        try:
+            async with self._agent.session() as s:
+                yield s
+        finally:
+            self.active_sessions -= 1
 
     async def close_all(self, code: int, reason: str, timeout: float = 5.0) -> None:
         """Refuse new sessions and end every connection with `code` (Ctrl-C: 1001 going away)."""
@@ -89,17 +125,12 @@ class Hub:
         await asyncio.wait([asyncio.ensure_future(c.finished.wait()) for c in conns], timeout=timeout)
 
     def health(self) -> dict:
-        agent, s = self.agent, self.settings
+        """What is loaded and how busy the server is; names, never file-system paths (this is public)."""
+        s = self.settings
         return {
             "status": "closing" if self.closing else "ok",
-            "models": {
-                "llm": str(agent.config.model or "default"),
-                "asr": str(agent.asr.path),
-                "tts": str(agent.config.voice or "default"),
-                "vad": "silero",
-                "loaded": True,
-            },
-            "agent_sample_rate": agent.tts.sample_rate,
+            "models": {**self._agent.model_names(), "vad": "silero", "loaded": True},
+            "agent_sample_rate": self.agent_sample_rate,
             "sessions": {"active": self.active_sessions, "max": s.max_sessions},
             "connections": len(self.connections),
             "limits": {

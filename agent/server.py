@@ -97,7 +97,7 @@ async def webrtc_offer(request: Request) -> JSONResponse:
         return _refuse(401, "invalid or missing token: send Authorization: Bearer TOKEN")
     try:
         body = json.loads(await request.body())
-    except ValueError:
+    except (ValueError, RecursionError):
         return _refuse(400, "the body must be JSON: {\"type\": \"offer\", \"sdp\": \"v=0...\"}")
     if not isinstance(body, dict) or body.get("type") != "offer":
         return _refuse(400, "expected {\"type\": \"offer\", \"sdp\": ...}")

@@ -23,6 +23,7 @@ from audio.codec import AudioError, Framer, Resampler, to_float32
 from audio.vad import FRAME, SAMPLE_RATE, SileroVAD
 
 from . import events as ev
+from . import live_settings
 from .dialogue import Dialogue
 from .metrics import TurnTimeline
 from .sentences import SentenceSplitter
@@ -33,11 +34,6 @@ log = logging.getLogger(__name__)
 FRAME_MS = FRAME * 1000 / SAMPLE_RATE
 PRE_ROLL_FRAMES = 10  # audio kept from before the speech start was confirmed (320 ms)
 VAD_INLINE_FRAMES = 8  # up to 256 ms of audio is scored on the event loop (~0.2 ms a frame)
-# What `Session.update` (and the protocols' session.update) may change while a session runs.
-LIVE_DECODE = ("threshold", "block_size", "max_new_tokens")
-LIVE_TURNS = ("end_ms", "question_end_ms", "unfinished_end_ms", "pause_ms", "min_speech_ms", "vad_threshold")
-LIVE_SESSION = ("echo_guard_ms", "barge_in_ms", "speculation")
-LIVE_SETTINGS = LIVE_DECODE + LIVE_TURNS + LIVE_SESSION
 
 
 @dataclasses.dataclass
@@ -153,13 +149,16 @@ class Session:
         if r.recorded is not None:
             r.recorded["content"] = r.heard_text()
 
-    def update(self, **settings) -> None:
-        """Live settings (LIVE_SETTINGS): decoding, turn-taking, barge-in and speculation."""
-        decode = {k: settings.pop(k) for k in LIVE_DECODE if k in settings}
-        turns = {k: settings.pop(k) for k in LIVE_TURNS if k in settings}
-        bad = set(settings) - set(LIVE_SESSION)
-        if bad:
-            raise ValueError(f"unknown setting(s): {', '.join(sorted(bad))}")
+    def live_settings(self) -> dict[str, bool | int | float]:
+        """The settings `update` may change, as this session now has them."""
+        cfg = self.config
+        return {k: getattr(cfg.decode if k in live_settings.DECODE else cfg.turns if k in live_settings.TURNS else cfg, k) for k in live_settings.SETTINGS}
+
+    def update(self, **settings: bool | int | float) -> None:
+        """Live settings (`live_settings.SETTINGS`), all or nothing: ValueError names the bad one."""
+        settings = live_settings.check(settings)
+        decode = {k: settings.pop(k) for k in live_settings.DECODE if k in settings}
+        turns = {k: settings.pop(k) for k in live_settings.TURNS if k in settings}
         cfg = dataclasses.replace(
             self.config,
             decode=dataclasses.replace(self.config.decode, **decode),  # validates

@@ -110,6 +110,15 @@ class Agent:
         for _ in self.tts.synthesize("Hello."):
             pass
 
+    def model_names(self) -> dict[str, str]:
+        """The loaded models by name (a directory's or file's own), never a path: /health is public."""
+        c = self.config
+        return {
+            "llm": Path(c.model).name if c.model else "default",
+            "asr": Path(c.asr_model).name if c.asr_model else "whisper-tiny.en",
+            "tts": Path(c.voice).stem if c.voice else "en_US-joe-medium",
+        }
+
     def session(self, **overrides) -> "Session":
         """A new conversation; keyword overrides replace fields of the agent's config for it alone."""
         from .session import Session

@@ -6,11 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from dllm_engine.loading import load_model
 from tests.helpers import make_model_dir
 
 torch.set_num_threads(2)
+
+# Property-based tests (tests/test_fuzz.py): few derandomized examples by default, so CI is
+# repeatable; `--hypothesis-profile=fuzz-long` is the long run the README quotes.
+_SLOW_OK = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=True, **_SLOW_OK)
+settings.register_profile("fuzz-long", max_examples=10_000, **_SLOW_OK)
+settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +87,25 @@ def piper_speech(voice_agent):
         return resample(np.concatenate(list(tts.synthesize(text, still))), tts.sample_rate, rate)
 
     return speak
+
+
+@pytest.fixture(scope="module")
+def srv(voice_agent):
+    """A live server on the voice agent (3 session slots), one per test module."""
+    from tests.servers import live
+
+    with live(voice_agent, max_sessions=3) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def question(piper_speech):
+    """`question(text, rate)`: 0.5 s silence, the spoken text, 1.5 s silence (the endpointer needs 0.6 s)."""
+    import numpy as np
+
+    from tests.helpers import silence
+
+    def make(text: str, rate: int) -> np.ndarray:
+        return np.concatenate([silence(0.5, rate), piper_speech(text, rate), silence(1.5, rate)])
+
+    return make

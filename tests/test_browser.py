@@ -25,7 +25,7 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 from agent.transports.webrtc import FRAME, RATE, ReplyTrack
 from audio.codec import to_int16
 from tests.helpers import silence
-from tests.test_server import http, live
+from tests.servers import http, live
 
 WAIT = 120.0  # a whole turn on 2 busy cores; only a hang fails it
 QUESTION = "What is your name?"

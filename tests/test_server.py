@@ -20,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import wave
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -30,174 +30,13 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from agent.cli import build_parser, main as cli_main
-from agent.hub import ServerSettings
 from agent.security import twilio_signature
-from agent.server import create_app, server_for
 from agent.session import Session
-from audio.codec import to_int16, ulaw_decode, ulaw_encode
+from audio.codec import ulaw_decode
 from tests.helpers import silence
-
-WAIT = 60.0  # generous bound on any single wait: only a hang fails it
-
-
-class LiveServer:
-    """A VoiceServer on 127.0.0.1:<free port> in a thread with its own event loop."""
-
-    def __init__(self, agent, sndbuf: int | None = None, **settings) -> None:
-        self.sock = socket.socket()
-        if sndbuf:  # accepted sockets inherit it: a small kernel buffer lets backpressure reach the app
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.app = create_app(agent, ServerSettings(port=self.port, **settings))
-        self.hub = self.app.state.hub
-        self.server = server_for(self.app, log_level="warning")
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.thread = threading.Thread(target=self._run, name=f"server-{self.port}", daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self.loop = asyncio.get_running_loop()
-            await self.server.serve(sockets=[self.sock])
-
-        asyncio.run(main())
-
-    def start(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + WAIT
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        """What Ctrl-C does."""
-        self.server.handle_exit(signal.SIGINT, None)
-        self.thread.join(WAIT)
-        assert not self.thread.is_alive()
-
-    def url(self, path: str, scheme: str = "ws") -> str:
-        return f"{scheme}://127.0.0.1:{self.port}{path}"
-
-    def in_loop(self, fn):
-        """Run `fn()` on the server's loop (its state belongs to that thread)."""
-
-        async def call():
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(WAIT)
-
-    def idle(self) -> bool:
-        return self.in_loop(lambda: not self.hub.connections and self.hub.active_sessions == 0)
-
-    async def wait_idle(self) -> None:
-        deadline = time.monotonic() + WAIT
-        while not self.idle():
-            assert time.monotonic() < deadline, "sessions were not cleaned up"
-            await asyncio.sleep(0.05)
-
-
-@contextmanager
-def live(agent, sndbuf: int | None = None, **settings):
-    srv = LiveServer(agent, sndbuf, **settings).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(scope="module")
-def srv(voice_agent):
-    with live(voice_agent, max_sessions=3) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def question(piper_speech):
-    """`question(text, rate)`: 0.5 s silence, the spoken text, 1.5 s silence (the endpointer needs 0.6 s)."""
-
-    def make(text: str, rate: int) -> np.ndarray:
-        return np.concatenate([silence(0.5, rate), piper_speech(text, rate), silence(1.5, rate)])
-
-    return make
-
-
-def pcm16(samples: np.ndarray) -> bytes:
-    return to_int16(samples).astype("<i2").tobytes()
-
-
-def http(srv: LiveServer, path: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, str, str]:
-    req = urllib.request.Request(srv.url(path, "http"), data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=WAIT) as r:
-            return r.status, r.headers.get("content-type", ""), r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers.get("content-type", ""), e.read().decode()
-
-
-async def recv_json(ws, timeout: float = WAIT) -> dict:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def until(ws, type_: str, seen: list | None = None) -> dict:
-    """Read Realtime events until one of `type_` (keeping them all in `seen`)."""
-    while True:
-        msg = await recv_json(ws)
-        if seen is not None:
-            seen.append(msg)
-        if msg["type"] == type_:
-            return msg
-
-
-async def close_code(ws) -> int:
-    """Read until the server closes; its close code."""
-    try:
-        while True:
-            await asyncio.wait_for(ws.recv(), WAIT)
-    except ConnectionClosed as e:
-        return e.rcvd.code if e.rcvd else 1006
-
-
-async def send_rt_audio(ws, samples: np.ndarray, rate: int, chunk_s: float = 0.1) -> None:
-    """Half the chunks as base64 appends, half as binary frames: both are the protocol."""
-    n = int(rate * chunk_s)
-    for k, i in enumerate(range(0, len(samples), n)):
-        data = pcm16(samples[i : i + n])
-        if k % 2:
-            await ws.send(data)
-        else:
-            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(data).decode()}))
-
-
-# ---- Twilio helpers ------------------------------------------------------------------------
-
-SID = "MZ0123456789abcdef0123456789abcdef"
-MULAW = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
-
-
-def start_msg(token: str | None = None, fmt: dict = MULAW) -> str:
-    start = {"streamSid": SID, "accountSid": "AC0", "callSid": "CA0", "tracks": ["inbound"], "mediaFormat": fmt,
-             "customParameters": {"token": token} if token else {}}
-    return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": SID, "start": start})
-
-
-def media_msgs(samples_8k: np.ndarray) -> list[str]:
-    ulaw = ulaw_encode(to_int16(samples_8k))
-    return [
-        json.dumps({"event": "media", "sequenceNumber": str(3 + k), "streamSid": SID,
-                    "media": {"track": "inbound", "chunk": str(k + 1), "timestamp": str(20 * k), "payload": base64.b64encode(ulaw[i : i + 160]).decode()}})
-        for k, i in enumerate(range(0, len(ulaw), 160))
-    ]
-
-
-async def twilio_call(srv: LiveServer, token: str | None = None):
-    ws = await connect(srv.url("/twilio/stream"))
-    await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-    await ws.send(start_msg(token))
-    return ws
-
-
-# ---- HTTP ----------------------------------------------------------------------------------
+from tests.servers import (
+    SID, WAIT, close_code, http, live, media_msgs, pcm16, recv_json, send_rt_audio, start_msg, twilio_call, until,
+)
 
 
 def test_health_static_and_twiml(srv):
@@ -254,7 +93,7 @@ def test_realtime_conversation(srv, question):
             assert created["type"] == "session.created" and created["turn"] is None
             s = created["session"]
             assert s["input_sample_rate"] == s["output_sample_rate"] == 24000 and s["input_audio_format"] == "pcm16"
-            assert s["agent_sample_rate"] == srv.hub.agent.tts.sample_rate and s["end_ms"] == srv.hub.agent.config.turns.end_ms
+            assert s["agent_sample_rate"] == srv.agent.tts.sample_rate and s["end_ms"] == srv.agent.config.turns.end_ms
 
             await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000, "output_sample_rate": 16000, "denoise_steps": True, "end_ms": 650.0, "barge_in_ms": 400}}))
             updated = await recv_json(ws)
@@ -313,7 +152,7 @@ def test_realtime_bad_input_gets_errors_and_the_session_goes_on(srv):
             # Still a working session: a valid update applies, and nothing bad was applied before it.
             await ws.send(json.dumps({"type": "session.update", "session": {"pause_ms": 250}}))
             s = (await until(ws, "session.updated"))["session"]
-            assert s["pause_ms"] == 250 and s["output_sample_rate"] == 24000 and s["threshold"] == srv.hub.agent.config.decode.threshold
+            assert s["pause_ms"] == 250 and s["output_sample_rate"] == 24000 and s["threshold"] == srv.agent.config.decode.threshold
             await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))  # silence only: no turn, no error
             await ws.send(json.dumps({"type": "response.cancel"}))
             await ws.send(json.dumps({"type": "response.audio.played", "turn": 0, "audio_end_ms": 0}))
@@ -507,25 +346,6 @@ def test_abrupt_disconnects_mid_reply_leave_other_sessions_going(srv, question):
         await srv.wait_idle()
 
     asyncio.run(run())
-
-
-def test_a_client_that_stops_reading_is_dropped_with_1008(voice_agent, question):
-    with live(voice_agent, sndbuf=8192, send_timeout_s=1.0, max_queued_audio_s=3.0) as slow:
-
-        async def run():
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a tiny window, so the server's writes back up
-            sock.connect(("127.0.0.1", slow.port))
-            ws = await connect(slow.url("/v1/realtime"), sock=sock, max_queue=1)
-            await until(ws, "session.created")
-            await ws.send(json.dumps({"type": "session.update", "session": {"output_sample_rate": 48000, "denoise_steps": True}}))
-            await send_rt_audio(ws, question("Tell me a joke.", 24000), 24000)
-            await slow.wait_idle()  # stops reading; the server gives up on it and frees the session
-            code = await close_code(ws)  # reading again: what was buffered, then the close
-            return code
-
-        assert asyncio.run(run()) == 1008
-        assert slow.idle()
 
 
 def test_connect_disconnect_cycles_leak_nothing(srv):

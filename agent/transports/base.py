@@ -2,7 +2,9 @@
 
 reader (client messages → session), pump (session events → outbox), writer (outbox → client).
 The first of them to end decides how the connection closes; the others are cancelled, so a
-client that vanishes, misbehaves or stops reading never holds a session slot or a task.
+client that vanishes, misbehaves or stops reading never holds a session slot or a task. The slot
+is the hub's (`Hub.session`), released on the way out whatever ended the call; a task that
+ignores its cancellation is logged and left behind rather than allowed to hold the call open.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from .. import events as ev
+from ..hub import Busy
 
 if TYPE_CHECKING:
     from ..hub import Hub
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLOSE_LINGER_S = 30.0  # how long a close waits on a client that is not reading before the socket is just dropped
+CANCEL_GRACE_S = 5.0  # how long a call's cancelled tasks get to finish before the call ends without them
 
 
 class Close(Exception):
@@ -128,37 +132,35 @@ class Connection:
 
     async def serve(self) -> None:
         """Accept, run the protocol until one side ends it, then close with the code that says why."""
-        self.hub.connections.add(self)
         outcome: Close | None = Close(1001, "going away", "server_shutdown")  # if cancelled from outside
-        try:
-            await self.ws.accept()
-            await self._race(self.open())
-            await self._run_session()  # it ends by an exception: Close (a reason to close) or ClientGone
-        except Close as c:
-            outcome = c
-        except ClientGone:
-            outcome = None
-        except Exception:
-            log.exception("%s connection failed", self.kind)
-            outcome = Close(1011, "internal server error", "internal_error")
-        finally:
-            self.hub.connections.discard(self)
-            if outcome is not None:
-                await self._close(outcome)
-            self.finished.set()
+        with self.hub.connection(self):
+            try:
+                await self.ws.accept()
+                await self._race(self.open())
+                await self._run_session()  # it ends by an exception: Close (a reason to close) or ClientGone
+            except Close as c:
+                outcome = c
+            except ClientGone:
+                outcome = None
+            except Exception:
+                log.exception("%s connection failed", self.kind)
+                outcome = Close(1011, "internal server error", "internal_error")
+            finally:
+                if outcome is not None:
+                    await self._close(outcome)
+                self.finished.set()
 
     async def _run_session(self) -> None:
-        if not self.hub.acquire():
-            n = self.settings.max_sessions
-            raise Close(1013, f"server busy: all {n} sessions are in use, try again later", "session_limit")
         try:
-            async with self.hub.agent.session() as s:
+            async with self.hub.session() as s:
                 self.session = s
-                self.started()
-                await self._race(self._read(), self._pump(), self._write())
-        finally:
-            self.hub.release()
-            self.session = None
+                try:
+                    self.started()
+                    await self._race(self._read(), self._pump(), self._write())
+                finally:
+                    self.session = None
+        except Busy as e:
+            raise Close(1013, str(e), "session_limit") from None
 
     async def _race(self, primary: Coroutine[Any, Any, None], *others: Coroutine[Any, Any, None]) -> None:
         """Run the coroutines until `primary` returns, any of them raises, or a stop is requested."""
@@ -177,7 +179,9 @@ class Connection:
         finally:
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(tasks, timeout=CANCEL_GRACE_S)
+            for t in stuck:  # a bug, not a client's doing: say so, and do not let it hold the call
+                log.error("%s connection: task %s ignored its cancellation for %g s; left behind", self.kind, t.get_coro(), CANCEL_GRACE_S)
 
     async def receive(self) -> str | bytes:
         message = await self.ws.receive()
@@ -211,7 +215,8 @@ class Connection:
 
     async def send(self, text: str) -> None:
         try:
-            await asyncio.wait_for(self.ws.send_text(text), self.settings.send_timeout_s)
+            async with asyncio.timeout(self.settings.send_timeout_s):  # not wait_for: on 3.11 it can swallow a cancel
+                await self.ws.send_text(text)
         except TimeoutError:
             raise Close(1008, f"client stopped reading: a write waited {self.settings.send_timeout_s:g} s", "slow_client") from None
         except (WebSocketDisconnect, WebSocketDisconnected, OSError, RuntimeError) as e:

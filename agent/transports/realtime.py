@@ -12,6 +12,7 @@ import binascii
 import dataclasses
 import json
 import logging
+import math
 import secrets
 from typing import TYPE_CHECKING
 
@@ -22,12 +23,10 @@ from audio.codec import SUPPORTED_RATES, resample, to_int16
 
 from .. import events as ev
 from ..security import token_matches
-from ..session import LIVE_DECODE, LIVE_SETTINGS, LIVE_TURNS
 from .base import Close, Connection, Outgoing
 
 if TYPE_CHECKING:
     from ..hub import Hub
-    from ..voice_agent import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +59,6 @@ def encode(e: ev.Event) -> dict:
     else:
         body.update({f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "turn"})
     return body
-
-
-def live_settings(cfg: AgentConfig) -> dict:
-    """The settings `session.update` may change during a call, as the session now has them."""
-    return {k: getattr(cfg.decode if k in LIVE_DECODE else cfg.turns if k in LIVE_TURNS else cfg, k) for k in LIVE_SETTINGS}
 
 
 class RealtimeConnection(Connection):
@@ -112,9 +106,9 @@ class RealtimeConnection(Connection):
             "input_sample_rate": self.input_rate,
             "output_audio_format": "pcm16",
             "output_sample_rate": self.output_rate,
-            "agent_sample_rate": self.hub.agent.tts.sample_rate,
+            "agent_sample_rate": self.hub.agent_sample_rate,
             "denoise_steps": self.denoise_steps,
-            **live_settings(self.session.config),
+            **self.session.live_settings(),
         }
 
     # ---- client → server ---------------------------------------------------------------------
@@ -122,7 +116,7 @@ class RealtimeConnection(Connection):
     async def on_text(self, text: str) -> None:
         try:
             msg = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             return self.error("invalid_json", "the message is not valid JSON")
         kind = msg.get("type") if isinstance(msg, dict) else None
         if not isinstance(kind, str):
@@ -164,8 +158,8 @@ class RealtimeConnection(Connection):
 
     async def _played(self, msg: dict) -> None:
         turn, end_ms = msg.get("turn"), msg.get("audio_end_ms")
-        if not (_is_int(turn) and _is_number(end_ms) and end_ms >= 0):
-            return self.error("invalid_value", "needs 'turn' (int) and 'audio_end_ms' (number >= 0)", event=msg["type"])
+        if not (_is_int(turn) and _is_number(end_ms) and math.isfinite(end_ms) and end_ms >= 0):
+            return self.error("invalid_value", "needs 'turn' (int) and 'audio_end_ms' (a finite number >= 0)", event=msg["type"])
         self.session.played(turn, end_ms / 1000)
 
     async def _auth_again(self, msg: dict) -> None:
@@ -177,8 +171,7 @@ class RealtimeConnection(Connection):
             return self.error("invalid_event", "session.update needs a 'session' object", event=msg["type"])
         try:
             _check_transport(cfg)
-            live = _coerce_live({k: v for k, v in cfg.items() if k not in TRANSPORT_KEYS}, live_settings(self.session.config))
-            self.session.update(**live)
+            self.session.update(**{k: v for k, v in cfg.items() if k not in TRANSPORT_KEYS})
         except ValueError as e:
             return self.error("invalid_value", str(e), event=msg["type"])
         self.input_rate = cfg.get("input_sample_rate", self.input_rate)
@@ -236,7 +229,7 @@ class RealtimeConnection(Connection):
 def _loads(text: str) -> object | None:
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -258,19 +251,3 @@ def _check_transport(cfg: dict) -> None:
     if "denoise_steps" in cfg and not isinstance(cfg["denoise_steps"], bool):
         raise ValueError("denoise_steps must be true or false")
 
-
-def _coerce_live(values: dict, current: dict) -> dict:
-    """JSON values as the session's settings types; the session itself checks ranges (it trusts Python types)."""
-    unknown = sorted(set(values) - set(current))
-    if unknown:
-        raise ValueError(f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(TRANSPORT_KEYS + tuple(current))})")
-    out = {}
-    for key, value in values.items():
-        kind = type(current[key])
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ValueError(f"{key} must be true or false")
-        elif not _is_number(value) or value < 0 or (kind is int and value != int(value)):
-            raise ValueError(f"{key} must be a {'whole ' if kind is int else ''}number >= 0, got {value!r}")
-        out[key] = kind(value)
-    return out

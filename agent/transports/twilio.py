@@ -118,7 +118,7 @@ class TwilioConnection(Connection):
             raise Close(1009, f"message of {len(data)} bytes; Twilio messages are under {self.settings.max_twilio_frame_bytes}", "frame_too_big")
         try:
             msg = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             raise Close(1007, "malformed JSON", "invalid_json") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
             raise Close(1007, "a message must be a JSON object with a string 'event'", "invalid_event")
