@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import bench
-from agent.bench import first_audible_s, word_error_rate
-from agent.bench_lines import LineError, LocalServer, webrtc_line
+from benchmarks import latency as bench
+from benchmarks.latency import first_audible_s, word_error_rate
+from benchmarks.lines import LineError, LocalServer, webrtc_line
 
 
 def test_word_error_rate_counts_substitutions_insertions_deletions() -> None:

@@ -12,7 +12,7 @@ import itertools
 import json
 from pathlib import Path
 
-from .metrics import STAGES
+from agent.metrics import STAGES
 
 W, H, PAD = 640, 320, 48  # chart size and the margin left for axes
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")

@@ -31,10 +31,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import ConfigError, LLaDAConfig
-from .decoding import attention_blocks, block_causal_keys, predict
-from .loading import DTYPES, load_model, resolve_dtype
-from .model import DiffusionLM, KVCache
+from dllm_engine.config import ConfigError, LLaDAConfig
+from dllm_engine.decoding import attention_blocks, block_causal_keys, predict
+from dllm_engine.loading import DTYPES, load_model, resolve_dtype
+from dllm_engine.model import DiffusionLM, KVCache
+from dllm_engine.options import default_model_path
+
+from .common import machine
 
 # Shape fields of real checkpoints' config.json (LLaDA-8B-Base and -Instruct share them).
 SHAPES = {
@@ -132,9 +135,6 @@ class StepTimer:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .bench import machine
-    from .cli import default_model_path
-
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,3 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         return run(args)
     except ConfigError as e:  # a missing or broken model directory
         p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

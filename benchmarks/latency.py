@@ -60,14 +60,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from audio.codec import SUPPORTED_RATES, AudioError, resample, to_float32, trim
-from dllm_engine.bench import machine
-from dllm_engine.cli import positive_int
+from agent import events as ev
+from agent.session import LIVE_SETTINGS
+from audio.codec import AudioError, resample, to_float32, trim
+from dllm_engine.options import positive_int
 
-from . import bench_report
-from . import events as ev
-from .bench_lines import NETWORK_LINES, BenchError, Line, LineError, LocalServer, Target, base_url, check_reachable, inproc_line
-from .session import LIVE_SETTINGS
+from . import report as html_report
+from .common import machine
+from .lines import NETWORK_LINES, BenchError, Line, LineError, LocalServer, Target, base_url, check_reachable, inproc_line
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +509,7 @@ def save(report: dict, args: argparse.Namespace) -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.report:
-        bench_report.write(report, args.report)
+        html_report.write(report, args.report)
 
 
 def configs(args: argparse.Namespace) -> list[str]:
@@ -564,7 +564,7 @@ def _synthesizer(voice: Path | None):  # noqa: ANN202 (audio.tts.Synthesizer)
 
 def run(args: argparse.Namespace) -> dict:
     """Check the inputs, load only what this run needs, benchmark. Bad input: one line, exit status 1."""
-    from .voice_agent import Agent, AgentConfig
+    from agent.voice_agent import Agent, AgentConfig
 
     try:
         bad = sorted({k for k, _ in args.set} - set(LIVE_SETTINGS))
@@ -604,3 +604,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run(args)
+
+
+if __name__ == "__main__":
+    main()

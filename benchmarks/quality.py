@@ -30,13 +30,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .bench import machine
-from .config import ConfigError
-from .data import QUALITY_PROMPTS, repeats_a_word, words
-from .decoding import SPOKEN, DecodeParams
-from .distill import MIN_WORD_COUNT
-from .engine import Engine
-from .train import encode_chat, eval_loss, iter_batches, prompt_gain, read_jsonl, read_utterances
+from dllm_engine.config import ConfigError
+from dllm_engine.decoding import SPOKEN, DecodeParams
+from dllm_engine.engine import Engine
+from dllm_engine.loading import load_model
+from dllm_engine.options import default_model_path
+from training.batches import encode_chat, iter_batches, read_jsonl, read_utterances
+from training.data import QUALITY_PROMPTS, prepare, repeats_a_word, words
+from training.distill import MIN_WORD_COUNT
+from training.objective import eval_loss, prompt_gain
+
+from .common import machine
 
 DIALOGUES = [
     ["Hi, how are you?", "What did you do today?", "That sounds nice. Anything fun planned for the weekend?"],
@@ -72,9 +76,7 @@ async def _dialogue(engine: Engine, turns: list[str], params: DecodeParams) -> l
 
 def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_tokens: int, examples: int, ratios: list[float], eval_file: str = "eval.jsonl") -> dict:
     """Masked-token loss in fp32 (the model alone: no engine, no cache), and how much the prompt
-    helps (`train.prompt_gain`, nats per reply token: 0 means the model ignores what it is asked)."""
-    from .loading import load_model
-
+    helps (`training.objective.prompt_gain`, nats per reply token: 0 means the model ignores what it is asked)."""
     model, tokenizer = load_model(model_dir, dtype="float32")
     exs = read_jsonl(data_dir / eval_file)
     exs = exs[:: max(1, len(exs) // examples)][:examples]  # evenly spaced, fixed
@@ -86,8 +88,6 @@ def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_to
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .cli import default_model_path
-
     model_dir = args.model or default_model_path()
     report: dict = {"model": str(model_dir), "machine": machine()}
     engine = Engine.from_pretrained(model_dir, dtype=args.dtype, max_batch=1)
@@ -122,13 +122,11 @@ def run(args: argparse.Namespace) -> dict:
         "tokens_per_s_vanilla": round(tps(slow), 1),
         "speedup_vs_vanilla": round(tps(fast) / max(tps(slow), 1e-9), 2),
         "tokens_per_s_reference": round(tps(ref), 1),
-        "speedup_vs_reference": round(tps(fast) / max(tps(ref), 1e-9), 2),  # the engine issue's 8x
+        "speedup_vs_reference": round(tps(fast) / max(tps(ref), 1e-9), 2),  # the engine issue's headline
         "tokens_per_forward_default": round(sum(r["tokens"] for r in fast) / max(sum(r["forwards"] for r in fast), 1), 2),
     }
     data_dir = args.data
-    if data_dir is None:  # rebuild the split (deterministic, ~15 s)
-        from .data import prepare
-
+    if data_dir is None:  # rebuild the split (deterministic)
         data_dir = Path(tempfile.mkdtemp(prefix="dllm-quality-"))
         prepare(data_dir, verbose=False)
     known = collections.Counter(w for line in read_utterances(data_dir / "utterances.txt") for w in words(line))
@@ -173,3 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         run(args)
     except ConfigError as e:  # a missing or broken model directory
         p.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

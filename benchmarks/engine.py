@@ -25,8 +25,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -34,8 +32,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .decoding import SPOKEN, DecodeParams
-from .engine import Engine
+from dllm_engine.config import ConfigError
+from dllm_engine.decoding import SPOKEN, DecodeParams
+from dllm_engine.engine import Engine
+from dllm_engine.options import add_model_args, engine_from_args, setup_torch
+
+from .common import machine
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +101,6 @@ _QUESTIONS = [
     "Can you recommend something light and funny to watch next?",
     "How far should I try to run in my first week?",
 ]
-
-
-def machine() -> dict:
-    """What the figures were measured on: CPU model, cores, native bf16, torch and Python."""
-    from .loading import _cpu_has_bf16
-
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    except OSError:
-        cpu = ""
-    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(), "cpu_bf16": _cpu_has_bf16(),
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def conversations() -> list[list[dict[str, str]]]:
@@ -184,6 +174,8 @@ def positive(text: str) -> float:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    """`dllm bench`'s options, also `python -m benchmarks.engine`'s: the model's, then the benchmark's."""
+    add_model_args(p)
     p.add_argument("--json", type=Path, help="write the figures here as JSON")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="canvas / cap (default: %(default)s)")
@@ -334,9 +326,9 @@ def print_table(result: dict) -> None:
               f"total {a['total_ms']:.0f} -> {b['total_ms']:.0f} ms, agreement {r['agreement']:.2f}" + (" (exact: turn blocks)" if r.get("exact") else ""))
 
 
-def main(args: argparse.Namespace) -> dict:
-    from .cli import engine_from_args
-
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark `add_args`' options describe, print its table and write its JSON."""
+    setup_torch(args)
     batches = [int(b) for b in args.batches.split(",")]
     engine = engine_from_args(args, max_batch=max(batches))
     try:
@@ -349,3 +341,19 @@ def main(args: argparse.Namespace) -> dict:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         log.info("wrote %s", args.json)
     return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m benchmarks.engine`: the same as `dllm bench`."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__)
+    add_args(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except ConfigError as e:  # a missing or broken model directory: no traceback
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
