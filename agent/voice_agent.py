@@ -88,7 +88,7 @@ class Agent:
 
     @classmethod
     def load(cls, config: AgentConfig | None = None) -> "Agent":
-        from dllm_engine.cli import DEFAULT_MODEL_DIR
+        from dllm_engine.loading import DEFAULT_MODEL_DIR
 
         config = config or AgentConfig()
         torch.set_num_threads(config.torch_threads)

@@ -1,6 +1,177 @@
-"""python -m benchmarks.quality [--model DIR] --json OUT — held-out loss and replies to 40 everyday prompts."""
+"""Quality of a chat model: `python -m benchmarks.quality [--model DIR] --json OUT`.
 
-from dllm_engine.quality import main
+- held-out masked-token loss at several mask ratios (the eval split of `dllm prepare-data`), and
+  the prompt gain: how much lower the fully masked reply loss is with its own prompt than with
+  another row's (0: the model ignores the prompt);
+- replies to the 40 everyday prompts of `data.QUALITY_PROMPTS` with the default decoding
+  (threshold 0.9, dual cache), written out for reading: how many end (EOS / end of turn) within
+  48 tokens, how many repeat a word (or a phrase of up to 4 words) three times in a row,
+  distinct-2, how many are the commonest reply, how many hold a word the human text has fewer than
+  10 times (a non-word blended from rare words' pieces, which a voice would read out);
+- the same prompts with the vanilla decoder: how many threshold replies equal the vanilla reply
+  exactly, and the tokens/s of the default decoding against vanilla's twice over: early-stopped,
+  and as LLaDA's reference runs it (every step a forward over the whole canvas, no early stop: the
+  engine benchmark's baseline; its replies are vanilla's, only slower);
+- which part of the default decoding makes a reply differ from vanilla's: the threshold policy
+  without a cache, and with a prefix cache instead of the dual one (`same_as_vanilla_by_cache`);
+- a few multi-turn dialogues (for the model card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dllm_engine.config import ConfigError
+from dllm_engine.decoding import SPOKEN, DecodeParams
+from dllm_engine.engine import Engine
+from dllm_engine.loading import load_model
+from dllm_engine.options import default_model_path
+from training.batches import encode_chat, iter_batches, read_jsonl, read_utterances
+from training.data import QUALITY_PROMPTS, prepare, repeats_a_word, words
+from training.distill import MIN_WORD_COUNT
+from training.objective import eval_loss, prompt_gain
+
+from .common import machine
+
+DIALOGUES = [
+    ["Hi, how are you?", "What did you do today?", "That sounds nice. Anything fun planned for the weekend?"],
+    ["Do you like music?", "Who is your favorite band?", "Have you seen them live?"],
+    ["I just got a new puppy!", "He is a golden retriever.", "Any tips for training him?"],
+]
+
+
+def distinct_2(texts: list[str]) -> float:
+    bigrams = [tuple(w[i : i + 2]) for w in map(words, texts) for i in range(len(w) - 1)]
+    return len(set(bigrams)) / max(len(bigrams), 1)
+
+
+async def _replies(engine: Engine, prompts: list[str], params: DecodeParams, desc: str) -> list[dict]:
+    out = []
+    for p in tqdm(prompts, desc=desc, unit="prompt"):
+        t0 = time.perf_counter()
+        text, last = await engine.generate([{"role": "user", "content": p}], params)
+        st = last.stats
+        out.append({"prompt": p, "reply": text.strip(), "finish": last.finish_reason, "tokens": st.new_tokens, "forwards": st.forwards, "seconds": time.perf_counter() - t0})
+    return out
+
+
+async def _dialogue(engine: Engine, turns: list[str], params: DecodeParams) -> list[dict]:
+    """The history is kept within the model's trained prompt length, as the voice agent keeps it."""
+    history: list[dict] = []
+    for user in turns:
+        history.append({"role": "user", "content": user})
+        text, _ = await engine.generate(engine.tokenizer.apply_chat_template(history, max_tokens=engine.max_prompt_tokens), params)
+        history.append({"role": "assistant", "content": text.strip()})
+    return history
+
+
+def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_tokens: int, examples: int, ratios: list[float], eval_file: str = "eval.jsonl") -> dict:
+    """Masked-token loss in fp32 (the model alone: no engine, no cache), and how much the prompt
+    helps (`training.objective.prompt_gain`, nats per reply token: 0 means the model ignores what it is asked)."""
+    model, tokenizer = load_model(model_dir, dtype="float32")
+    exs = read_jsonl(data_dir / eval_file)
+    exs = exs[:: max(1, len(exs) // examples)][:examples]  # evenly spaced, fixed
+    rows, _ = encode_chat(tokenizer, exs, reply_len, max_prompt_tokens)
+    sp = tokenizer.special
+    res = eval_loss(model, list(iter_batches(rows, 32, sp.pad)), sp.mask, ratios, sp.eos)
+    res.update(prompt_gain(model, rows, sp.mask, sp.eos, sp.pad))
+    return {k: round(v, 4) for k, v in res.items()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    model_dir = args.model or default_model_path()
+    report: dict = {"model": str(model_dir), "machine": machine()}
+    engine = Engine.from_pretrained(model_dir, dtype=args.dtype, max_batch=1)
+    default = dataclasses.replace(SPOKEN, max_new_tokens=args.max_new_tokens, block_size=args.block_size).resolved(engine.max_new_tokens)
+    vanilla = dataclasses.replace(default, policy="vanilla", cache="none")
+    reference = dataclasses.replace(vanilla, early_stop=False)
+    try:
+        # Warm-up: the first forwards pay for allocations; not any one decoder's time.
+        asyncio.run(engine.generate([{"role": "user", "content": QUALITY_PROMPTS[0]}], default))
+        fast = asyncio.run(_replies(engine, QUALITY_PROMPTS, default, "threshold+dual"))
+        slow = asyncio.run(_replies(engine, QUALITY_PROMPTS, vanilla, "vanilla"))
+        ref = asyncio.run(_replies(engine, QUALITY_PROMPTS, reference, "vanilla reference"))
+        by_cache = {c: asyncio.run(_replies(engine, QUALITY_PROMPTS, dataclasses.replace(default, cache=c), f"threshold+{c}")) for c in ("none", "prefix")}
+        report["dialogues"] = [asyncio.run(_dialogue(engine, d, default)) for d in DIALOGUES]
+    finally:
+        engine.close()
+    replies = [r["reply"] for r in fast]
+    tps = lambda rs: sum(r["tokens"] for r in rs) / max(sum(r["seconds"] for r in rs), 1e-9)  # noqa: E731
+    same = lambda rs: round(sum(r["reply"] == s["reply"] for r, s in zip(rs, slow)) / len(rs), 3)  # noqa: E731
+    report["decoding"] = {"default": vars(default), "vanilla": vars(vanilla), "reference": vars(reference)}
+    report["replies"] = [{**f, "vanilla_reply": s["reply"], "same_as_vanilla": f["reply"] == s["reply"]} for f, s in zip(fast, slow)]
+    report["summary"] = {
+        "prompts": len(fast),
+        "ended_within_48_tokens": round(sum(r["finish"] == "stop" and r["tokens"] <= 48 for r in fast) / len(fast), 3),
+        "replies_repeating_a_word_3x": sum(map(repeats_a_word, replies)),
+        "replies_repeating_a_phrase_3x": sum(repeats_a_word(r, longest=4) for r in replies),  # "I'm sorry, I'm sorry. I'm sorry."
+        "distinct_2": round(distinct_2(replies), 3),
+        "commonest_reply_count": collections.Counter(replies).most_common(1)[0][1],  # one template for every prompt: 40
+        "same_as_vanilla": same(fast),
+        "same_as_vanilla_by_cache": {**{c: same(rs) for c, rs in by_cache.items()}, "dual": same(fast)},
+        "tokens_per_s_default": round(tps(fast), 1),
+        "tokens_per_s_vanilla": round(tps(slow), 1),
+        "speedup_vs_vanilla": round(tps(fast) / max(tps(slow), 1e-9), 2),
+        "tokens_per_s_reference": round(tps(ref), 1),
+        "speedup_vs_reference": round(tps(fast) / max(tps(ref), 1e-9), 2),  # the engine issue's headline
+        "tokens_per_forward_default": round(sum(r["tokens"] for r in fast) / max(sum(r["forwards"] for r in fast), 1), 2),
+    }
+    data_dir = args.data
+    if data_dir is None:  # rebuild the split (deterministic)
+        data_dir = Path(tempfile.mkdtemp(prefix="dllm-quality-"))
+        prepare(data_dir, verbose=False)
+    known = collections.Counter(w for line in read_utterances(data_dir / "utterances.txt") for w in words(line))
+    report["summary"]["replies_with_rare_words"] = sum(any(known[w] < MIN_WORD_COUNT for w in words(r)) for r in replies)
+    if not args.no_loss:
+        report["held_out_loss"] = held_out_loss(model_dir, data_dir, args.reply_len, args.max_prompt_tokens, args.examples, [0.25, 0.5, 0.75], args.eval_file)
+        report["held_out_file"] = args.eval_file
+    s = report["summary"]
+    print(f"model {model_dir}")
+    for k, v in s.items():
+        print(f"  {k:>28}: {v}")
+    if "held_out_loss" in report:
+        print(f"  {'held-out loss':>28}: " + ", ".join(f"{k} {v}" for k, v in report["held_out_loss"].items()))
+    for r in report["replies"][: args.show]:
+        print(f"  > {r['prompt']}\n    {r['reply']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
+    p.add_argument("--dtype", default="auto", help="dtype for decoding (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, help=f"reply cap (default: the model's, from its generation_config.json, else {SPOKEN.fallback_max_new_tokens})")
+    p.add_argument("--block-size", type=int, default=SPOKEN.block_size, help="decoding block (default: %(default)s, as the voice agent)")
+    p.add_argument("--data", type=Path, help="output dir of `dllm prepare-data` (default: rebuilt in a temp dir)")
+    p.add_argument("--eval-file", default="eval.jsonl", help="held-out file of --data (distilled-eval.jsonl: teacher replies from `dllm distill --split eval`; default: %(default)s)")
+    p.add_argument("--reply-len", type=int, default=24, help="reply region of the held-out rows, as trained (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=64, help="as trained (default: %(default)s)")
+    p.add_argument("--examples", type=int, default=500, help="held-out examples scored (default: %(default)s)")
+    p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
+    p.add_argument("--show", type=int, default=10, help="replies printed (all are in the JSON; default: %(default)s)")
+    p.add_argument("--json", type=Path, help="write the report here")
+    args = p.parse_args(argv)
+    if args.eval_file != p.get_default("eval_file") and args.data is None:
+        p.error("--eval-file needs --data (a rebuilt split holds eval.jsonl only)")
+    if args.data is not None and not args.no_loss and not (args.data / args.eval_file).is_file():
+        p.error(f"{args.data / args.eval_file}: not found")  # before minutes of decoding, not after
+    try:
+        run(args)
+    except ConfigError as e:  # a missing or broken model directory
+        p.error(str(e))
+
 
 if __name__ == "__main__":
     main()

@@ -1,17 +1,13 @@
 """The async engine: a request queue, continuous batching, streaming and cancellation.
 
-Model work runs on one scheduler thread, never on the caller's event loop. Each loop iteration
-admits waiting requests into free KV-cache slots, drops cancelled ones, and runs one denoising
-step for every active request together (see decoding.Runner). Requests therefore join and leave
-between steps, at their own block boundaries, while sharing forwards with the others.
+Model work runs on one engine thread, never on the caller's event loop. Each loop iteration drops
+cancelled requests and admits waiting ones into free KV-cache slots (scheduler.py), then runs one
+denoising step for every running request together (see decoding.Runner). Requests therefore join
+and leave between steps, at their own block boundaries, while sharing forwards with the others.
 
-Requests that name a `conversation` reuse its cached prefix: when one finishes, the keys and values
-of its settled positions are kept (a few conversations, least recently used dropped first); the
-next request of that conversation loads the longest common token prefix instead of recomputing it.
-For a `turn_blocks` model this is exact: only the previous prompt's whole turns are kept, whose keys
-never saw anything after them (`Engine.exact_prefix_reuse`). For any other model it is an
-approximation (their keys saw the rest of the prompt, or the canvas; see decoding.py), so callers
-ask for it only when they accept that.
+Requests that name a `conversation` reuse its cached prefix (prefix_cache.py): exact for a
+`turn_blocks` model (`Engine.exact_prefix_reuse`), an approximation for any other, so callers ask
+for it only when they accept that.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
 from pathlib import Path
 from typing import AsyncIterator, Union
 
@@ -31,6 +26,8 @@ import torch
 from .decoding import DecodeParams, Output, Runner, Sequence
 from .loading import generation_limits, load_model, on_own_thread
 from .model import DiffusionLM, KVCache
+from .prefix_cache import Prefix, PrefixCache
+from .scheduler import Scheduler
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,27 +40,9 @@ class RequestError(ValueError):
     """A request the engine refuses: it names the problem; other requests are unaffected."""
 
 
-class _Prefix:
-    """A conversation's cached prefix: token ids and their keys/values (per layer). `turn_ends`
-    (a turn-blocks model's): the positions after each of its turns, the only places a reused prefix
-    may end, since a turn's keys are the same in every prompt that repeats it up to its end."""
-
-    def __init__(self, ids: list[int], k: list[torch.Tensor], v: list[torch.Tensor], turn_ends: list[int] | None = None) -> None:
-        self.ids, self.k, self.v, self.turn_ends = ids, k, v, turn_ends
-
-    def reusable(self, ids: list[int]) -> int:
-        """How many leading positions of a prompt with these ids may take the cached keys."""
-        n = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            n += 1
-        if self.turn_ends is None:
-            return n
-        return max((e for e in self.turn_ends if e <= n), default=0)
-
-
 class _Request:
+    """A submitted request: its decoding state, and the queue its outputs reach the caller's loop by."""
+
     def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop, want_steps: bool, conversation: str | None) -> None:
         self.seq = seq
         self.loop = loop
@@ -105,9 +84,9 @@ class Engine:
         self.max_batch = max_batch
         self._ids = itertools.count()
         self._commands: queue.Queue = queue.Queue()
+        self._scheduler: Scheduler[_Request] = Scheduler(max_batch)  # the engine thread's alone
         self._requests: dict[str, _Request] = {}  # every request not yet finished
-        self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()  # by conversation, least recent first
-        self.max_conversations = max_conversations
+        self._prefixes = PrefixCache(max_conversations)  # both under _lock
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="dllm-engine", daemon=True)
         self._closed = False
@@ -118,7 +97,7 @@ class Engine:
         for key, value in generation_limits(path).items():
             kwargs.setdefault(key, value)
         # Loaded and its cache zeroed off the caller's thread, so that the engine thread's OpenMP
-        # team is the only one (see on_own_thread): a small model steps ~1.6x faster on 2 cores.
+        # team is the only one (see on_own_thread): a second team competes for the same cores.
         return on_own_thread(lambda: cls(*load_model(path, device=device, dtype=dtype), **kwargs))
 
     # ---- public API -------------------------------------------------------------------------
@@ -187,7 +166,7 @@ class Engine:
     def forget(self, conversation: str) -> None:
         """Drop a conversation's cached prefix (its session ended); its running requests keep none."""
         with self._lock:
-            self._prefixes.pop(conversation, None)
+            self._prefixes.forget(conversation)
             for req in self._requests.values():
                 if req.conversation == conversation:
                     req.conversation = None
@@ -247,78 +226,56 @@ class Engine:
         return req
 
     def _loop(self) -> None:
-        waiting: deque[_Request] = deque()
-        active: list[_Request] = []
-        free_slots = list(range(self.max_batch))
+        sched = self._scheduler
         while not self._closed:
-            block = not active and not waiting
             try:
-                cmd = self._commands.get(block=block)
+                cmd = self._commands.get(block=sched.idle)
                 while True:
                     if cmd is not None:
-                        waiting.append(cmd)
+                        sched.add(cmd)
                     cmd = self._commands.get_nowait()
             except queue.Empty:
                 pass
-            for req in [r for r in itertools.chain(waiting, active) if r.cancelled]:
-                (waiting if req in waiting else active).remove(req)
-                self._finish(req, Output(req.seq.id, finished=True, finish_reason="cancelled", stats=req.seq.stats()), free_slots)
-            while waiting and free_slots:
-                req = waiting.popleft()
-                req.seq.slot = free_slots.pop(0)
+            for req in sched.take_cancelled():
+                self._finish(req, Output(req.seq.id, finished=True, finish_reason="cancelled", stats=req.seq.stats()))
+            for req in sched.admit():
                 self._load_prefix(req)
-                active.append(req)
-            if not active:
+            if not sched.running:
                 continue
             try:
-                outs = self.runner.step([r.seq for r in active], {r.seq.id for r in active if r.want_steps})
+                outs = self.runner.step([r.seq for r in sched.running], {r.seq.id for r in sched.running if r.want_steps})
             except Exception as e:  # fail this step's requests, keep serving
                 log.exception("engine step failed")
-                for req in active:
-                    self._finish(req, Output(req.seq.id, finished=True, finish_reason="error", error=f"engine step failed: {e}"), free_slots)
-                active.clear()
+                for req in sched.take_running():
+                    self._finish(req, Output(req.seq.id, finished=True, finish_reason="error", error=f"engine step failed: {e}"))
                 continue
-            by_id = {r.seq.id: r for r in active}
+            by_id = {r.seq.id: r for r in sched.running}
             for out in outs:
                 req = by_id[out.request_id]
                 if out.finished:
-                    active.remove(req)
-                    self._finish(req, out, free_slots)
+                    sched.remove(req)
+                    self._finish(req, out)
                 elif out.text or out.token_ids or out.step:
                     req.post(out)
 
     def _load_prefix(self, req: _Request) -> None:
-        seq = req.seq
         with self._lock:
             prefix = self._prefixes.get(req.conversation) if req.conversation else None
         if prefix is not None:
-            seq.reused = prefix.reusable(seq.ids[: seq.prompt_len].tolist())
-            self.cache.load(seq.slot, prefix.k, prefix.v, seq.reused)
+            prefix.load_into(req.seq, self.cache)
 
     def _save_prefix(self, req: _Request) -> None:
-        seq = req.seq
-        ids = seq.ids[: seq.settled].tolist()
-        turn_ends = None
-        if self.model.config.turn_blocks:  # the prompt's whole turns; the canvas was decoded in other blocks
-            eot = self.tokenizer.special.end_of_turn
-            turn_ends = [i + 1 for i, t in enumerate(ids[: seq.prompt_len]) if t == eot]
-            ids = ids[: max(turn_ends, default=0)]
-        prefix = _Prefix(ids, *self.cache.save(seq.slot, len(ids)), turn_ends)
+        end_of_turn = self.tokenizer.special.end_of_turn if self.model.config.turn_blocks else None
+        prefix = Prefix.of_sequence(req.seq, self.cache, end_of_turn)
         with self._lock:
-            if req.conversation is None:  # forgotten meanwhile
-                return
-            self._prefixes[req.conversation] = prefix
-            self._prefixes.move_to_end(req.conversation)
-            while len(self._prefixes) > self.max_conversations:
-                self._prefixes.popitem(last=False)
+            if req.conversation is not None:  # else forgotten meanwhile
+                self._prefixes.put(req.conversation, prefix)
 
-    def _finish(self, req: _Request, out: Output, free_slots: list[int]) -> None:
+    def _finish(self, req: _Request, out: Output) -> None:
+        """Deliver a removed request's last output, keeping its prefix first if it has a conversation."""
         if req.conversation and req.seq.slot is not None and req.seq.settled and out.finish_reason != "error":
             self._save_prefix(req)
-        if req.seq.slot is not None:
-            free_slots.append(req.seq.slot)
-            free_slots.sort()
-            req.seq.slot = None
+        self._scheduler.free(req)
         with self._lock:
             self._requests.pop(req.seq.id, None)
         req.post(out)

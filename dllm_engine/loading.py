@@ -22,6 +22,7 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"  # the model shipped inside the package
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INDEX_FILE = "model.safetensors.index.json"
 T = TypeVar("T")
@@ -33,7 +34,7 @@ def on_own_thread(fn: Callable[..., T], *args, **kwargs) -> T:
     Why: PyTorch's CPU threads are an OpenMP team per thread that ever ran a multi-threaded op, kept
     for that thread's life. With two teams (the caller's and the engine thread's) on a small CPU,
     libgomp counts more threads than cores and stops spin-waiting between ops, and a small model's
-    cached step, hundreds of short ops, slows down: 13 -> 21 ms on 2 cores. A team made here goes
+    cached step, hundreds of short ops, slows down markedly. A team made here goes
     away with its thread, so the engine's is the only one left.
     """
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # leaving it joins the thread
@@ -47,13 +48,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and cpu_has_bf16() else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively: where it does not, bf16 weights are slower than fp32."""
     try:
         return "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
     except OSError:

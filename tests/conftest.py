@@ -53,8 +53,7 @@ def eot_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_chat(tmp_path_factory) -> Path:
     """A tiny chat model trained in seconds on tests.helpers.PAIRS; returns its out_dir (model/ inside)."""
-    from dllm_engine.train import tiny_model
-    from tests.helpers import PAIRS
+    from tests.helpers import PAIRS, tiny_model
 
     out = tmp_path_factory.mktemp("tiny-chat")
     tiny_model(out, PAIRS)

@@ -12,10 +12,14 @@ from typing import Any
 
 import torch
 
-from dllm_engine.bpe import train_tokenizer
 from dllm_engine.config import LLaDAConfig
+from dllm_engine.decoding import Runner, Sequence
 from dllm_engine.loading import save_model
 from dllm_engine.model import DiffusionLM
+from dllm_engine.tokenizer import Tokenizer
+from training.bpe import train_tokenizer
+from training.config import TrainConfig
+from training.loop import export, train
 
 SENTENCES = [
     "hello there, how are you today?",
@@ -156,7 +160,7 @@ def llada_8b_instruct_config(**overrides: Any) -> dict[str, Any]:
     return raw
 
 
-# Six (prompt, reply) pairs a tiny model memorizes in seconds (`dllm_engine.train.tiny_model`).
+# Six (prompt, reply) pairs a tiny model memorizes in seconds (`tiny_model`).
 PAIRS = [
     ("hello, how are you?", "I am fine, thank you."),
     ("what is your name?", "My name is Tiny."),
@@ -165,6 +169,78 @@ PAIRS = [
     ("where do you live?", "I live in a small house."),
     ("tell me a joke.", "Why did the cat sit on the computer?"),
 ]
+
+
+TINY_MODEL = dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=128, max_sequence_length=256)
+
+
+def tiny_model(out_dir: str | Path, pairs: list[tuple[str, str]], steps: int = 600, **overrides: Any) -> Path:
+    """Train a tiny model on fixed (prompt, reply) pairs and export it; returns the model directory.
+
+    Deterministic (fixed seed); after 600 steps six short pairs are answered verbatim with greedy
+    threshold/dual-cache decoding and end with <|eot_id|>.
+    The pairs are both train and eval data; reply_len 32 (decode with block_size 32,
+    max_new_tokens 32). `overrides` are TrainConfig keys (e.g. seed, lr, model).
+    Layout under out_dir: data/ (corpus + tokenizer), run/ (checkpoints), model/ (the fp32 export).
+    """
+    out_dir = Path(out_dir)
+    data = out_dir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"messages": [{"role": "user", "content": q}], "reply": a}) for q, a in pairs]
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "utterances.txt").write_text("\n".join(t for p in pairs for t in p) + "\n")
+    train_tokenizer([t for p in pairs for t in p] * 4, 512, data / "tokenizer")
+    full = dict(out_dir=str(out_dir / "run"), batch_tokens=2048, max_batch_size=16, warmup_steps=20, max_steps=steps,
+                eval_interval=max(1, steps // 4), log_interval=max(1, steps // 10))
+    cfg = tiny_train_config(out_dir, **{**full, **overrides})
+    train(cfg, resume=True, progress=False, log=lambda *a: None)
+    return export(cfg.out_dir, out_dir / "model", which="last", dtype=torch.float32)
+
+
+def run_to_end(runner: Runner, seqs: list[Sequence], record: list | None = None) -> list:
+    """Step until every sequence finishes; returns the final outputs in input order."""
+    for i, s in enumerate(seqs):
+        s.slot = i
+    finals = {}
+    active = list(seqs)
+    while active:
+        before = {s.id: s.ids.clone() for s in active}
+        outs = runner.step(active)
+        for out in outs:
+            s = next(s for s in active if s.id == out.request_id)
+            if record is not None:
+                record.append((before[s.id], s.ids.clone(), out))
+            if out.finished:
+                finals[s.id] = out
+        active = [s for s in active if s.id not in finals]
+    return [finals[s.id] for s in seqs]
+
+
+def prompt_ids(tok: Tokenizer, text: str) -> list[int]:
+    """A one-message chat prompt, as the engine renders it."""
+    return tok.apply_chat_template([{"role": "user", "content": text}])
+
+
+def tiny_train_config(tmp: Path, **overrides: Any) -> TrainConfig:
+    """A short training config over the tiny corpus `tiny_model` wrote under `tmp` (its data dir), in a fresh out_dir."""
+    raw = dict(
+        data_dir=str(tmp / "data"),
+        out_dir=str(tmp / "run2"),
+        model=dict(TINY_MODEL),
+        reply_len=32,
+        batch_tokens=512,
+        max_batch_size=4,
+        lr=3e-3,
+        warmup_steps=5,
+        max_steps=20,
+        eval_interval=10,
+        log_interval=5,
+        threads=0,
+        autocast_bf16=False,
+    )
+    raw.update(overrides)
+    return TrainConfig.from_dict(raw)
 
 
 def silence(seconds: float, rate: int = 16000):
@@ -194,7 +270,7 @@ def espeak(text: str, rate: int = 16000):
 
 
 def trim(audio, level: float = 0.01):
-    """Cut a clip's leading and trailing near-silence (piper pads sentences by a random ~0.2-0.3 s)."""
+    """Cut a clip's leading and trailing near-silence (piper pads sentences with a random stretch of silence)."""
     from audio.codec import trim as trim_quiet
 
     return trim_quiet(audio, level)

@@ -8,14 +8,16 @@ import asyncio
 import pytest
 import torch
 
-from dllm_engine import train
 from dllm_engine.config import ConfigError
 from dllm_engine.decoding import DecodeParams, Runner, Sequence, attention_blocks
 from dllm_engine.engine import Engine
 from dllm_engine.loading import load_model
 from dllm_engine.model import KVCache
-from tests.helpers import PAIRS, make_model_dir, tiny_config
-from tests.test_decoding import prompt_ids, run_to_end
+from tests.helpers import PAIRS, TINY_MODEL, make_model_dir, prompt_ids, run_to_end, tiny_config, tiny_model, tiny_train_config
+from training.batches import Row, collate
+from training.config import TrainConfig
+from training.loop import train
+from training.objective import denoise_hidden
 
 CPU = torch.device("cpu")
 
@@ -152,13 +154,13 @@ def test_training_scores_each_block_as_decoding_sees_it(causal_model, turn_model
     """denoise_hidden's states for a noisy block equal a plain forward over the prompt, the clean
     blocks before it and that block: the model is trained on exactly what a block start shows it."""
     model, tok = turn_model if turns else causal_model
-    rows = [train.Row.compact(tok.apply_chat_template(CHAT), list(range(5, 17))), train.Row.compact(prompt_ids(tok, "hi"), list(range(20, 30)))]
-    batch = train.collate(rows, tok.special.pad)
+    rows = [Row.compact(tok.apply_chat_template(CHAT), list(range(5, 17))), Row.compact(prompt_ids(tok, "hi"), list(range(20, 30)))]
+    batch = collate(rows, tok.special.pad)
     gen = torch.Generator().manual_seed(0)
     masked = batch["region"] & (torch.rand(batch["ids"].shape, generator=gen) < 0.5)
     noisy = torch.where(masked, tok.special.mask, batch["ids"])
     block = 4
-    hidden = train.denoise_hidden(model, noisy, batch, block)
+    hidden = denoise_hidden(model, noisy, batch, block)
     for i, row in enumerate(rows):
         p, region = len(row.prompt), len(row.region)
         for start in range(0, region, block):
@@ -170,22 +172,20 @@ def test_training_scores_each_block_as_decoding_sees_it(causal_model, turn_model
 
 
 def test_a_bidirectional_checkpoint_may_start_a_block_causal_run_but_not_resume_one(tiny_chat, tmp_path):
-    from tests.test_train import _tiny_cfg
-
-    def cfg(block_causal: bool, **kw) -> train.TrainConfig:
-        model = dict(train.TINY_MODEL, block_causal=block_causal)
-        return _tiny_cfg(tmp_path, data_dir=str(tiny_chat / "data"), out_dir=str(tmp_path / "run"), model=model, **kw)
+    def cfg(block_causal: bool, **kw) -> TrainConfig:
+        model = dict(TINY_MODEL, block_causal=block_causal)
+        return tiny_train_config(tmp_path, data_dir=str(tiny_chat / "data"), out_dir=str(tmp_path / "run"), model=model, **kw)
 
     quiet = dict(progress=False, log=lambda *_: None)
-    train.train(cfg(True, init_from=str(tiny_chat / "model"), max_steps=2), **quiet)
+    train(cfg(True, init_from=str(tiny_chat / "model"), max_steps=2), **quiet)
     with pytest.raises(ConfigError, match="block_causal: checkpoint True vs config False"):
-        train.train(cfg(False, max_steps=4), resume=True, **quiet)
+        train(cfg(False, max_steps=4), resume=True, **quiet)
 
 
 def test_a_tiny_block_causal_model_learns_and_answers_with_every_cache(tmp_path):
     """Trained block-causally (blocks of 4 and 8), exported and served: it answers a training
     prompt verbatim whether decoded from the whole canvas or from the cache."""
-    model_dir = train.tiny_model(tmp_path, PAIRS, model=dict(train.TINY_MODEL, block_causal=True), block_sizes=[4, 8])
+    model_dir = tiny_model(tmp_path, PAIRS, model=dict(TINY_MODEL, block_causal=True), block_sizes=[4, 8])
     engine = Engine.from_pretrained(model_dir, dtype="float32", max_batch=2)
     try:
         for cache in ("none", "dual"):

@@ -8,6 +8,7 @@ import torch
 from dllm_engine.decoding import GRAPH_KEYS_BUCKET, DecodeParams, Runner, Sequence, commit_counts
 from dllm_engine.model import KVCache
 from dllm_engine.tokenizer import IncrementalDetokenizer
+from tests.helpers import prompt_ids, run_to_end
 
 
 def llada_reference(model, prompt: list[int], mask_id: int, gen_length: int, block_length: int) -> list[int]:
@@ -28,34 +29,11 @@ def llada_reference(model, prompt: list[int], mask_id: int, gen_length: int, blo
     return x[0, p:].tolist()
 
 
-def run_to_end(runner: Runner, seqs: list[Sequence], record: list | None = None) -> list:
-    """Step until every sequence finishes; returns the final outputs in input order."""
-    for i, s in enumerate(seqs):
-        s.slot = i
-    finals = {}
-    active = list(seqs)
-    while active:
-        before = {s.id: s.ids.clone() for s in active}
-        outs = runner.step(active)
-        for out in outs:
-            s = next(s for s in active if s.id == out.request_id)
-            if record is not None:
-                record.append((before[s.id], s.ids.clone(), out))
-            if out.finished:
-                finals[s.id] = out
-        active = [s for s in active if s.id not in finals]
-    return [finals[s.id] for s in seqs]
-
-
 @pytest.fixture
 def runner(random_model):
     model, tok = random_model
     cache = KVCache(model.config, 4, 512, torch.float32, "cpu")
     return Runner(model, tok, cache)
-
-
-def prompt_ids(tok, text: str) -> list[int]:
-    return tok.apply_chat_template([{"role": "user", "content": text}])
 
 
 @torch.inference_mode()

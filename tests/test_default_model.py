@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from dllm_engine.cli import DEFAULT_MODEL_DIR, default_model_path
+from dllm_engine.loading import DEFAULT_MODEL_DIR
+from dllm_engine.options import default_model_path
 from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
 

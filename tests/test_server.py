@@ -29,7 +29,7 @@ import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from agent.cli import build_parser, main as cli_main
+from cli.voice_agent import build_parser, main as cli_main
 from agent.security import twilio_signature
 from agent.session import Session
 from audio.codec import ulaw_decode
@@ -454,7 +454,7 @@ def test_ctrl_c_on_voice_agent_serve_closes_sessions_with_1001(tiny_chat):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "agent.cli", "serve", "--model", str(tiny_chat / "model"), "--dtype", "float32",
+    cmd = [sys.executable, "-m", "cli.voice_agent", "serve", "--model", str(tiny_chat / "model"), "--dtype", "float32",
            "--block-size", "32", "--max-new-tokens", "32", "--port", str(port), "--max-sessions", "2"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"127.0.0.1:{port}"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dllm_engine.config import LLaDAConfig
-from dllm_engine.steps import SHAPES, StepTimer, main, random_model
+from benchmarks.steps import SHAPES, StepTimer, main, random_model
 from tests.helpers import llada_8b_instruct_config, tiny_config
 
 

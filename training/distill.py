@@ -1,7 +1,7 @@
 """Teacher replies for the default model: `dllm distill --data DIR` writes DIR/distilled.jsonl.
 
-Why: trained on human chit-chat alone, the 8M-parameter default model never learned to use the
-prompt (its model card: prompt gain near 0 after ~31M tokens). Human replies are nearly unpredictable
+Why: trained on human chit-chat alone, the small default model never learned to use the
+prompt (its model card: a prompt gain near zero). Human replies are nearly unpredictable
 from the turn before them; a pretrained LM's replies are a far simpler function of the prompt
 (sequence-level knowledge distillation, Kim & Rush 2016), which a small model can learn from few
 tokens, and they are short, clean spoken sentences.
@@ -18,7 +18,7 @@ Replies that are hedges or assistant talk ("I'm not sure", "happy to help") or l
 are rejected, and so is any reply the teacher has already given MAX_REPEATS times, or begun the
 same way (its first OPENING_WORDS words) MAX_OPENINGS times: a student falls back on the commonest
 reply wherever it is unsure, so none may dominate (stage 7 of the model card capped exact replies
-only, and 17 of its 40 quality replies were one "I'm a bit of a ..." template). So is a reply with a
+only, and many of its quality replies were one "I'm a bit of a ..." template). So is a reply with a
 word seen fewer than MIN_WORD_COUNT times in the human text: the student's tokenizer splits rare
 words into pieces, and it blends the pieces of different rare words into non-words ("enthver",
 stage 7). Prompts are the last user turns of DIR/train.jsonl (the quality prompts never reach the
@@ -42,12 +42,11 @@ that, because where most of the reply is still masked the student rarely predict
 token, and only right predictions are sharpened. A reply is kept only when it stopped, cleaning
 leaves it as it is, and it passes the teacher's caps and known-word rule: certainty forcing makes
 the model sure of whatever it is trained on, so a misspelling or its commonest opening would be
-sharpened too (stage 10 of the model card, unfiltered, opened 11 of 40 quality replies alike).
+sharpened too (stage 10 of the model card, unfiltered, opened many of its quality replies alike).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import copy
@@ -63,10 +62,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import ConfigError
+from dllm_engine.loading import resolve_dtype
+
+from .batches import read_jsonl, read_utterances
 from .data import normalize_for_match, repeats_a_word, words
-from .loading import resolve_dtype
-from .train import read_jsonl, read_utterances
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +275,8 @@ class StudentReplies:
     reply that did not stop within the canvas (no trajectory to learn)."""
 
     def __init__(self, model_dir: Path, batch_size: int):
-        from .decoding import SPOKEN
-        from .engine import Engine
+        from dllm_engine.decoding import SPOKEN
+        from dllm_engine.engine import Engine
 
         self.engine = Engine.from_pretrained(model_dir, max_batch=batch_size)
         self.params = dataclasses.replace(SPOKEN, policy="vanilla", cache="none").resolved(self.engine.max_new_tokens)
@@ -345,31 +344,3 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, tempe
     finally:
         close()
     return out_path
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("distill", help="teacher replies to the training prompts (the teacher needs the 'distill' extra), or a dLLM's own (--student)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="a `dllm prepare-data` output directory (reads train.jsonl or eval.jsonl, utterances.txt)")
-    p.add_argument("--split", choices=["train", "eval"], default="train", help="whose last user turns to answer: train writes distilled.jsonl, eval distilled-eval.jsonl (for `eval_file` in a training config; default: %(default)s)")
-    p.add_argument("--student", type=Path, metavar="MODEL", help="answer with this dLLM's own vanilla replies into self.jsonl / self-eval.jsonl (certainty-forcing trajectories; no teacher needed)")
-    p.add_argument("--limit", type=int, help="answer only the first N prompts (seeded shuffle, questions first; default: all)")
-    p.add_argument("--batch-size", type=int, default=96, help="prompts sampled together (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed (default: %(default)s)")
-    p.add_argument("--temperature", type=_temperature, default=0.0, help="teacher sampling temperature, top-p 0.9; 0 is greedy (default: %(default)s)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.set_defaults(func=_cmd_distill)
-
-
-def _temperature(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 is greedy), got {text}")
-    return value
-
-
-def _cmd_distill(args: argparse.Namespace) -> None:
-    if args.student and args.temperature:
-        raise ConfigError("--temperature samples the teacher; a student (--student) answers with its own greedy vanilla replies")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split, args.student))

@@ -10,11 +10,18 @@ import sys
 import time
 from pathlib import Path
 
-from dllm_engine.cli import add_decode_args, add_model_args, decode_params, default_model_path, engine_from_args, positive_int, setup_torch
+from agent.dialogue import Dialogue
+from agent.hub import ServerSettings
+from agent.security import is_loopback
+from agent.server import create_app, run
+from agent.voice_agent import Agent, AgentConfig
+from benchmarks import latency as bench
 from dllm_engine.config import ConfigError
 from dllm_engine.decoding import SPOKEN
+from dllm_engine.engine import RequestError
+from dllm_engine.options import add_decode_args, add_model_args, decode_params, default_model_path, engine_from_args, positive_int, setup_torch
 
-from .dialogue import Dialogue
+from .common import run_command
 
 REUSE_PREFIX = dict(
     action=argparse.BooleanOptionalAction,
@@ -25,8 +32,6 @@ REUSE_PREFIX = dict(
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """A text REPL over the same dialogue and engine the voice pipeline uses."""
-    from dllm_engine.engine import RequestError
-
     setup_torch(args)
     params = decode_params(args)
     t0 = time.perf_counter()
@@ -70,11 +75,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """Serve the voice agent: the browser client at /, a Realtime-style WebSocket at /v1/realtime,
     Twilio phone calls at /twiml + /twilio/stream, and GET /health. Ctrl-C closes every session
     (close code 1001) and exits."""
-    from .hub import ServerSettings
-    from .security import is_loopback
-    from .server import create_app, run
-    from .voice_agent import Agent, AgentConfig
-
     token = args.token or os.environ.get("VOICE_AGENT_TOKEN") or None
     if not is_loopback(args.host) and not token:
         raise SystemExit(f"error: binding to {args.host} lets other machines in: pass --token (or set VOICE_AGENT_TOKEN)")
@@ -129,8 +129,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    from .voice_agent import AgentConfig
-
     add_model_args(p, threads_default=f"{AgentConfig.torch_threads}, leaving a core to ASR and TTS")
     add_decode_args(p, SPOKEN.fallback_max_new_tokens, block_size=SPOKEN.block_size)
     g = p.add_argument_group("network and security")
@@ -177,8 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reuse-prefix", **REUSE_PREFIX)
     c.add_argument("--max-history-tokens", type=int, default=512, help="drop the oldest turns past this many prompt tokens, or past the prompt length the model was trained on (its generation_config.json) if shorter (default: %(default)s)")
     c.set_defaults(func=cmd_chat)
-    from . import bench
-
     b = sub.add_parser("bench", help="caller-side voice-to-voice latency benchmark (as python -m benchmarks.latency)",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_args(b)
@@ -187,12 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        args.func(args)
-    except ConfigError as e:  # a missing model directory, an option the device cannot take: no traceback
-        raise SystemExit(f"error: {e}") from None
+    run_command(build_parser(), argv, logging.WARNING, (ConfigError,))  # a missing model directory, an option the device cannot take
 
 
 if __name__ == "__main__":

@@ -31,11 +31,10 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from agent import events as ev
+from agent.server import REALTIME_PATH, TWILIO_PATH, TWIML_PATH, WEBRTC_PATH
+from agent.transports import webrtc
 from audio.codec import Framer, Resampler, to_float32, to_int16, ulaw_decode, ulaw_encode
-
-from . import events as ev
-from .server import REALTIME_PATH, TWILIO_PATH, TWIML_PATH, WEBRTC_PATH
-from .transports import webrtc
 
 log = logging.getLogger(__name__)
 
@@ -429,8 +428,8 @@ class LocalServer:
     """`voice-agent serve` inside the benchmark: uvicorn on a free loopback port, in its own thread and loop."""
 
     def __init__(self, agent, max_sessions: int) -> None:  # noqa: ANN001 (Agent)
-        from .hub import ServerSettings
-        from .server import create_app, server_for
+        from agent.hub import ServerSettings
+        from agent.server import create_app, server_for
 
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))

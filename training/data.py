@@ -23,7 +23,6 @@ Output in DIR:
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -313,26 +312,3 @@ def prepare(
         for k, v in stats.items():
             print(f"{k:>32}: {v}")
     return stats
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "prepare-data",
-        help="build the training data and tokenizer for the default model",
-        description="Clean chitchat-dataset and chatterbot-corpus into train/eval chat examples, "
-        "hold out conversations for evaluation, and train the BPE tokenizer on the training text.",
-    )
-    p.add_argument("--out", type=Path, required=True, help="output directory (e.g. /work/runs/data)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="train/eval split seed (default: %(default)s)")
-    p.add_argument("--holdout", type=float, default=0.05, help="fraction of conversations held out (default: %(default)s)")
-    p.add_argument("--chitchat", type=Path, help="chitchat dataset.json (default: the installed package's)")
-    p.add_argument("--chatterbot", type=Path, help="directory of chatterbot *.yml files (default: the installed package's english/)")
-    p.set_defaults(func=_cmd_prepare)
-
-
-def _cmd_prepare(args: argparse.Namespace) -> None:
-    try:
-        prepare(args.out, args.holdout, args.seed, args.vocab_size, args.chitchat, args.chatterbot)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None

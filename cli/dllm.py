@@ -1,0 +1,157 @@
+"""`dllm`: generate text, benchmark the engine, prepare (and distill) data and train the default model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import engine as bench
+from dllm_engine.config import ConfigError
+from dllm_engine.engine import RequestError
+from dllm_engine.options import add_decode_args, add_model_args, decode_params, engine_from_args, setup_torch
+from training import distill
+from training.config import TrainConfig
+from training.data import DataError, prepare
+from training.loop import export, train
+
+from .common import run_command
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    setup_torch(args)
+    params = decode_params(args)
+    t0 = time.perf_counter()
+    engine = engine_from_args(args)
+    load_s = time.perf_counter() - t0
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+
+    async def run() -> None:
+        last = None
+        async for out in engine.stream(prompt, params, step_events=args.show_steps):
+            if out.step and args.show_steps:
+                print(f"\n[block {out.step.block} step {out.step.step}: +{len(out.step.positions)}, {out.step.masked_left} masked]", file=sys.stderr)
+            print(out.text, end="", flush=True)
+            last = out
+        print()
+        s = last.stats
+        print(
+            f"load {load_s:.2f} s | {s.new_tokens} tokens in {s.total_ms:.0f} ms ({s.new_tokens / max(s.total_ms, 1e-9) * 1e3:.0f} tok/s), "
+            f"{s.forwards} forwards, first text {s.first_text_ms or 0:.0f} ms, finish: {last.finish_reason}",
+            file=sys.stderr,
+        )
+
+    try:
+        asyncio.run(run())
+    except RequestError as e:
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        engine.close()
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    prepare(args.out, args.holdout, args.seed, args.vocab_size, args.chitchat, args.chatterbot)
+
+
+def temperature(text: str) -> float:
+    """argparse type for --temperature: checked before a teacher loads."""
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 is greedy), got {text}")
+    return value
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    if args.student and args.temperature:
+        raise ConfigError("--temperature samples the teacher; a student (--student) answers with its own greedy vanilla replies")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(distill.distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split, args.student))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = TrainConfig.load(args.config)
+    train(cfg, resume=args.resume, minutes=args.minutes, steps=args.steps, progress=args.progress, log=lambda m: print(m, flush=True))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    path = export(args.run, args.out, which="last" if args.last else "best")
+    print(f"exported {args.run} to {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dllm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a reply to a prompt", description="Stream a reply to one prompt to the terminal.")
+    g.add_argument("prompt", help="the user's message (rendered with the model's chat template unless --raw)")
+    g.add_argument("--raw", action="store_true", help="feed the prompt as raw text, without the chat template")
+    g.add_argument("--show-steps", action="store_true", help="print each denoising step's commits to stderr")
+    add_model_args(g)
+    add_decode_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="engine benchmark (see also python -m benchmarks.engine)", description=bench.__doc__)
+    bench.add_args(b)
+    b.set_defaults(func=bench.run)
+
+    p = sub.add_parser(
+        "prepare-data",
+        help="build the training data and tokenizer for the default model",
+        description="Clean chitchat-dataset and chatterbot-corpus into train/eval chat examples, "
+        "hold out conversations for evaluation, and train the BPE tokenizer on the training text.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory (e.g. /work/runs/data)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="train/eval split seed (default: %(default)s)")
+    p.add_argument("--holdout", type=float, default=0.05, help="fraction of conversations held out (default: %(default)s)")
+    p.add_argument("--chitchat", type=Path, help="chitchat dataset.json (default: the installed package's)")
+    p.add_argument("--chatterbot", type=Path, help="directory of chatterbot *.yml files (default: the installed package's english/)")
+    p.set_defaults(func=cmd_prepare)
+
+    d = sub.add_parser("distill", help="teacher replies to the training prompts (the teacher needs the 'distill' extra), or a dLLM's own (--student)",
+                       description=distill.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--data", type=Path, required=True, help="a `dllm prepare-data` output directory (reads train.jsonl or eval.jsonl, utterances.txt)")
+    d.add_argument("--split", choices=["train", "eval"], default="train", help="whose last user turns to answer: train writes distilled.jsonl, eval distilled-eval.jsonl (for `eval_file` in a training config; default: %(default)s)")
+    d.add_argument("--student", type=Path, metavar="MODEL", help="answer with this dLLM's own vanilla replies into self.jsonl / self-eval.jsonl (certainty-forcing trajectories; no teacher needed)")
+    d.add_argument("--limit", type=int, help="answer only the first N prompts (seeded shuffle, questions first; default: all)")
+    d.add_argument("--batch-size", type=int, default=96, help="prompts sampled together (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed (default: %(default)s)")
+    d.add_argument("--temperature", type=temperature, default=0.0, help="teacher sampling temperature, top-p 0.9; 0 is greedy (default: %(default)s)")
+    d.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    d.set_defaults(func=cmd_distill)
+
+    t = sub.add_parser(
+        "train",
+        help="train a diffusion LM (the default model) from a TOML config",
+        description="Masked-diffusion SFT (LLaDA objective) on data from `dllm prepare-data`. "
+        "Checkpoints every checkpoint_minutes and on SIGTERM/Ctrl-C; the best weights are exported "
+        "to OUT_DIR/model when max_steps is reached (or any time with `dllm export`).",
+    )
+    t.add_argument("--config", type=Path, required=True, help="TOML training config (e.g. configs/default.toml)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt if it exists")
+    t.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this many minutes; overrides max_minutes")
+    t.add_argument("--steps", type=int, help="stop (with a checkpoint) after this many more steps")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: when stderr is a terminal; else log lines)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export a training run's weights as a HF-layout model dir", description="Write bf16 safetensors + config.json + tokenizer files.")
+    e.add_argument("--run", type=Path, required=True, help="the run's out_dir (holds checkpoint.pt)")
+    e.add_argument("--out", type=Path, required=True, help="model directory to write")
+    e.add_argument("--last", action="store_true", help="export the latest weights instead of the best by eval loss")
+    e.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(build_parser(), argv, logging.INFO, (ConfigError, DataError))
+
+
+if __name__ == "__main__":
+    main()
