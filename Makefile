@@ -1,26 +1,51 @@
-# Two entry points, each sets everything up on a fresh machine first:
-#   make run   - start the voice agent on its embedded defaults (http://127.0.0.1:8000/)
-#   make test  - run the test suite
+# Two entry points; each sets up what it needs on a fresh Debian machine first, then runs:
+#   make run   - serve the voice agent on its embedded defaults (http://127.0.0.1:8000/)
+#   make test  - install the system tools and Python packages the tests use, then run the tests
+# ARGS="..." goes to `voice-agent serve`, PYTEST_ARGS="..." to pytest. CI=true makes a system
+# package that cannot be installed an error instead of a warning.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed
+SYSTEM_DEPS := scripts/system-deps.sh
 
-.PHONY: run test setup clean
+# Debian packages (PACKAGE[:COMMAND]) the tests drive: headless Chromium and its WebDriver
+# (tests/test_browser.py), espeak-ng (a second voice), a C++ compiler (torch.compile's CPU kernels,
+# tests/test_compile.py). Serving needs none of them; `make run ARGS=--compile` needs g++.
+TEST_PACKAGES := g++ chromium chromium-driver:chromedriver espeak-ng
+RUN_PACKAGES := $(if $(findstring --compile,$(ARGS)),g++)
 
-$(STAMP): pyproject.toml
+.PHONY: run test setup test-system-deps clean
+
+# The venv itself, with the CPU build of torch (a looser pin may pull a multi-GB CUDA build).
+# A Debian python3 without ensurepip needs python3-venv first.
+$(VENV)/pyvenv.cfg:
+	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || $(SYSTEM_DEPS) python3 python3-venv:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
+
+# What serving needs: the package and its dependencies.
+$(RUN_STAMP): pyproject.toml $(VENV)/pyvenv.cfg
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+# What the tests need: the test and train extras as well.
+$(TEST_STAMP): pyproject.toml $(VENV)/pyvenv.cfg
 	$(BIN)/pip install --quiet -e '.[test,train]'
-	touch $(STAMP)
+	touch $@ $(RUN_STAMP)
 
-setup: $(STAMP)
+setup: $(TEST_STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
+	@$(if $(RUN_PACKAGES),$(SYSTEM_DEPS) $(RUN_PACKAGES))
 	$(BIN)/voice-agent serve $(ARGS)
 
-test: $(STAMP)
+test-system-deps:
+	$(SYSTEM_DEPS) $(TEST_PACKAGES)
+
+test: test-system-deps $(TEST_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
