@@ -27,7 +27,7 @@ from .hub import Hub, ServerSettings
 from .security import credential, origin_allowed, token_matches, twilio_valid
 from .transports.realtime import RealtimeConnection
 from .transports.twilio import TwilioConnection
-from .transports.webrtc import OfferError, answer, check_offer
+from .transports.webrtc import OfferError, Signaling
 from .voice_agent import Agent
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,7 @@ def create_app(agent: Agent, settings: ServerSettings | None = None) -> Starlett
         log.warning("no browser client at %s: / will answer 404", settings.web_dir)
     app = Starlette(routes=routes, max_body_size=MAX_BODY_BYTES)
     app.state.hub = Hub(agent, settings)
-    app.state.webrtc_offers = set()  # ICE ufrags of the calls answered and not yet ended
-    app.state.webrtc_tasks = set()
+    app.state.webrtc = Signaling(app.state.hub)
     return app
 
 
@@ -86,8 +85,7 @@ async def twiml(request: Request) -> Response:
 async def webrtc_offer(request: Request) -> JSONResponse:
     """WebRTC signaling in one round trip: `{type: "offer", sdp}` in, `{type: "answer", sdp}` out.
 
-    One offer per call: an offer whose ICE credentials belong to a call already answered is a
-    retry or a renegotiation, neither of which this server does (409).
+    Admission (origin, token) is here; the offer itself is the WebRTC transport's (`Signaling`).
     """
     hub: Hub = request.app.state.hub
     s = hub.settings
@@ -101,23 +99,10 @@ async def webrtc_offer(request: Request) -> JSONResponse:
         return _refuse(400, "the body must be JSON: {\"type\": \"offer\", \"sdp\": \"v=0...\"}")
     if not isinstance(body, dict) or body.get("type") != "offer":
         return _refuse(400, "expected {\"type\": \"offer\", \"sdp\": ...}")
-    offers: set[str] = request.app.state.webrtc_offers
     try:
-        ufrag = check_offer(body.get("sdp"))
+        sdp = await request.app.state.webrtc.answer(body.get("sdp"))
     except OfferError as e:
         return _refuse(e.status, str(e))
-    if ufrag in offers:
-        return _refuse(409, "this offer was already answered: one offer per call (no renegotiation); create a new RTCPeerConnection")
-    if hub.full:
-        return _refuse(503, f"server busy: all {s.max_sessions} sessions are in use, try again later")
-    offers.add(ufrag)
-    try:
-        sdp, task = await answer(hub, body["sdp"], lambda: offers.discard(ufrag))
-    except OfferError as e:
-        offers.discard(ufrag)
-        return _refuse(e.status, str(e))
-    request.app.state.webrtc_tasks.add(task)  # the loop keeps only weak references to tasks
-    task.add_done_callback(request.app.state.webrtc_tasks.discard)
     return JSONResponse({"type": "answer", "sdp": sdp})
 
 

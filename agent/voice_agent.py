@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from dllm_engine.decoding import SPOKEN, DecodeParams
 from dllm_engine.engine import Engine
 
 from .turns import TurnConfig
+
+if TYPE_CHECKING:
+    from .session import Session
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +61,9 @@ class AgentConfig:
     max_call_s: float = 0.0  # hang up after this much received audio; 0: never
     max_sessions: int = 4  # engine slots: concurrent replies decode in one batch
     # The CPU budget on 2 cores. One torch thread leaves a core to piper, which speaks the first
-    # sentence while the rest of the reply decodes: voice-to-voice p50 707 ms against 787 with two
-    # (README, Performance; the engine alone is faster on two). CTranslate2 (ASR) and
-    # piper take both when they run; piper's idle threads sleep rather than spin. Silero takes one.
+    # sentence while the rest of the reply decodes (the engine alone is faster on two; the latency
+    # benchmark decides). CTranslate2 (ASR) and piper take both when they run; piper's idle
+    # threads sleep rather than spin. Silero takes one.
     torch_threads: int = 1
     asr_threads: int = 2
     tts_threads: int = 2  # the first sentence's audio sooner than on one thread

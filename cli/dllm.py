@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Clean chitchat-dataset and chatterbot-corpus into train/eval chat examples, "
         "hold out conversations for evaluation, and train the BPE tokenizer on the training text.",
     )
-    p.add_argument("--out", type=Path, required=True, help="output directory (e.g. /work/runs/data)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (e.g. runs/data)")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="train/eval split seed (default: %(default)s)")
     p.add_argument("--holdout", type=float, default=0.05, help="fraction of conversations held out (default: %(default)s)")

@@ -257,7 +257,7 @@ def test_signaling_answers_once_per_offer(srv):
     assert status == 409 and "already answered" in body["error"]
     # Nobody connects: the call is dropped after open_timeout_s and leaves nothing behind.
     deadline = time.monotonic() + WAIT
-    while srv.in_loop(lambda: bool(srv.app.state.webrtc_offers or srv.app.state.webrtc_tasks)):
+    while not srv.in_loop(lambda: srv.app.state.webrtc.idle):
         assert time.monotonic() < deadline, "the unconnected call was never dropped"
         time.sleep(0.1)
     assert srv.idle()

@@ -13,7 +13,6 @@ import pytest
 from agent import events as ev
 from agent.sentences import SentenceSplitter
 from agent.turns import Endpointer, Signal, TurnConfig, transcript_end_ms
-from audio.codec import resample
 from tests.helpers import espeak, silence, trim
 from tests.test_audio import similarity
 
@@ -226,7 +225,7 @@ async def test_greeting_idle_hang_up_and_call_limit(voice_agent):
 async def test_live_settings_are_checked(voice_agent):
     async with voice_agent.session() as s:
         s.update(threshold=0.7, end_ms=500, echo_guard_ms=100)
-        assert s.config.decode.threshold == 0.7 and s.endpointer.config.end_ms == 500 and s.config.echo_guard_ms == 100
+        assert s.config.decode.threshold == 0.7 and s.listener.config.end_ms == 500 and s.config.echo_guard_ms == 100
         with pytest.raises(ValueError, match="unknown setting"):
             s.update(volume=11)
         with pytest.raises(ValueError, match="threshold"):

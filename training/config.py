@@ -1,7 +1,7 @@
 """Training configs: `TrainConfig`, read from a TOML file that may `extends` another.
 
 `source_repeats` weights corpora (an example's `source` from `dllm prepare-data`; 0 leaves one out); `device` says
-where to train (`cuda` trained the shipped stage 22 on an H200: `configs/default-stage22.toml`).
+where to train (`cuda` when a GPU is there).
 """
 
 from __future__ import annotations

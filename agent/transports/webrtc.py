@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 RATE = 48000  # Opus runs at 48 kHz; the browser's mic arrives as 48 kHz stereo s16
 FRAME = RATE // 50  # 20 ms
-MIC_RATE = 16000  # what the VAD and ASR use: resample once, here
 MAX_BUFFERED = 1 << 20  # data channel bytes waiting to be sent before a write waits
 
 
@@ -232,14 +231,14 @@ class WebRTCConnection(RealtimeConnection):
         await asyncio.gather(super()._read(), self._listen())
 
     async def _listen(self) -> None:
-        convert = mono_frames(MIC_RATE)
+        convert = mono_frames(RATE)  # mono only: the session's listener resamples, as for every transport
         while True:
             try:
                 frame = await self.mic.recv()
             except MediaStreamError:
                 raise ClientGone() from None
             for samples in convert(frame):
-                await self.session.send_audio(samples, MIC_RATE)
+                await self.session.send_audio(samples, RATE)
 
     async def on_bytes(self, data: bytes) -> None:
         await self._not_here({"type": None})
@@ -268,7 +267,39 @@ class WebRTCConnection(RealtimeConnection):
         return {**super().describe(), "audio": "webrtc"}
 
 
-async def answer(hub: Hub, sdp: str, on_done: Callable[[], None]) -> tuple[str, asyncio.Task]:
+class Signaling:
+    """Answers offers, one per call: an offer whose ICE credentials belong to a call already
+    answered is a retry or a renegotiation, neither of which this server does (409)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self._calls: set[str] = set()  # ICE ufrags of the calls answered and not yet ended
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    @property
+    def idle(self) -> bool:
+        """No call answered here is still running."""
+        return not self._calls and not self._tasks
+
+    async def answer(self, sdp: object) -> str:
+        """The SDP answer to a browser's offer, its call running; OfferError(status) to refuse."""
+        ufrag = check_offer(sdp)
+        if ufrag in self._calls:
+            raise OfferError(409, "this offer was already answered: one offer per call (no renegotiation); create a new RTCPeerConnection")
+        if self.hub.full:
+            raise OfferError(503, f"server busy: all {self.hub.settings.max_sessions} sessions are in use, try again later")
+        self._calls.add(ufrag)
+        try:
+            answer, task = await _start_call(self.hub, sdp, lambda: self._calls.discard(ufrag))
+        except OfferError:
+            self._calls.discard(ufrag)
+            raise
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return answer
+
+
+async def _start_call(hub: Hub, sdp: str, on_done: Callable[[], None]) -> tuple[str, asyncio.Task]:
     """Accept a checked offer: a peer connection, its session task, and the SDP answer."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # offline: the default STUN server stalls gathering
     conn = WebRTCConnection(pc, hub)
