@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -132,6 +132,7 @@ async def answers_then_alive(recv, send, message: str | bytes, check: int) -> li
 
 
 @given(events=st.lists(realtime_event, min_size=1, max_size=6), abort=st.booleans())
+@example(events=['{"type": "input_audio_buffer.append", "audio": "\\u0080"}'], abort=False)  # found by a long run: 1011
 def test_realtime_websocket_survives_hostile_sequences(srv, events, abort):
     async def run():
         ws = await connect(srv.url("/v1/realtime"), max_size=None)

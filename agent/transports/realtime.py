@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import dataclasses
 import json
 import logging
@@ -133,7 +132,7 @@ class RealtimeConnection(Connection):
         audio = msg.get("audio")
         try:
             data = base64.b64decode(audio, validate=True) if isinstance(audio, str) else None
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a str with non-ASCII characters
             data = None
         if data is None:
             return self.error("invalid_audio", "'audio' must be base64-encoded pcm16", event=msg["type"])
