@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import av
@@ -99,10 +99,10 @@ async def inproc_line(agent, live: dict) -> AsyncIterator[Line]:  # noqa: ANN001
 # ---- the Realtime-style WebSocket ------------------------------------------------------------
 
 
-async def _open_ws(url: str, headers: dict | None = None) -> ClientConnection:
-    """Connect, turning every way a handshake fails into a LineError that names the URL."""
+async def _open_ws(url: str, headers: dict | None = None, **options: Any) -> ClientConnection:
+    """Connect, turning every way a handshake fails into a LineError that names the URL; `options` go to connect()."""
     try:
-        return await connect(url, additional_headers=headers, max_size=None, compression=None, open_timeout=OPEN_TIMEOUT_S)
+        return await connect(url, additional_headers=headers, max_size=None, compression=None, open_timeout=OPEN_TIMEOUT_S, **options)
     except InvalidStatus as e:
         body = e.response.body.decode(errors="replace").strip() if e.response.body else ""
         raise LineError(f"{url} refused the connection: HTTP {e.response.status_code} {body}") from None
@@ -195,9 +195,12 @@ async def _expect(ws: ClientConnection, kind: str) -> dict:
 
 
 @asynccontextmanager
-async def realtime_line(base: str, token: str | None, live: dict) -> AsyncIterator[Line]:
-    """A Realtime session sending 16 kHz, receiving the agent's own rate; `live`: session.update settings."""
-    ws = await _open_ws(base + REALTIME_PATH, {"Authorization": f"Bearer {token}"} if token else None)
+async def realtime_line(base: str, token: str | None, live: dict, **options: Any) -> AsyncIterator[Line]:
+    """A Realtime session sending 16 kHz, receiving the agent's own rate; `live`: session.update settings.
+
+    `options` go to websockets' connect(): a prepared `sock`, a small `max_queue` (a client that stops reading).
+    """
+    ws = await _open_ws(base + REALTIME_PATH, {"Authorization": f"Bearer {token}"} if token else None, **options)
     async with ws:
         created = await _expect(ws, "session.created")
         update = {"input_sample_rate": RATE, "output_sample_rate": created["session"]["agent_sample_rate"], **live}
@@ -425,18 +428,31 @@ def check_reachable(base: str) -> dict:
 
 
 class LocalServer:
-    """`voice-agent serve` inside the benchmark: uvicorn on a free loopback port, in its own thread and loop."""
+    """`voice-agent serve` inside the benchmark: uvicorn on a free loopback port, in its own thread and loop.
 
-    def __init__(self, agent, max_sessions: int) -> None:  # noqa: ANN001 (Agent)
+    `hub` and `loop` are there for benchmarks that watch the server (its state belongs to `loop`'s
+    thread); `sndbuf` sets the kernel send buffer of every accepted socket (None: the OS's own, which
+    on loopback grows to megabytes, so a client that stops reading is noticed only that much later).
+    """
+
+    def __init__(self, agent, max_sessions: int, sndbuf: int | None = None) -> None:  # noqa: ANN001 (Agent)
         from agent.hub import ServerSettings
         from agent.server import create_app, server_for
 
         self.sock = socket.socket()
+        if sndbuf:  # accepted sockets inherit it
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"ws://127.0.0.1:{self.sock.getsockname()[1]}"
         app = create_app(agent, ServerSettings(port=self.sock.getsockname()[1], max_sessions=max_sessions))
+        self.hub = app.state.hub
         self.server = server_for(app, log_level="warning")
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])), name="bench-server", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), name="bench-server", daemon=True)
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.server.serve(sockets=[self.sock])
 
     def __enter__(self) -> LocalServer:
         self.thread.start()
