@@ -25,7 +25,7 @@ from agent.hub import ServerSettings
 from agent.server import create_app, server_for
 from audio.codec import to_int16, ulaw_encode
 
-WAIT = 60.0  # generous bound on any single wait: only a hang fails it
+from tests.helpers import WAIT  # noqa: E402  (re-exported: every server test bounds its waits by it)
 
 class LiveServer:
     """A VoiceServer on 127.0.0.1:<free port> in a thread with its own event loop."""
