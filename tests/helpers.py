@@ -367,3 +367,55 @@ async def eventually(condition, what: str, timeout: float = WAIT) -> None:
     while not condition():
         assert time.monotonic() < deadline, what
         await asyncio.sleep(0.01)
+
+
+class ListDialogue:
+    """The history as a Reply sees it: `add` and `turns`."""
+
+    def __init__(self) -> None:
+        self.turns: list[dict[str, str]] = []
+
+    def add(self, role: str, text: str) -> None:
+        self.turns.append({"role": role, "content": text})
+
+
+class ReplyHost:
+    """A session as far as a Reply sees one (`agent.reply.Host`): a list for a history, a manual clock."""
+
+    agent = None
+    config = None
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.clock = clock
+        self.dialogue = ListDialogue()
+        self.events: list = []
+
+    def emit(self, event) -> None:
+        self.events.append(event)
+
+    def engine_request(self, reply):
+        return "req", None
+
+    def transcribed(self, reply) -> None:
+        pass
+
+    def finished(self, reply) -> None:
+        pass
+
+
+def spoken_reply(clock: ManualClock, sentences: list[str], seconds: list[float], rate: int = 48000, done: bool = True):
+    """A confirmed reply to turn 1 whose sentences (`seconds` of audio each) have all gone out, recorded in
+    its host's history as heard; returns (reply, its AgentAudio events)."""
+    import numpy as np
+
+    from agent import events as ev
+    from agent.metrics import TurnTimeline
+    from agent.reply import Reply
+
+    reply = Reply(1, TurnTimeline(1), ReplyHost(clock), confirmed=True, user_text="hi", sample_rate=rate, done=done)
+    audio = [ev.AgentAudio(1, np.full(round(s * rate), 0.1, np.float32), rate, text, i) for i, (text, s) in enumerate(zip(sentences, seconds), 1)]
+    for a in audio:
+        reply.audio_samples += len(a.samples)
+        reply.sent(a)
+    reply.record()
+    return reply, audio
