@@ -419,3 +419,19 @@ def spoken_reply(clock: ManualClock, sentences: list[str], seconds: list[float],
         reply.sent(a)
     reply.record()
     return reply, audio
+
+
+def heard_prefix(sent: list[tuple[int, str, int]], seconds: float, rate: int) -> str:
+    """The oracle for the history after a reply was cut, from the audio sent — (sentence index, its text,
+    samples) per chunk — and the time heard: whole sentences while the heard samples cover them, then
+    the share of the next one's words they cover."""
+    sentences: dict[int, tuple[str, int]] = {}
+    for index, text, n in sent:
+        sentences[index] = (text, sentences.get(index, (text, 0))[1] + n)
+    budget, heard = int(seconds * rate), []
+    for text, n in sentences.values():
+        heard += text.split()[: len(text.split()) * min(budget, n) // n]
+        budget -= n
+        if budget < 0:
+            break
+    return " ".join(heard)

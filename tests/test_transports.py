@@ -168,3 +168,19 @@ async def test_webrtc_what_the_reply_track_played_reaches_the_history():
     track.stop()
     assert track.played_s(1) == pytest.approx(0.12)
     assert reply.recorded["content"] == "One two three four five."
+
+
+@pytest.mark.parametrize("message", [json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA"}), b"\x00\x01"])
+async def test_the_webrtc_data_channel_refuses_audio(message):
+    """Over WebRTC the microphone is the media track: audio on the data channel is an error, not input."""
+    from aiortc import RTCPeerConnection
+
+    from agent.transports.webrtc import WebRTCConnection
+
+    pc = RTCPeerConnection()
+    conn = WebRTCConnection(pc, Hub())
+    conn.session = Session()
+    await (conn.on_text(message) if isinstance(message, str) else conn.on_bytes(message))
+    [error] = [json.loads((await conn.outbox.get()).text) for _ in range(len(conn.outbox._items))]
+    assert error["type"] == "error" and error["error"]["code"] == "invalid_event"
+    await pc.close()
