@@ -13,7 +13,7 @@ import pytest
 from agent import events as ev
 from agent.sentences import SentenceSplitter
 from agent.turns import Endpointer, Signal, TurnConfig, transcript_end_ms
-from tests.helpers import ManualClock, espeak, silence, similarity, trim
+from tests.helpers import ManualClock, espeak, heard_prefix, silence, similarity, trim
 
 QUESTION = "Hello, how are you today?"
 
@@ -142,22 +142,6 @@ async def test_without_speculation_the_reply_starts_at_the_endpoint(voice_agent,
     assert of(got, ev.TurnMetrics)[-1].timeline["speculative"] is False
 
 
-def heard_prefix(sent: list[ev.AgentAudio], seconds: float) -> str:
-    """The oracle for the history after a barge-in, from the audio sent and the time heard: whole
-    sentences while the heard samples cover them, then the share of the next one's words they cover."""
-    sentences: dict[int, tuple[str, int]] = {}
-    for a in sent:
-        text, n = sentences.get(a.sentence, (a.text, 0))
-        sentences[a.sentence] = (text, n + len(a.samples))
-    budget, heard = int(seconds * sent[0].sample_rate), []
-    for text, n in sentences.values():
-        heard += text.split()[: len(text.split()) * min(budget, n) // n]
-        budget -= n
-        if budget < 0:
-            break
-    return " ".join(heard)
-
-
 MARK = np.full(320, np.nan, dtype=np.float32)  # 20 ms the session refuses at once: an Error event marks "all before was heard"
 
 
@@ -182,7 +166,7 @@ async def test_barge_in_cancels_the_reply_and_history_keeps_what_was_heard(voice
         later = await converse(s, np.concatenate([piper_speech("Stop, wait a moment please."), silence(1.2)]), until=ev.Interrupted)
     assert later[-1].turn == first.turn and s.stats["barge_ins"] == 1
     sent = [first] + [a for a in of(later, ev.AgentAudio) if a.turn == first.turn]
-    expected = heard_prefix(sent, heard_s)
+    expected = heard_prefix([(a.sentence, a.text, len(a.samples)) for a in sent], heard_s, first.sample_rate)
     assert expected, "the test's premise: some words were heard"
     [reply] = [t["content"] for t in s.dialogue.turns if t["role"] == "assistant"]
     assert reply == expected
@@ -318,3 +302,12 @@ def test_agent_config_refuses_a_count_below_one(field):
 
     with pytest.raises(ValueError, match=f"AgentConfig.{field} must be a positive integer, got 0"):
         AgentConfig(**{field: 0})
+
+
+@pytest.mark.parametrize("reuse, exact, kept", [(None, True, True), (None, False, False), (True, False, True), (False, True, False)])
+def test_prefix_reuse_is_chosen_where_it_is_exact_unless_set(voice_agent, monkeypatch, reuse, exact, kept):
+    """By default a session reuses its prompt's cache only on a model where that changes nothing (turn blocks)."""
+    monkeypatch.setattr(type(voice_agent.engine), "exact_prefix_reuse", property(lambda self: exact))
+    s = voice_agent.session(reuse_prefix=reuse)
+    _, conversation = s.engine_request(type("R", (), {"turn": 1})())
+    assert conversation == (s.conversation if kept else None)
