@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from typing import Protocol
 
 import numpy as np
 
 from . import events as ev
+from .clock import Clock
 from .dialogue import Dialogue
 from .metrics import TurnTimeline
 from .sentences import SentenceSplitter
@@ -29,6 +29,7 @@ class Host(Protocol):
     agent: object  # voice_agent.Agent: models and thread pools
     config: object  # voice_agent.AgentConfig: decoding and prefix-reuse settings
     dialogue: Dialogue
+    clock: Clock  # the echo guard and 'still playing' are measured on it
 
     def engine_request(self, reply: Reply) -> tuple[str, str | None]: ...  # (request id, conversation or None)
 
@@ -102,7 +103,7 @@ class Reply:
     def sent(self, audio: ev.AgentAudio) -> None:
         """The transport took this audio: it is on its way to the listener."""
         if self.first_sent_at is None:
-            self.first_sent_at = time.monotonic()
+            self.first_sent_at = self.host.clock.monotonic()
             self.timeline.mark("first_audio_sent", self.first_sent_at)
         if self.spoken and self.spoken[-1].index == audio.sentence:
             self.spoken[-1].samples += len(audio.samples)
@@ -135,7 +136,7 @@ class Reply:
         """Its audio went out and, as far as we know, is still playing (after the echo guard, if given)."""
         if not self.confirmed or self.first_sent_at is None or self.timeline.interrupted:
             return False
-        now = time.monotonic()
+        now = self.host.clock.monotonic()
         if echo_guard_ms is not None and (now - self.first_sent_at) * 1000 < echo_guard_ms:
             return False
         return not self.done or now < self.first_sent_at + self.audio_samples / max(self.sample_rate, 1)

@@ -15,7 +15,6 @@ import collections
 import dataclasses
 import itertools
 import logging
-import time
 from typing import AsyncIterator
 
 import numpy as np
@@ -24,6 +23,7 @@ from audio.codec import AudioError
 
 from . import events as ev
 from . import live_settings
+from .clock import SYSTEM, Clock
 from .dialogue import Dialogue
 from .listener import Heard, Listener
 from .metrics import TurnTimeline
@@ -49,6 +49,7 @@ class Session:
         self._audio_lock = asyncio.Lock()
         self._request_ids = itertools.count()
         self.conversation = f"{id(self):x}"  # engine request ids and the cached prefix are keyed by it
+        self.clock: Clock = SYSTEM  # wall time for the echo guard and playback; tests set their own
         self.closed = False
         self.stats = collections.Counter()  # speculations started/kept/cancelled, barge-ins, turns
 
@@ -127,7 +128,7 @@ class Session:
         """Feed caller audio (int16 or float, mono, any supported rate). Bad audio → an `Error` event."""
         if self.closed:
             return
-        arrival = time.monotonic()
+        arrival = self.clock.monotonic()
         async with self._audio_lock:  # chunks are framed and scored strictly in arrival order
             try:
                 heard = await self.listener.hear(samples, sample_rate, arrival)

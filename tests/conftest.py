@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from dllm_engine.engine import Engine
 from dllm_engine.loading import load_model
-from tests.helpers import make_model_dir
+from tests.helpers import make_model_dir, missing
 
 torch.set_num_threads(2)
 
@@ -21,6 +23,17 @@ settings.register_profile("fuzz-long", max_examples=10_000, **_SLOW_OK)
 settings.load_profile("ci")
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "needs_tool(*executables, why): skip without any of them; under CI, fail instead")
+
+
+def pytest_runtest_setup(item) -> None:
+    """A missing tool skips a test on a developer's machine and fails it in CI (see helpers.missing)."""
+    for mark in item.iter_markers("needs_tool"):
+        if not any(shutil.which(exe) for exe in mark.args):
+            missing(mark.kwargs.get("why", f"needs one of {', '.join(mark.args)}"))
+
+
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("random-model"))
@@ -29,6 +42,16 @@ def random_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def random_model(random_model_dir):
     return load_model(random_model_dir, dtype="float32")
+
+
+@pytest.fixture
+def engine(request, random_model):
+    """An engine on the random model (3 slots); other settings with
+    `@pytest.mark.parametrize("engine", [{"max_batch": 1}], indirect=True)`."""
+    model, tok = random_model
+    eng = Engine(model, tok, **{"max_batch": 3, "max_len": 512, **getattr(request, "param", {})})
+    yield eng
+    eng.close()
 
 
 @pytest.fixture(scope="session")

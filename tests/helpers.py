@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+import asyncio
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from dllm_engine.tokenizer import Tokenizer
 from training.bpe import train_tokenizer
 from training.config import TrainConfig
 from training.loop import export, train
+
+WAIT = 60.0  # generous bound on any single wait in a test: only a hang fails it, never slowness
 
 SENTENCES = [
     "hello there, how are you today?",
@@ -274,3 +277,161 @@ def trim(audio, level: float = 0.01):
     from audio.codec import trim as trim_quiet
 
     return trim_quiet(audio, level)
+
+
+# ---- shared by several test modules ---------------------------------------------------------
+
+
+def words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def similarity(a: str, b: str) -> float:
+    """How alike two transcripts are, word by word (0..1): ASR output is compared, never matched exactly."""
+    import difflib
+
+    return difflib.SequenceMatcher(None, words(a), words(b)).ratio()
+
+
+def missing(what: str) -> None:
+    """A tool a test needs is not installed: skip locally, but fail where `CI` is set (CI installs them all)."""
+    import os
+
+    import pytest
+
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI must install it: a skip there would hide the test)", pytrace=False)
+    pytest.skip(what)
+
+
+class ManualClock:
+    """A `agent.clock.Clock` that moves only when the test says so: `advance(seconds)`.
+
+    `sleep` waits until the clock has been advanced past its deadline, so real-time pacing can be
+    stepped through exactly, whatever the machine's speed.
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        import asyncio
+
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + seconds, fut))
+        await fut
+
+    @property
+    def sleeping(self) -> int:
+        return sum(not f.done() for _, f in self._sleepers)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = [f for t, f in self._sleepers if t <= self.now + 1e-12]
+        self._sleepers = [(t, f) for t, f in self._sleepers if t > self.now + 1e-12]
+        for f in due:
+            if not f.done():
+                f.set_result(None)
+
+
+class BatchSizes:
+    """Rows in each forward of `model` while in use (`with BatchSizes(model) as sizes:`): proof that
+    requests really shared forwards, which equal outputs alone cannot give."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.sizes: list[int] = []
+
+    def __enter__(self) -> list[int]:
+        self._hook = self.model.register_forward_hook(lambda _m, args, _out: self.sizes.append(args[0].shape[0]))
+        return self.sizes
+
+    def __exit__(self, *exc: object) -> None:
+        self._hook.remove()
+
+
+async def eventually(condition, what: str, timeout: float = WAIT) -> None:
+    """Poll `condition()` until it holds; only a hang (past `timeout`) fails, with `what`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+class ListDialogue:
+    """The history as a Reply sees it: `add` and `turns`."""
+
+    def __init__(self) -> None:
+        self.turns: list[dict[str, str]] = []
+
+    def add(self, role: str, text: str) -> None:
+        self.turns.append({"role": role, "content": text})
+
+
+class ReplyHost:
+    """A session as far as a Reply sees one (`agent.reply.Host`): a list for a history, a manual clock."""
+
+    agent = None
+    config = None
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.clock = clock
+        self.dialogue = ListDialogue()
+        self.events: list = []
+
+    def emit(self, event) -> None:
+        self.events.append(event)
+
+    def engine_request(self, reply):
+        return "req", None
+
+    def transcribed(self, reply) -> None:
+        pass
+
+    def finished(self, reply) -> None:
+        pass
+
+
+def spoken_reply(clock: ManualClock, sentences: list[str], seconds: list[float], rate: int = 48000, done: bool = True):
+    """A confirmed reply to turn 1 whose sentences (`seconds` of audio each) have all gone out, recorded in
+    its host's history as heard; returns (reply, its AgentAudio events)."""
+    import numpy as np
+
+    from agent import events as ev
+    from agent.metrics import TurnTimeline
+    from agent.reply import Reply
+
+    reply = Reply(1, TurnTimeline(1), ReplyHost(clock), confirmed=True, user_text="hi", sample_rate=rate, done=done)
+    audio = [ev.AgentAudio(1, np.full(round(s * rate), 0.1, np.float32), rate, text, i) for i, (text, s) in enumerate(zip(sentences, seconds), 1)]
+    for a in audio:
+        reply.audio_samples += len(a.samples)
+        reply.sent(a)
+    reply.record()
+    return reply, audio
+
+
+def heard_prefix(sent: list[tuple[int, str, int]], seconds: float, rate: int) -> str:
+    """The oracle for the history after a reply was cut, from the audio sent — (sentence index, its text,
+    samples) per chunk — and the time heard: whole sentences while the heard samples cover them, then
+    the share of the next one's words they cover."""
+    sentences: dict[int, tuple[str, int]] = {}
+    for index, text, n in sent:
+        sentences[index] = (text, sentences.get(index, (text, 0))[1] + n)
+    budget, heard = int(seconds * rate), []
+    for text, n in sentences.values():
+        heard += text.split()[: len(text.split()) * min(budget, n) // n]
+        budget -= n
+        if budget < 0:
+            break
+    return " ".join(heard)

@@ -25,7 +25,21 @@ from agent.hub import ServerSettings
 from agent.server import create_app, server_for
 from audio.codec import to_int16, ulaw_encode
 
-WAIT = 60.0  # generous bound on any single wait: only a hang fails it
+from tests.helpers import WAIT  # noqa: E402  (re-exported: every server test bounds its waits by it)
+
+class RT:
+    """Realtime event names as the server speaks them today: a rename of the protocol is a change here."""
+
+    created = "session.created"
+    update = "session.update"
+    updated = "session.updated"
+    audio_delta = "response.audio.delta"
+    text_delta = "response.text.delta"
+    interrupted = "response.interrupted"
+    done = "response.done"
+    speculation = "turn.speculation"
+    hangup = "session.hangup"
+
 
 class LiveServer:
     """A VoiceServer on 127.0.0.1:<free port> in a thread with its own event loop."""

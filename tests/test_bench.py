@@ -48,11 +48,10 @@ def test_short_run_over_websocket(voice_agent, tmp_path: Path) -> None:
     assert set(run["caller_v2v_ms"]) == {"p50", "p90"}  # p99 only with >= 100 turns
     assert {"server_v2v_ms", "premature_endpoint_rate", "asr_wer", "cpu_util", "failed"} <= set(run)
     assert run["paused_utterances"] == 1  # the synthesized pool alternates plain and paused questions
-    assert len(run["results"]) == 2
-    for turn in run["results"]:
-        if turn["failed"] is None:  # answered: the caller heard it, and the server's timeline is paired with it
-            assert turn["caller_v2v_ms"] is not None
-            assert turn["server"]["turn"] == turn["server_turn"]
+    assert len(run["results"]) == 2 and run["failed"] == 0, run["results"]
+    for turn in run["results"]:  # answered: the caller heard it, and the server's timeline is paired with it
+        assert turn["failed"] is None and turn["caller_v2v_ms"] is not None
+        assert turn["server"]["turn"] == turn["server_turn"]
     text = html.read_text()
     namespaces = re.compile(r'xmlns(:\w+)?="http[^"]*"')  # names, never fetched
     assert text.count("<svg") == 3 and "<script" not in text and "http" not in namespaces.sub("", text)
@@ -62,9 +61,11 @@ def test_short_run_as_a_twilio_call(voice_agent, tmp_path: Path) -> None:
     """μ-law 8 kHz both ways; the protocol carries no turn ids, transcripts or timelines: caller figures only."""
     args = bench.build_parser().parse_args(["--transport", "twilio", "--turns", "1", "--no-baseline", "--timeout", "60", "--json", str(tmp_path / "b.json")])
     report = asyncio.run(bench.bench(args, voice_agent))
-    (turn,) = report["runs"][0]["results"]
-    assert turn["server"] is None and turn["transcript"] is None and report["runs"][0]["asr_wer"] is None
-    assert (turn["caller_v2v_ms"] is not None) == (turn["failed"] is None)
+    (run,) = report["runs"]
+    (turn,) = run["results"]
+    assert run["failed"] == 0 and turn["failed"] is None, turn
+    assert turn["caller_v2v_ms"] is not None
+    assert turn["server"] is None and turn["transcript"] is None and run["asr_wer"] is None
 
 
 def test_short_run_as_a_webrtc_peer(voice_agent, tmp_path: Path) -> None:
@@ -74,7 +75,7 @@ def test_short_run_as_a_webrtc_peer(voice_agent, tmp_path: Path) -> None:
     report = asyncio.run(bench.bench(bench.build_parser().parse_args(argv), voice_agent))
     assert report["settings"] == {"speculation": False}
     (turn,) = report["runs"][0]["results"]
-    assert turn["failed"] is None, turn
+    assert report["runs"][0]["failed"] == 0 and turn["failed"] is None, turn
     assert turn["caller_v2v_ms"] is not None and turn["transcript"]
     assert turn["server"]["turn"] == turn["server_turn"] and turn["server"]["speculative"] is False
 

@@ -24,7 +24,7 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
 from agent.transports.webrtc import FRAME, RATE, ReplyTrack
 from audio.codec import to_int16
-from tests.helpers import silence
+from tests.helpers import missing, silence
 from tests.servers import http, live
 
 WAIT = 120.0  # a whole turn on 2 busy cores; only a hang fails it
@@ -37,7 +37,7 @@ def browser_paths() -> tuple[str, str]:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("no headless browser: needs Chromium and chromedriver (apt-get install chromium chromium-driver)")
+        missing("no headless browser: needs Chromium and chromedriver (apt-get install chromium chromium-driver)")
     return chromium, driver
 
 

@@ -10,12 +10,12 @@ import json
 
 import pytest
 import torch
+import transformers  # a declared test dependency (the `test` extra)
 
 from dllm_engine.loading import DEFAULT_MODEL_DIR
 from training.data import words
 from training.distill import MAX_OPENINGS, MAX_REPEATS, MIN_WORD_COUNT, ReplyFilter, Teacher, chat_prompt, clean_reply, output_paths, question_first, split_prompts
 
-transformers = pytest.importorskip("transformers")
 
 CHATML = (
     "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '\\n' + m['content'] + '<|eot_id|>\\n' }}{% endfor %}"

@@ -11,14 +11,7 @@ import torch
 from dllm_engine.config import ConfigError
 from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine, RequestError
-
-
-@pytest.fixture
-def engine(random_model):
-    model, tok = random_model
-    eng = Engine(model, tok, max_batch=3, max_len=512)
-    yield eng
-    eng.close()
+from tests.helpers import WAIT, BatchSizes, eventually
 
 
 def chat(text: str) -> list[dict[str, str]]:
@@ -57,10 +50,13 @@ def test_continuous_batching_matches_one_by_one(engine):
 
     async def main():
         alone = [await collect(engine, p, params) for p, params in cases]
-        together = await asyncio.gather(*(collect(engine, p, params) for p, params in cases))
-        return alone, together
+        with BatchSizes(engine.model) as rows:
+            together = await asyncio.gather(*(collect(engine, p, params) for p, params in cases))
+        return alone, together, rows
 
-    alone, together = asyncio.run(main())
+    alone, together, rows = asyncio.run(main())
+    assert max(rows) > 1, "no forward carried more than one request: nothing was batched"
+    assert max(rows) <= engine.max_batch
     assert [a[1] for a in together] == [a[1] for a in alone]
     assert [a[0] for a in together] == [a[0] for a in alone]
 
@@ -87,17 +83,33 @@ def test_cancel_frees_the_request_and_others_continue(engine):
     assert not engine.cancel("long")  # already gone
 
 
+@pytest.mark.parametrize("engine", [{"max_batch": 1}], indirect=True, ids=["one_slot"])
+def test_a_cancelled_request_gives_its_slot_back(engine):
+    """With one slot, a leaked slot would leave the next request waiting for ever (bounded here by WAIT)."""
+
+    async def cancel_one(request_id: str) -> None:
+        stream = engine.stream(chat("talk for a long time"), LONG, request_id=request_id, step_events=True)
+        await asyncio.wait_for(anext(stream), WAIT)
+        assert engine.cancel(request_id)
+        assert (await asyncio.wait_for(anext(stream), WAIT)).finish_reason == "cancelled"
+
+    async def main():
+        for k in range(3):  # each cancel must give the one slot back
+            await cancel_one(f"long-{k}")
+        return await asyncio.wait_for(engine.generate(chat("next"), DecodeParams(block_size=8, max_new_tokens=8)), WAIT)
+
+    _, out = asyncio.run(main())
+    assert out.finished and out.finish_reason in ("stop", "length")
+    assert engine.active_requests == 0
+
+
 def test_leaving_the_stream_early_cancels(engine):
     async def main():
         async for _ in engine.stream(chat("hello"), LONG, request_id="x", step_events=True):
             break
-        for _ in range(100):
-            if engine.active_requests == 0:
-                return True
-            await asyncio.sleep(0.01)
-        return False
+        await eventually(lambda: engine.active_requests == 0, "the abandoned request was not cancelled")
 
-    assert asyncio.run(main())
+    asyncio.run(main())
 
 
 def test_a_caller_whose_event_loop_closed_does_not_kill_the_engine(engine):

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from training.bpe import BOS, CHAT_TEMPLATE, EOS, EOT, MASK
+from dllm_engine import loading
 from dllm_engine.config import ConfigError, LLaDAConfig
 from dllm_engine.loading import INDEX_FILE, load_model, on_own_thread, resolve_dtype, save_model
 from dllm_engine.model import DiffusionLM, KVCache
@@ -61,7 +62,7 @@ def test_loaded_parameters_are_real_eval_and_frozen(model_dir):
     assert torch.isfinite(logits_of(model)).all()
 
 
-def test_load_converts_dtype(tmp_path):
+def test_load_converts_dtype(tmp_path, monkeypatch):
     """Saved in bf16, loaded as fp32 (exact bf16 values) and as bf16."""
     d = make_model_dir(tmp_path / "m", dtype=torch.bfloat16)
     original = random_model(LLaDAConfig.from_file(d / "config.json"), seed=0)
@@ -71,7 +72,9 @@ def test_load_converts_dtype(tmp_path):
         assert torch.equal(as_fp32.state_dict()[name], p.to(torch.bfloat16).float()), name
         assert as_bf16.state_dict()[name].dtype == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    assert resolve_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    for native_bf16, dtype in ((True, torch.bfloat16), (False, torch.float32)):  # each branch, whatever this CPU has
+        monkeypatch.setattr(loading, "cpu_has_bf16", lambda: native_bf16)
+        assert resolve_dtype("auto", torch.device("cpu")) == (dtype if torch.backends.mkldnn.is_available() else torch.float32)
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         resolve_dtype("float8", torch.device("cpu"))
 
@@ -267,7 +270,8 @@ def test_unsupported_config_values(model_dir, change, match):
 
 def test_null_clip_qkv_is_accepted(model_dir):
     edit_json(model_dir / "config.json", clip_qkv=None)
-    load_model(model_dir, dtype="float32")
+    model, _ = load_model(model_dir, dtype="float32")
+    assert model.config.clip_qkv is None
 
 
 def test_tokenizer_larger_than_embedding(model_dir):

@@ -140,10 +140,24 @@ def test_init_from_a_model_directory_starts_from_its_weights(tiny_chat, tmp_path
         train(bad, progress=False, log=lambda m: None)
 
 
-def test_checkpoint_writes_are_atomic(tmp_path):
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """A save that dies half-way (a full disk, a kill) leaves the previous checkpoint whole."""
     path = tmp_path / "c.pt"
     atomic_save({"x": 1}, path)
     assert torch.load(path)["x"] == 1 and not list(tmp_path.glob("*.tmp"))
+    real_save = torch.save
+
+    def dies_half_way(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as out:
+            out.truncate(10)
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        atomic_save({"x": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["x"] == 1
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

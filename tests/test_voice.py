@@ -13,8 +13,7 @@ import pytest
 from agent import events as ev
 from agent.sentences import SentenceSplitter
 from agent.turns import Endpointer, Signal, TurnConfig, transcript_end_ms
-from tests.helpers import espeak, silence, trim
-from tests.test_audio import similarity
+from tests.helpers import ManualClock, espeak, heard_prefix, silence, similarity, trim
 
 QUESTION = "Hello, how are you today?"
 
@@ -143,16 +142,55 @@ async def test_without_speculation_the_reply_starts_at_the_endpoint(voice_agent,
     assert of(got, ev.TurnMetrics)[-1].timeline["speculative"] is False
 
 
+MARK = np.full(320, np.nan, dtype=np.float32)  # 20 ms the session refuses at once: an Error event marks "all before was heard"
+
+
+def then_mark(audio: np.ndarray) -> np.ndarray:
+    """`audio`, padded to whole 20 ms chunks, then MARK: `converse(..., until=ev.Error)` returns once the
+    session has judged every frame before it (events are emitted in order, as the frames are heard)."""
+    return np.concatenate([audio, np.zeros(-len(audio) % 320, np.float32), MARK])
+
+
+async def a_reply_playing(s, piper_speech, clock: ManualClock) -> ev.AgentAudio:
+    """Ask a question and return the reply's first audio; on a clock that stands still, it stays 'playing'."""
+    s.clock = clock
+    got = await converse(s, utterance(piper_speech("Tell me a joke.")), until=ev.AgentAudio)
+    return got[-1]
+
+
 async def test_barge_in_cancels_the_reply_and_history_keeps_what_was_heard(voice_agent, piper_speech):
-    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=200) as s:
-        got = await converse(s, utterance(piper_speech("Tell me a joke.")), until=ev.AgentAudio)
-        turn = got[-1].turn
-        s.played(turn, 0.4)  # the listener heard the first 0.4 s, then talked over it
+    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=200, speculation=False) as s:
+        first = await a_reply_playing(s, piper_speech, ManualClock())
+        heard_s = 0.6 * len(first.samples) / first.sample_rate
+        s.played(first.turn, heard_s)  # the listener heard 60 % of the first sentence, then talked over it
         later = await converse(s, np.concatenate([piper_speech("Stop, wait a moment please."), silence(1.2)]), until=ev.Interrupted)
-    assert later[-1].turn == turn and s.stats["barge_ins"] == 1
-    reply = [t for t in s.dialogue.turns if t["role"] == "assistant"][0]["content"]
-    spoken = " ".join(a.text for a in of(got + later, ev.AgentAudio) if a.turn == turn)
-    assert len(reply.split()) < len(spoken.split()), (reply, spoken)
+    assert later[-1].turn == first.turn and s.stats["barge_ins"] == 1
+    sent = [first] + [a for a in of(later, ev.AgentAudio) if a.turn == first.turn]
+    expected = heard_prefix([(a.sentence, a.text, len(a.samples)) for a in sent], heard_s, first.sample_rate)
+    assert expected, "the test's premise: some words were heard"
+    [reply] = [t["content"] for t in s.dialogue.turns if t["role"] == "assistant"]
+    assert reply == expected
+
+
+async def test_the_echo_guard_holds_barge_in_off_until_it_has_passed(voice_agent, piper_speech):
+    """The agent's own voice leaking into the mic at the start of a reply is not the user interrupting."""
+    clock = ManualClock()
+    talk = then_mark(np.concatenate([piper_speech("Stop, wait a moment please."), silence(0.2)]))
+    async with voice_agent.session(echo_guard_ms=500, barge_in_ms=200, speculation=False) as s:
+        await a_reply_playing(s, piper_speech, clock)
+        guarded = await converse(s, talk, until=ev.Error)
+        clock.advance(0.6)  # past the guard; the reply (longer than that) still plays
+        after = await converse(s, talk, until=ev.Error)
+    assert not of(guarded, ev.Interrupted)
+    assert of(after, ev.Interrupted) and s.stats["barge_ins"] == 1
+
+
+async def test_speech_shorter_than_barge_in_ms_does_not_interrupt(voice_agent, piper_speech):
+    """A cough or a 'mm-hm' over the reply is not a barge-in: only barge_in_ms of speech is."""
+    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=3000, speculation=False) as s:
+        await a_reply_playing(s, piper_speech, ManualClock())
+        got = await converse(s, then_mark(np.concatenate([trim(piper_speech("Okay.")), silence(0.2)])), until=ev.Error)
+    assert not of(got, ev.Interrupted) and s.stats["barge_ins"] == 0
 
 
 async def test_two_sessions_at_once_keep_their_own_state(voice_agent, piper_speech):
@@ -264,3 +302,12 @@ def test_agent_config_refuses_a_count_below_one(field):
 
     with pytest.raises(ValueError, match=f"AgentConfig.{field} must be a positive integer, got 0"):
         AgentConfig(**{field: 0})
+
+
+@pytest.mark.parametrize("reuse, exact, kept", [(None, True, True), (None, False, False), (True, False, True), (False, True, False)])
+def test_prefix_reuse_is_chosen_where_it_is_exact_unless_set(voice_agent, monkeypatch, reuse, exact, kept):
+    """By default a session reuses its prompt's cache only on a model where that changes nothing (turn blocks)."""
+    monkeypatch.setattr(type(voice_agent.engine), "exact_prefix_reuse", property(lambda self: exact))
+    s = voice_agent.session(reuse_prefix=reuse)
+    _, conversation = s.engine_request(type("R", (), {"turn": 1})())
+    assert conversation == (s.conversation if kept else None)

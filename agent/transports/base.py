@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from .. import events as ev
+from ..clock import SYSTEM, Clock
 from ..hub import Busy
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ class Connection:
         self.outbox = Outbox(hub.settings.max_queued_audio_s)
         self.session: Session | None = None
         self.written: tuple[int | None, float] = (None, 0.0)  # (turn, reply seconds written to the client)
+        self.clock: Clock = SYSTEM  # real-time pacing and 'heard' read it; tests set their own
         self.finished = asyncio.Event()
         self._stop: asyncio.Future[Close] = asyncio.get_running_loop().create_future()
 

@@ -41,7 +41,7 @@ class TwilioConnection(Connection):
     def __init__(self, ws: WebSocket, hub: Hub) -> None:
         super().__init__(ws, hub)
         self.stream_sid: str | None = None
-        self._clock = 0.0  # loop time when the audio written so far has finished playing
+        self._clock = 0.0  # clock time when the audio written so far has finished playing
         self._queued: tuple[int | None, float] = (None, 0.0)  # (turn, reply seconds queued): mark offsets
         self._marks: dict[str, tuple[int, float]] = {}  # mark name → (turn, reply seconds before it)
         self._marked: tuple[int | None, float] = (None, 0.0)  # (turn, seconds its echoed marks confirm)
@@ -98,7 +98,7 @@ class TwilioConnection(Connection):
             log.info("twilio stream %s: DTMF %r interrupts the agent", self.stream_sid, dtmf.get("digit") if isinstance(dtmf, dict) else None)
             self.session.flush()  # a reply still being generated: its Interrupted event clears
             turn, _ = self._queued
-            if turn is not None and (self.outbox.audio_s or self._clock > asyncio.get_running_loop().time()):
+            if turn is not None and (self.outbox.audio_s or self._clock > self.clock.monotonic()):
                 self._clear(turn)  # a reply generated already but still playing
         elif event == "stop":
             self._report_heard()
@@ -194,15 +194,15 @@ class TwilioConnection(Connection):
 
     def heard(self, turn: int) -> float:
         """Written audio minus what is still ahead of real time; at least what echoed marks confirm."""
-        ahead = max(0.0, self._clock - asyncio.get_running_loop().time())
+        ahead = max(0.0, self._clock - self.clock.monotonic())
         marked_turn, marked = self._marked
         return max(super().heard(turn) - ahead, marked if marked_turn == turn else 0.0)
 
     async def pace(self, item: Outgoing) -> None:
         if not item.audio_s:
             return
-        now = asyncio.get_running_loop().time()
+        now = self.clock.monotonic()
         self._clock = max(self._clock, now)  # after a gap, playback restarts now
         if self._clock - LEAD_S > now:
-            await asyncio.sleep(self._clock - LEAD_S - now)
+            await self.clock.sleep(self._clock - LEAD_S - now)
         self._clock += item.audio_s

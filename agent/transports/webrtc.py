@@ -14,7 +14,6 @@ import asyncio
 import collections
 import fractions
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,7 @@ from aiortc.sdp import SessionDescription
 from audio.codec import resample, to_int16
 
 from .. import events as ev
+from ..clock import SYSTEM, Clock
 from .base import ClientGone
 from .realtime import RealtimeConnection
 
@@ -95,9 +95,10 @@ class ReplyTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, on_played: Callable[[int, float], None]) -> None:
+    def __init__(self, on_played: Callable[[int, float], None], clock: Clock = SYSTEM) -> None:
         super().__init__()
         self.on_played = on_played
+        self.clock = clock
         self._chunks: collections.deque[list] = collections.deque()  # [turn, int16 samples, position]
         self._played: dict[int, int] = {}  # turn → samples taken
         self._start: float | None = None
@@ -116,14 +117,14 @@ class ReplyTrack(MediaStreamTrack):
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if self._start is None:
             self._start = now
         else:
             self._pts += FRAME
             wait = self._start + self._pts / RATE - now
             if wait > 0:
-                await asyncio.sleep(wait)
+                await self.clock.sleep(wait)
             elif wait < -0.5:  # the loop stalled: restart the clock rather than burst to catch up
                 self._start = now - self._pts / RATE
         return audio_frame(self._take(), self._pts)

@@ -1,0 +1,63 @@
+"""A reply's bookkeeping of what was heard, on a manual clock: the history keeps whole sentences heard,
+then the share of the next one's words the heard audio covers; the echo guard and 'still playing'
+follow the clock, never the machine's speed."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import ManualClock, spoken_reply
+
+SENTENCES = ["One two three four five.", "Six seven eight nine."]
+
+
+@pytest.mark.parametrize("heard_s, history", [
+    (None, "One two three four five. Six seven eight nine."),  # no report: what was sent was heard
+    (0.0, ""),
+    (0.05, "One two"),  # half of five words, rounded down
+    (0.1, "One two three four five."),
+    (0.15, "One two three four five. Six seven"),
+    (5.0, "One two three four five. Six seven eight nine."),  # never more than was sent
+])
+def test_the_history_keeps_the_words_the_heard_audio_covers(heard_s, history):
+    reply, _ = spoken_reply(ManualClock(), SENTENCES, [0.1, 0.1])
+    if heard_s is not None:
+        reply.played(heard_s)
+    assert reply.heard_text() == history
+    assert reply.host.dialogue.turns == [{"role": "assistant", "content": history}]
+
+
+def test_audio_sent_after_a_played_report_does_not_count_as_heard():
+    reply, audio = spoken_reply(ManualClock(), SENTENCES[:1], [0.1])
+    reply.played(0.1)
+    reply.sent(audio[0].__class__(1, audio[0].samples, audio[0].sample_rate, SENTENCES[1], 2))
+    assert reply.recorded["content"] == SENTENCES[0]
+
+
+def test_the_echo_guard_runs_on_the_clock():
+    clock = ManualClock()
+    reply, _ = spoken_reply(clock, SENTENCES, [1.0, 1.0], done=False)
+    assert not reply.audible(echo_guard_ms=300)
+    clock.advance(0.299)
+    assert not reply.audible(echo_guard_ms=300)
+    clock.advance(0.002)
+    assert reply.audible(echo_guard_ms=300)
+    assert reply.audible(echo_guard_ms=None)
+
+
+def test_a_finished_reply_is_audible_until_its_audio_has_played():
+    clock = ManualClock()
+    reply, _ = spoken_reply(clock, SENTENCES, [1.0, 1.0])
+    clock.advance(1.999)
+    assert reply.audible(echo_guard_ms=0)
+    clock.advance(0.002)
+    assert not reply.audible(echo_guard_ms=0)
+
+
+def test_an_unconfirmed_or_interrupted_reply_is_never_audible():
+    reply, _ = spoken_reply(ManualClock(), SENTENCES, [1.0, 1.0], done=False)
+    reply.timeline.interrupted = True
+    assert not reply.audible(echo_guard_ms=None)
+    reply, _ = spoken_reply(ManualClock(), SENTENCES, [1.0, 1.0], done=False)
+    reply.confirmed = False
+    assert not reply.audible(echo_guard_ms=None)
