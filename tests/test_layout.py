@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("dllm_engine", "training", "benchmarks", "cli", "agent", "audio", "serving")
+PACKAGES = ("dllm_engine", "training", "benchmarks", "cli", "agent", "audio", "serving", "deploy")
 # What each package may import besides itself (third-party and standard-library modules aside).
 ALLOWED = {
     "dllm_engine": set(),
