@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -45,7 +46,11 @@ class ServerSettings:
     max_queued_audio_s: float = 60.0  # reply audio waiting to be written to one client
     send_timeout_s: float = 10.0  # a write blocked this long means the client stopped reading
     open_timeout_s: float = 10.0  # time for what must come first: the token message (no header), Twilio's start
+    drain_s: float = 0.0  # on shutdown, running calls may go on this long (new ones are refused), then 1001
     stream_token_ttl_s: float = 120.0  # a TwiML answer's stream token must be used within this
+    # Signs stream tokens; every replica must have the same. None: derived from the token or the
+    # Twilio auth token, which replicas share anyway.
+    stream_secret: str | None = None
     web_dir: Path = WEB_DIR
 
     @property
@@ -81,7 +86,8 @@ class Hub:
         self.settings = settings
         self.connections: set[Call] = set()
         self.active_sessions = 0
-        self.stream_tokens = StreamTokens(settings.stream_token_ttl_s)
+        secret = settings.stream_secret or settings.token or settings.twilio_auth_token or secrets.token_hex(32)  # the last: no auth, unused
+        self.stream_tokens = StreamTokens(secret, settings.stream_token_ttl_s)
         self.closing = False
 
     @property
@@ -112,6 +118,15 @@ class Hub:
                 yield s
         finally:
             self.active_sessions -= 1
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new sessions and wait up to `timeout` s for the running calls to end on their own."""
+        self.closing = True
+        deadline = asyncio.get_running_loop().time() + timeout
+        if self.connections and timeout > 0:
+            log.info("draining: %d call(s) may go on for up to %g s; new ones are refused", len(self.connections), timeout)
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
 
     async def close_all(self, code: int, reason: str, timeout: float = 5.0) -> None:
         """Refuse new sessions and end every connection with `code` (Ctrl-C: 1001 going away)."""

@@ -1,4 +1,4 @@
-"""Who may talk to the agent: tokens, browser Origins, Twilio signatures and one-time stream tokens."""
+"""Who may talk to the agent: tokens, browser Origins, Twilio signatures and signed stream tokens."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
-import secrets
 import time
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
@@ -65,22 +64,38 @@ def twilio_valid(auth_token: str, signature: str | None, url: str, params: Itera
 
 
 class StreamTokens:
-    """Single-use tokens a TwiML answer hands to its media stream (as a `<Parameter>`): Twilio sends no headers."""
+    """Tokens a TwiML answer hands to its media stream (as a `<Parameter>`: Twilio sends no headers).
 
-    def __init__(self, ttl_s: float) -> None:
+    Stateless, so that any replica accepts what another minted: `<expiry>.<HMAC-SHA256 of the call's
+    CallSid and the expiry>`, keyed by a secret every replica derives from its configuration. The
+    stream's `start` must carry the same CallSid before the expiry (replicas' clocks must agree to
+    within seconds). Each process also refuses a token it has already redeemed; across replicas a
+    token is single-use only per call: it names that call alone, and only for `ttl_s`.
+    """
+
+    def __init__(self, secret: str | bytes, ttl_s: float) -> None:
+        self._key = hmac.new(secret.encode() if isinstance(secret, str) else secret, b"twilio stream token", hashlib.sha256).digest()
         self.ttl_s = ttl_s
-        self._expiry: dict[str, float] = {}
+        self._spent: dict[str, float] = {}  # redeemed here → expiry
 
-    def mint(self) -> str:
-        now = time.monotonic()
-        self._expiry = {t: e for t, e in self._expiry.items() if e > now}
-        token = secrets.token_urlsafe(24)
-        self._expiry[token] = now + self.ttl_s
-        return token
+    def _mac(self, call_sid: str, expiry: int) -> str:
+        digest = hmac.new(self._key, f"{call_sid}\0{expiry}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
-    def redeem(self, token: object) -> bool:
-        expiry = self._expiry.pop(token, None) if isinstance(token, str) else None
-        return expiry is not None and expiry > time.monotonic()
+    def mint(self, call_sid: str) -> str:
+        expiry = int(time.time() + self.ttl_s)
+        return f"{expiry}.{self._mac(call_sid, expiry)}"
 
-    def __len__(self) -> int:
-        return len(self._expiry)
+    def redeem(self, token: object, call_sid: object) -> bool:
+        """Whether `token` was minted (with this secret) for `call_sid` and is unexpired and unused here."""
+        if not isinstance(token, str) or not isinstance(call_sid, str) or token.count(".") != 1:
+            return False
+        expiry_text, mac = token.split(".")
+        if not expiry_text.isdigit() or not hmac.compare_digest(mac.encode(), self._mac(call_sid, int(expiry_text)).encode()):
+            return False
+        now = time.time()
+        self._spent = {t: e for t, e in self._spent.items() if e > now}
+        if int(expiry_text) <= now or token in self._spent:
+            return False
+        self._spent[token] = int(expiry_text)
+        return True

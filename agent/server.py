@@ -62,7 +62,9 @@ def create_app(agent: Agent, settings: ServerSettings | None = None) -> Starlett
 
 
 async def health(request: Request) -> JSONResponse:
-    return JSONResponse(request.app.state.hub.health())
+    """503 while shutting down, so that a load balancer sends new calls elsewhere."""
+    hub: Hub = request.app.state.hub
+    return JSONResponse(hub.health(), 503 if hub.closing else 200)
 
 
 async def twiml(request: Request) -> Response:
@@ -78,7 +80,10 @@ async def twiml(request: Request) -> Response:
         return PlainTextResponse("unauthorized\n", 401, headers={"WWW-Authenticate": 'Basic realm="voice-agent"'})
     if hub.full or hub.closing:
         return _xml('<Response><Reject reason="busy"/></Response>')
-    param = f'<Parameter name="token" value={quoteattr(hub.stream_tokens.mint())}/>' if s.auth_required else ""
+    call_sid = dict(params).get("CallSid")
+    if s.auth_required and not call_sid:
+        return PlainTextResponse("no CallSid: this endpoint is Twilio's voice webhook\n", 400)
+    param = f'<Parameter name="token" value={quoteattr(hub.stream_tokens.mint(call_sid))}/>' if s.auth_required else ""
     return _xml(f"<Response><Connect><Stream url={quoteattr(stream_url(request))}>{param}</Stream></Connect></Response>")
 
 
@@ -185,13 +190,15 @@ async def twilio_stream(ws: WebSocket) -> None:
 
 
 class VoiceServer(uvicorn.Server):
-    """uvicorn whose shutdown first ends every session with 1001 (going away) and only then stops."""
+    """uvicorn whose shutdown first drains (refuses new sessions, lets running calls end, up to
+    `drain_s`: a rolling restart loses no call), then ends the rest with 1001 (going away), then stops."""
 
     def __init__(self, config: uvicorn.Config, hub: Hub) -> None:
         super().__init__(config)
         self.hub = hub
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.hub.drain(self.hub.settings.drain_s)
         await self.hub.close_all(1001, "server shutting down")
         await super().shutdown(sockets)
 

@@ -24,6 +24,7 @@ from audio.tts import Synthesizer
 from audio.vad import load_session
 from dllm_engine.decoding import SPOKEN, DecodeParams
 from dllm_engine.engine import Engine
+from serving.remote import RemoteEngine
 
 from .turns import TurnConfig
 
@@ -38,6 +39,10 @@ class AgentConfig:
     """Everything a deployment tunes; sessions copy it and may change the live settings."""
 
     model: str | Path | None = None  # dLLM directory; None: the model shipped in the package
+    # A `dllm serve` to decode on instead of loading the dLLM here (only `model`'s tokenizer is read):
+    # its OpenAI-compatible base URL (http://host:8001/v1) and API key.
+    llm_url: str | None = None
+    llm_token: str | None = None
     device: str = "cpu"
     dtype: str = "auto"
     compile: bool = False  # torch.compile the dLLM's blocks: fused kernels (faster on some machines), a slower start (Engine)
@@ -79,7 +84,7 @@ class AgentConfig:
 class Agent:
     """Models shared by every session of the process."""
 
-    def __init__(self, config: AgentConfig, engine: Engine, asr: Transcriber, tts: Synthesizer, vad_session) -> None:
+    def __init__(self, config: AgentConfig, engine: Engine | RemoteEngine, asr: Transcriber, tts: Synthesizer, vad_session) -> None:
         self.config = dataclasses.replace(config, decode=config.decode.resolved(engine.max_new_tokens))  # sessions see the real cap
         self.engine = engine
         self.asr = asr
@@ -97,7 +102,11 @@ class Agent:
         config = config or AgentConfig()
         torch.set_num_threads(config.torch_threads)
         t0 = time.perf_counter()
-        engine = Engine.from_pretrained(config.model or DEFAULT_MODEL_DIR, device=config.device, dtype=config.dtype, max_batch=config.max_sessions, compile=config.compile, cuda_graphs=config.cuda_graphs)
+        model = config.model or DEFAULT_MODEL_DIR
+        if config.llm_url:
+            engine = RemoteEngine(config.llm_url, model, config.llm_token)
+        else:
+            engine = Engine.from_pretrained(model, device=config.device, dtype=config.dtype, max_batch=config.max_sessions, compile=config.compile, cuda_graphs=config.cuda_graphs)
         asr = Transcriber(config.asr_model, threads=config.asr_threads, window_s=config.asr_window_s)
         tts = Synthesizer(config.voice, threads=config.tts_threads)
         agent = cls(config, engine, asr, tts, load_session())
@@ -118,7 +127,7 @@ class Agent:
         """The loaded models by name (a directory's or file's own), never a path: /health is public."""
         c = self.config
         return {
-            "llm": Path(c.model).name if c.model else "default",
+            "llm": self.engine.model_name if isinstance(self.engine, RemoteEngine) else Path(c.model).name if c.model else "default",
             "asr": Path(c.asr_model).name if c.asr_model else "whisper-tiny.en",
             "tts": Path(c.voice).stem if c.voice else "en_US-joe-medium",
         }

@@ -250,10 +250,10 @@ def http_url(base: str, path: str) -> str:
     return f"{'https' if u.scheme == 'wss' else 'http'}://{u.netloc}{path}"
 
 
-def _stream_token(base: str, token: str) -> str:
-    """A protected server hands the stream token out in its TwiML answer, as it does to Twilio."""
+def _stream_token(base: str, token: str, call_sid: str) -> str:
+    """A protected server hands the stream token out in its TwiML answer (for that call), as it does to Twilio."""
     url = http_url(base, TWIML_PATH)
-    req = urllib.request.Request(url, data=b"CallSid=CAbench", headers={"Authorization": f"Bearer {token}"})
+    req = urllib.request.Request(url, data=f"CallSid={call_sid}".encode(), headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=OPEN_TIMEOUT_S) as r:
             twiml = r.read().decode()
@@ -268,11 +268,12 @@ def _stream_token(base: str, token: str) -> str:
 @asynccontextmanager
 async def twilio_line(base: str, token: str | None, live: dict) -> AsyncIterator[Line]:
     """A Twilio media stream (`live` must be empty: the protocol cannot change settings)."""
-    params = {"token": await asyncio.to_thread(_stream_token, base, token)} if token else {}
+    call_sid = "CA" + secrets.token_hex(16)
+    params = {"token": await asyncio.to_thread(_stream_token, base, token, call_sid)} if token else {}
     ws = await _open_ws(base + TWILIO_PATH)
     async with ws:
         sid = "MZ" + secrets.token_hex(16)
-        start = {"streamSid": sid, "callSid": "CA" + secrets.token_hex(16), "tracks": ["inbound"], "mediaFormat": TWILIO_FORMAT, "customParameters": params}
+        start = {"streamSid": sid, "callSid": call_sid, "tracks": ["inbound"], "mediaFormat": TWILIO_FORMAT, "customParameters": params}
         await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
         await ws.send(json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": sid, "start": start}))
         yield TwilioLine(ws, sid)

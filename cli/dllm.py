@@ -1,20 +1,24 @@
-"""`dllm`: generate text, benchmark the engine, prepare (and distill) data and train the default model."""
+"""`dllm`: generate text, serve the engine over an OpenAI-compatible API, benchmark it, prepare (and distill) data and train the default model."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from agent.security import is_loopback
 from benchmarks import engine as bench
 from dllm_engine.config import ConfigError
 from dllm_engine.engine import RequestError
-from dllm_engine.options import add_decode_args, add_model_args, decode_params, engine_from_args, setup_torch
+from dllm_engine.options import add_decode_args, add_model_args, decode_params, default_model_path, engine_from_args, positive_int, setup_torch
+from serving.openai_api import ApiSettings, create_app, server_for
+from serving.protocol import tokenizer_fingerprint
 from training import distill
 from training.config import TrainConfig
 from training.data import DataError, prepare
@@ -50,6 +54,29 @@ def cmd_generate(args: argparse.Namespace) -> None:
         asyncio.run(run())
     except RequestError as e:
         raise SystemExit(f"error: {e}") from None
+    finally:
+        engine.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve the engine over an OpenAI-compatible API: POST /v1/chat/completions and /v1/completions
+    (stream: true as server-sent events; the decoding knobs and `conversation` as extra fields),
+    GET /v1/models and /health. Concurrent requests share the engine's batches. Ctrl-C (SIGTERM)
+    refuses new requests and lets running ones finish for up to --drain-s."""
+    token = args.token or os.environ.get("DLLM_API_TOKEN") or None
+    if not is_loopback(args.host) and not token:
+        raise SystemExit(f"error: binding to {args.host} lets other machines in: pass --token (or set DLLM_API_TOKEN)")
+    setup_torch(args)
+    params = decode_params(args)
+    model = args.model or default_model_path()
+    engine = engine_from_args(args, max_batch=args.max_batch)
+    settings = ApiSettings(host=args.host, port=args.port, token=token, model_name=args.served_model_name or model.name,
+                           max_requests=args.max_requests, decode=params, tokenizer_fingerprint=tokenizer_fingerprint(model))
+    print(f"serving {settings.model_name} at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        server_for(create_app(engine, settings), drain_s=args.drain_s, log_level="debug" if args.verbose else "info").run()
+    except KeyboardInterrupt:
+        pass
     finally:
         engine.close()
 
@@ -96,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(g)
     add_decode_args(g)
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve the engine over an OpenAI-compatible HTTP API", description=cmd_serve.__doc__)
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but loopback needs --token (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8001, help="(default: %(default)s; the voice agent's is 8000)")
+    s.add_argument("--token", help="API key clients send as 'Authorization: Bearer TOKEN' (or set DLLM_API_TOKEN)")
+    s.add_argument("--served-model-name", help="the model id in /v1/models and requests (default: the model directory's name)")
+    s.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together in one batch (default: %(default)s)")
+    s.add_argument("--max-requests", type=positive_int, default=32, help="requests decoding or waiting for the batch; more get 429 (default: %(default)s)")
+    s.add_argument("--drain-s", type=float, default=30.0, metavar="SECONDS", help="on shutdown, how long running requests may finish (default: %(default)s)")
+    add_model_args(s)
+    add_decode_args(s)
+    s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="engine benchmark (see also python -m benchmarks.engine)", description=bench.__doc__)
     bench.add_args(b)

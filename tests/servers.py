@@ -189,3 +189,26 @@ async def twilio_call(srv: LiveServer, token: str | None = None):
 
 
 # ---- HTTP ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def serving(server, sock: socket.socket):
+    """Run any uvicorn `server` on a bound socket in its own thread until the block ends (then what Ctrl-C does)."""
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), name="server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield server
+    finally:
+        server.handle_exit(signal.SIGINT, None)
+        thread.join(WAIT)
+        assert not thread.is_alive()
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock

@@ -11,15 +11,17 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("dllm_engine", "training", "benchmarks", "cli", "agent", "audio")
+PACKAGES = ("dllm_engine", "training", "benchmarks", "cli", "agent", "audio", "serving", "deploy")
 # What each package may import besides itself (third-party and standard-library modules aside).
 ALLOWED = {
     "dllm_engine": set(),
     "audio": set(),
-    "agent": {"audio", "dllm_engine"},
+    "serving": {"dllm_engine"},
+    "agent": {"audio", "dllm_engine", "serving"},
     "training": {"dllm_engine"},
     "benchmarks": {"dllm_engine", "training", "agent", "audio"},
-    "cli": {"dllm_engine", "training", "agent", "audio", "benchmarks"},
+    "cli": {"dllm_engine", "training", "agent", "audio", "benchmarks", "serving"},
+    "deploy": {"dllm_engine", "agent", "audio", "serving"},
 }
 
 

@@ -419,7 +419,7 @@ def test_tokens_origins_signatures_and_session_limit(voice_agent):
                     assert (await recv_json(ws))["type"] == "session.created"
 
             # Twilio: the webhook is signed over the public URL + sorted form fields.
-            form = [("From", "+15550001"), ("CallSid", "CA9")]
+            form = [("From", "+15550001"), ("CallSid", "CA0")]  # the call start_msg names
             body = "&".join(f"{k}={v}" for k, v in form).replace("+", "%2B").encode()
             assert http(sec, "/twiml", data=body)[0] == 403
             assert http(sec, "/twiml", data=body, headers={"X-Twilio-Signature": twilio_signature("other", "https://agent.example.com/twiml", form)})[0] == 403

@@ -78,8 +78,8 @@ class TwilioConnection(Connection):
             raise Close(1003, f"unsupported mediaFormat {fmt!r}: only audio/x-mulaw, 8000 Hz, 1 channel", "unsupported_format")
         params = start.get("customParameters")
         token = params.get("token") if isinstance(params, dict) else None
-        if self.settings.auth_required and not self.hub.stream_tokens.redeem(token):
-            raise Close(1008, "unauthorized: the stream must carry its TwiML answer's token parameter", "unauthorized")
+        if self.settings.auth_required and not self.hub.stream_tokens.redeem(token, start.get("callSid")):
+            raise Close(1008, "unauthorized: the stream must carry its TwiML answer's token parameter, for its own call", "unauthorized")
         sid = msg.get("streamSid") or start.get("streamSid")
         if not isinstance(sid, str) or not sid:
             raise Close(1007, "'start' without a streamSid", "invalid_event")

@@ -1,0 +1,107 @@
+"""The voice agent on a local Ray cluster (deploy/ray_app.py): two session replicas and one engine
+replica behind the Serve proxy; WebSocket and Twilio callers each hear a reply."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ray  # noqa: E402 (a declared test dependency: a missing one is an error, not a skip)
+from ray import serve  # noqa: E402
+
+from audio.codec import resample  # noqa: E402
+from audio.tts import Synthesizer  # noqa: E402
+from deploy.ray_app import build_llm, build_voice  # noqa: E402
+from tests.helpers import silence  # noqa: E402
+from tests.servers import MULAW, WAIT, free_socket, media_msgs, recv_json, send_rt_audio  # noqa: E402
+from websockets.asyncio.client import connect  # noqa: E402
+
+TOKEN = "s3cret"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+SMALL = {"num_cpus": 0.5}  # three replicas on two cores
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_chat):
+    with free_socket() as sock:
+        port = sock.getsockname()[1]
+    root = str(Path(__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)  # for the workers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        model = str(tiny_chat / "model")
+        decode = {"block_size": 32, "max_new_tokens": 32}
+        serve.run(build_llm({"model": model, "dtype": "float32", "max_batch": 4, "decode": decode}, ray_actor_options=SMALL), name="llm", route_prefix="/llm")
+        agent = {"model": model, "dtype": "float32", "decode": decode, "asr_threads": 1, "tts_threads": 1}
+        voice = build_voice({"llm_url": f"http://127.0.0.1:{port}/llm/v1", "settings": {"token": TOKEN, "max_sessions": 2}, "agent": agent},
+                            num_replicas=2, ray_actor_options=SMALL)
+        serve.run(voice, name="voice", route_prefix="/")
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def speech():
+    tts = Synthesizer(threads=1)
+    spoken = np.concatenate(list(tts.synthesize("Hello, how are you today?")))
+
+    def at(rate: int) -> np.ndarray:
+        return np.concatenate([silence(0.5, rate), resample(spoken, tts.sample_rate, rate), silence(1.5, rate)])
+
+    return at
+
+
+def twiml(port: int, call_sid: str) -> tuple[str, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/twiml", data=f"CallSid={call_sid}".encode(), headers=BEARER)
+    with urllib.request.urlopen(req, timeout=WAIT) as r:
+        return r.headers["x-replica"], re.search(r'<Parameter name="token" value="([^"]+)"/>', r.read().decode()).group(1)
+
+
+async def websocket_caller(port: int, audio: np.ndarray) -> str:
+    async with connect(f"ws://127.0.0.1:{port}/v1/realtime", additional_headers=BEARER) as ws:
+        assert (await recv_json(ws))["type"] == "session.created"
+        await send_rt_audio(ws, audio, 24000)
+        while (msg := await recv_json(ws, 3 * WAIT))["type"] != "response.audio.delta":
+            assert msg["type"] != "error", msg
+        return ws.response.headers["x-replica"]
+
+
+async def twilio_caller(port: int, audio_8k: np.ndarray) -> tuple[str, str]:
+    """/twiml, then its stream, retried until they land on different replicas; the stream hears a reply."""
+    for attempt in range(20):
+        call_sid = f"CA{attempt:032d}"
+        webhook_replica, token = twiml(port, call_sid)
+        async with connect(f"ws://127.0.0.1:{port}/twilio/stream") as ws:
+            stream_replica = ws.response.headers["x-replica"]
+            start = {"streamSid": "MZ1", "callSid": call_sid, "tracks": ["inbound"], "mediaFormat": MULAW, "customParameters": {"token": token}}
+            await ws.send(json.dumps({"event": "start", "streamSid": "MZ1", "start": start}))
+            if stream_replica == webhook_replica:
+                await ws.send(json.dumps({"event": "stop"}))
+                continue
+            for msg in media_msgs(audio_8k):
+                await ws.send(msg)
+            while (msg := await recv_json(ws, 3 * WAIT))["event"] != "media":
+                pass
+            assert base64.b64decode(msg["media"]["payload"])
+            return webhook_replica, stream_replica
+    raise AssertionError("/twiml and its stream always landed on the same replica")
+
+
+def test_two_websocket_callers_and_a_twilio_caller_through_the_serve_proxy(cluster, speech):
+    async def run():
+        return await asyncio.gather(websocket_caller(cluster, speech(24000)), websocket_caller(cluster, speech(24000)), twilio_caller(cluster, speech(8000)))
+
+    ws1, ws2, (webhook, stream) = asyncio.run(run())
+    assert webhook != stream  # the stream token minted by one replica was accepted by the other
+    assert len({ws1, ws2, webhook, stream}) == 2  # the two session replicas, nothing else
