@@ -13,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
+from ray import serve
+from websockets.asyncio.client import connect
 
-import ray  # noqa: E402 (a declared test dependency: a missing one is an error, not a skip)
-from ray import serve  # noqa: E402
-
-from audio.codec import resample  # noqa: E402
-from audio.tts import Synthesizer  # noqa: E402
-from deploy.ray_app import build_llm, build_voice  # noqa: E402
-from tests.helpers import silence  # noqa: E402
-from tests.servers import MULAW, WAIT, free_socket, media_msgs, recv_json, send_rt_audio  # noqa: E402
-from websockets.asyncio.client import connect  # noqa: E402
+from audio.codec import resample
+from audio.tts import Synthesizer
+from deploy.ray_app import build_llm, build_voice
+from tests.helpers import silence
+from tests.servers import MULAW, WAIT, free_socket, media_msgs, recv_json, send_rt_audio
 
 TOKEN = "s3cret"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
