@@ -10,7 +10,7 @@ import pytest
 
 from audio import codec
 from audio.asr import Transcriber
-from audio.codec import AudioError, Framer, Resampler, to_float32, ulaw_decode, ulaw_encode
+from audio.codec import AudioError, Framer, Resampler, to_float32
 from audio.tts import speakable
 from audio.vad import FRAME, SileroVAD, load_session
 from tests.helpers import espeak, silence
@@ -27,21 +27,28 @@ def similarity(a: str, b: str) -> float:
 # ---- codec ------------------------------------------------------------------------------------
 
 
-def test_ulaw_matches_the_g711_reference_for_every_sample():
+G711 = {"ulaw": (codec.ulaw_encode, codec.ulaw_decode), "alaw": (codec.alaw_encode, codec.alaw_decode)}
+
+
+@pytest.mark.parametrize("law", G711)
+def test_g711_matches_the_reference_for_every_sample(law):
     audioop = pytest.importorskip("audioop")  # the stdlib's G.711 (Python <= 3.12) is the reference
+    encode, decode = G711[law]
     x = np.arange(-32768, 32768, dtype=np.int16)
-    assert ulaw_encode(x) == audioop.lin2ulaw(x.tobytes(), 2)
+    assert encode(x) == getattr(audioop, f"lin2{law}")(x.tobytes(), 2)
     every_byte = bytes(range(256))
-    assert (ulaw_decode(every_byte) == np.frombuffer(audioop.ulaw2lin(every_byte, 2), dtype=np.int16)).all()
+    assert (decode(every_byte) == np.frombuffer(getattr(audioop, f"{law}2lin")(every_byte, 2), dtype=np.int16)).all()
 
 
-def test_ulaw_round_trip_keeps_the_signal():
+@pytest.mark.parametrize("law", G711)
+def test_g711_round_trip_keeps_the_signal(law):
+    encode, decode = G711[law]
     t = np.arange(8000) / 8000
     x = (np.sin(2 * np.pi * 440 * t) * 12000).astype(np.int16)
-    y = ulaw_decode(ulaw_encode(x))
-    assert len(ulaw_encode(x)) == len(x)
+    y = decode(encode(x))
+    assert len(encode(x)) == len(x)
     snr = 10 * np.log10(np.sum(x.astype(float) ** 2) / np.sum((x.astype(float) - y) ** 2))
-    assert snr > 30  # μ-law keeps ~35-38 dB SNR on a loud tone
+    assert snr > 30  # G.711 keeps ~35-38 dB SNR on a loud tone
 
 
 @pytest.mark.parametrize(
