@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
+from audio.codec import alaw_decode, to_int16, ulaw_encode
 from tests.servers import WAIT, http, pcm16, start_msg, until
 
 openai = pytest.importorskip("openai")
@@ -130,7 +131,7 @@ def test_beta_sdk_client_gets_the_beta_names(srv, question):
     s = out["updated"].session
     assert s.modalities == ["text", "audio"] and s.input_audio_format == "pcm16" and s.turn_detection.silence_duration_ms == 600
     check_reply(out, BETA_NAMES)
-    assert not any(e.type.startswith("response.output_") for e in out["seen"])
+    assert not {e.type for e in out["seen"]} & {*CURRENT_NAMES.values(), "response.output_audio.done", "response.output_audio_transcript.done"}
 
 
 def test_each_call_gets_a_prompt_built_from_its_own_instructions(srv):
@@ -169,3 +170,34 @@ def test_each_call_gets_a_prompt_built_from_its_own_instructions(srv):
         assert sum(text in p for p in built) == 1, (text, built)
     assert all(sum(t in p for t in mine.values()) == 1 for p in built)
     assert cleared["instructions"] == "" and cleared["end_ms"] != 700  # the refused update changed nothing
+
+
+def test_push_to_talk_in_g711(srv, question):
+    """turn_detection null: silence does not end the turn, the commit does; μ-law in, A-law out."""
+    session = {"type": "realtime", "audio": {"input": {"format": {"type": "audio/pcmu"}, "turn_detection": None}, "output": {"format": {"type": "audio/pcma"}}}}
+
+    async def run():
+        async with connect(srv.url("/v1/realtime")) as ws:
+            await until(ws, "session.created")
+            await ws.send(json.dumps({"type": "session.update", "session": session}))
+            s = (await until(ws, "session.updated"))["session"]
+            assert s["audio"]["input"]["turn_detection"] is None and s["push_to_talk"] and s["audio"]["output"]["format"] == {"type": "audio/pcma"}
+            ulaw = ulaw_encode(to_int16(question("What is your name?", 8000)))  # with the silence that would end a turn
+            for i in range(0, len(ulaw), 800):
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(ulaw[i : i + 800]).decode()}))
+            await ws.send(json.dumps({"type": "session.update", "session": {}}))  # answered once all the audio was heard
+            before: list[dict] = []
+            await until(ws, "session.updated", before)
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            await ws.send(json.dumps({"type": "response.create"}))
+            after: list[dict] = []
+            await until(ws, "response.done", after)
+            return before, after
+
+    before, after = asyncio.run(run())
+    assert "input_audio_buffer.speech_started" in [m["type"] for m in before]
+    assert "input_audio_buffer.speech_stopped" not in [m["type"] for m in before]
+    assert [m["type"] for m in after].index("input_audio_buffer.committed") < [m["type"] for m in after].index("response.created")
+    audio = alaw_decode(b"".join(base64.b64decode(m["delta"]) for m in after if m["type"] == "response.output_audio.delta"))
+    assert len(audio) > 0.3 * 8000 and np.abs(audio).max() > 1000
+    assert all(m["sample_rate"] == 8000 for m in after if m["type"] == "response.output_audio.delta")

@@ -213,7 +213,7 @@ class RealtimeConnection(Connection):
         if isinstance(e, ev.DenoiseStep) and not self.denoise_steps:
             return
         if isinstance(e, RESPONSE_EVENTS) and e.turn not in self._replies:
-            self._open(e.turn)
+            self._begin(e.turn)
         if isinstance(e, ev.Interrupted):
             # Barge-in: what the client has not been sent is never heard; the client may refine
             # the figure with conversation.item.truncate once it has stopped its own playback.
@@ -247,7 +247,7 @@ class RealtimeConnection(Connection):
             kind = "response.output_text.delta" if self.text_only else "response.output_audio_transcript.delta"
             return [{"type": kind, **self._part_ids(turn), "delta": e.text}]
         if isinstance(e, ev.ResponseDone):
-            return self._close(e)
+            return self._finish(e)
         if isinstance(e, ev.Error):
             return [{"type": "error", "turn": turn, "error": _error("server_error", e.code, e.message)}]
         body = {"type": e.type, "turn": turn, **{f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "turn"}}
@@ -267,7 +267,7 @@ class RealtimeConnection(Connection):
         return {"id": response_id(turn), "object": "realtime.response", "status": status, "status_details": details, "output": output,
                 "output_modalities": ["text"] if self.text_only else ["audio"], "conversation_id": self.id, "usage": None}
 
-    def _open(self, turn: int) -> None:
+    def _begin(self, turn: int) -> None:
         """response.created and the items around the first delta of a reply."""
         self._replies[turn] = Reply(turn)
         item = self._item(turn, "in_progress", None)
@@ -281,7 +281,7 @@ class RealtimeConnection(Connection):
         ):
             self.post(body)
 
-    def _close(self, e: ev.ResponseDone) -> list[dict]:
+    def _finish(self, e: ev.ResponseDone) -> list[dict]:
         """The .done events, innermost first, then response.done."""
         self._replies.pop(e.turn, None)
         ids = self._part_ids(e.turn)
