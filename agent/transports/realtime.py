@@ -71,7 +71,6 @@ class Reply:
     """A response as the client has been told of it so far."""
 
     turn: int
-    text: str = ""
     audio_s: float = 0.0  # reply audio queued: the next delta's audio_start_ms
 
 
@@ -243,7 +242,6 @@ class RealtimeConnection(Connection):
         if isinstance(e, ev.Transcript):
             return [{"type": e.type, "turn": turn, "item_id": user_item(turn), "content_index": 0, "transcript": e.text}]
         if isinstance(e, ev.AgentText):
-            self._replies[turn].text += e.text
             kind = "response.output_text.delta" if self.text_only else "response.output_audio_transcript.delta"
             return [{"type": kind, **self._part_ids(turn), "delta": e.text}]
         if isinstance(e, ev.ResponseDone):
