@@ -75,7 +75,7 @@ async def conversation(conn, session: dict, question, names: dict) -> dict:
 
     await say(conn, question("Tell me a joke.", RATE))
     cut: list = []
-    first = await sdk_until(conn, names["audio"], cut)
+    first = await sdk_until(conn, names["transcript"], cut)  # as early as a reply shows: it is surely still going
     await conn.response.cancel()
     cancelled = await sdk_until(conn, "response.done", cut)
     await conn.conversation.item.truncate(item_id=first.item_id, content_index=0, audio_end_ms=100)
