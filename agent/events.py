@@ -1,7 +1,7 @@
 """Typed events a session yields to its transport; each carries the turn it belongs to.
 
-`type` names follow the OpenAI Realtime conventions where one fits, so the server can forward
-them almost as they are.
+`type` names follow the OpenAI Realtime API (its current names) where one fits; the Realtime
+transport turns each into the API's messages.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Transcript(Event):
 class AgentText(Event):
     """Committed reply text, strictly in order (what the diffusion model has decided so far)."""
 
-    type: ClassVar[str] = "response.text.delta"
+    type: ClassVar[str] = "response.output_audio_transcript.delta"
     text: str
 
 
@@ -67,7 +67,7 @@ class DenoiseStep(Event):
 
 @dataclasses.dataclass
 class AgentAudio(Event):
-    type: ClassVar[str] = "response.audio.delta"
+    type: ClassVar[str] = "response.output_audio.delta"
     samples: np.ndarray = dataclasses.field(repr=False)  # float32 mono
     sample_rate: int
     text: str  # the sentence this audio speaks

@@ -38,6 +38,7 @@ TURNS = {
     "pause_ms": Live(int, 20, 5_000, "silence that starts speculative ASR and reply"),
     "min_speech_ms": Live(int, 20, 5_000, "speech that starts a turn"),
     "vad_threshold": Live(float, 0.01, 0.99, "Silero speech probability that counts as speech"),
+    "push_to_talk": Live(bool, doc="silence never ends a turn; the client ends it (input_audio_buffer.commit)"),
 }
 SESSION = {
     "echo_guard_ms": Live(int, 0, 10_000, "no barge-in during the first ms of agent speech"),

@@ -68,7 +68,10 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def twiml(request: Request) -> Response:
-    """Twilio's voice webhook: answer the call with a bidirectional media stream back to this server."""
+    """Twilio's voice webhook: answer the call with a bidirectional media stream back to this server.
+
+    `?instructions=` on the webhook URL becomes the stream's `instructions` parameter: that call's
+    system prompt (an operator's own webhook can add the same <Parameter> to its TwiML)."""
     hub: Hub = request.app.state.hub
     s = hub.settings
     params = parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True)
@@ -83,8 +86,11 @@ async def twiml(request: Request) -> Response:
     call_sid = dict(params).get("CallSid")
     if s.auth_required and not call_sid:
         return PlainTextResponse("no CallSid: this endpoint is Twilio's voice webhook\n", 400)
-    param = f'<Parameter name="token" value={quoteattr(hub.stream_tokens.mint(call_sid))}/>' if s.auth_required else ""
-    return _xml(f"<Response><Connect><Stream url={quoteattr(stream_url(request))}>{param}</Stream></Connect></Response>")
+    stream_params = {"token": hub.stream_tokens.mint(call_sid)} if s.auth_required else {}
+    if instructions := request.query_params.get("instructions"):  # per number: the webhook URL's ?instructions=
+        stream_params["instructions"] = instructions
+    tags = "".join(f"<Parameter name={quoteattr(k)} value={quoteattr(v)}/>" for k, v in stream_params.items())
+    return _xml(f"<Response><Connect><Stream url={quoteattr(stream_url(request))}>{tags}</Stream></Connect></Response>")
 
 
 async def webrtc_offer(request: Request) -> JSONResponse:
@@ -166,14 +172,16 @@ async def _admit(ws: WebSocket) -> Hub | None:
 
 
 async def realtime(ws: WebSocket) -> None:
-    """Programs send `Authorization: Bearer TOKEN`; browsers, which cannot, send it as the first message."""
+    """Programs send `Authorization: Bearer TOKEN` (an OpenAI SDK's API key); browsers, which cannot,
+    send it as the first message."""
     if (hub := await _admit(ws)) is None:
         return
     s = hub.settings
     given = credential(ws.headers)
     if s.token and given is not None and not token_matches(given, s.token):
         return await _deny(ws, 401, "invalid token")
-    await RealtimeConnection(ws, hub, authed=not s.token or given is not None).serve()
+    beta = "realtime=v1" in ws.headers.get("openai-beta", "")  # the beta SDKs' header: they expect the beta's event names
+    await RealtimeConnection(ws, hub, authed=not s.token or given is not None, beta=beta).serve()
 
 
 async def twilio_stream(ws: WebSocket) -> None:

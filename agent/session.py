@@ -108,9 +108,16 @@ class Session:
         cfg = self.config
         return {k: getattr(cfg.decode if k in live_settings.DECODE else cfg.turns if k in live_settings.TURNS else cfg, k) for k in live_settings.SETTINGS}
 
-    def update(self, **settings: bool | int | float) -> None:
-        """Live settings (`live_settings.SETTINGS`), all or nothing: ValueError names the bad one."""
+    @property
+    def instructions(self) -> str:
+        """The session's system prompt ('' for none)."""
+        return self.dialogue.system_prompt or ""
+
+    def update(self, instructions: str | None = None, **settings: bool | int | float) -> None:
+        """Live settings (`live_settings.SETTINGS`) and the instructions (the system prompt, '' clears
+        it; None leaves it), all or nothing: ValueError names the bad one."""
         settings = live_settings.check(settings)
+        system = self.dialogue.system_prompt if instructions is None else self.dialogue.check_system_prompt(instructions)
         decode = {k: settings.pop(k) for k in live_settings.DECODE if k in settings}
         turns = {k: settings.pop(k) for k in live_settings.TURNS if k in settings}
         cfg = dataclasses.replace(
@@ -121,6 +128,17 @@ class Session:
         )
         self.config = cfg
         self.listener.config = cfg.turns
+        self.dialogue.system_prompt = system
+
+    async def commit(self, sample_rate: int) -> None:
+        """End the user's turn now (push-to-talk release, the end of a file): silence as long as the
+        endpointer needs, at the rate the caller's audio has, with silence ending turns meanwhile."""
+        end_ms = max(self.config.turns.end_ms, self.listener.endpointer.end_ms) + 100  # a pause transcript may have moved the end
+        self.listener.config = dataclasses.replace(self.config.turns, push_to_talk=False)
+        try:
+            await self.send_audio(np.zeros(int(sample_rate * end_ms / 1000), dtype=np.int16), sample_rate)
+        finally:
+            self.listener.config = self.config.turns
 
     # ---- audio in: the listener's verdicts, frame by frame -----------------------------------
 

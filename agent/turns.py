@@ -17,6 +17,7 @@ class TurnConfig:
     question_end_ms: int = 300  # it ends in "?": the user asked and is waiting
     unfinished_end_ms: int = 1200  # it stops mid-phrase ("I was thinking about", "my favorite food is")
     max_turn_s: float = 30.0  # longer turns are cut here (and the session says so)
+    push_to_talk: bool = False  # silence never ends a turn: the client does (Session.commit)
 
 
 class Signal(enum.Enum):
@@ -65,6 +66,8 @@ class Endpointer:
 
     def set_end(self, ms: float) -> bool:
         """Move this pause's end-of-turn silence; True if the silence so far already reaches it."""
+        if self.config.push_to_talk:
+            return False
         self.end_ms = ms
         return self.in_speech and self.paused and self.silence_frames >= self._frames(ms)
 
@@ -100,7 +103,7 @@ class Endpointer:
                 self.paused, self.end_ms = False, cfg.end_ms
                 return Signal.RESUME
             return None
-        if self.silence_frames >= self._frames(self.end_ms):
+        if self.silence_frames >= self._frames(self.end_ms) and not cfg.push_to_talk:
             self.end()
             return Signal.END_OF_TURN
         if not self.paused and self.silence_frames >= self._frames(cfg.pause_ms):

@@ -1,4 +1,4 @@
-"""Sample formats, G.711 μ-law, resampling (soxr) and fixed-size framing.
+"""Sample formats, G.711 μ-law and A-law, resampling (soxr) and fixed-size framing.
 
 Everything inside the pipeline is mono float32 in [-1, 1]; int16 and μ-law exist only at the edges.
 """
@@ -57,6 +57,37 @@ def ulaw_encode(samples: np.ndarray) -> bytes:
     seg = np.clip(np.floor(np.log2(v)).astype(np.int32) - 5, 0, 8)
     u = np.where(seg >= 8, 0x7F, (seg << 4) | ((v >> (seg + 1)) & 0x0F))
     return (u ^ mask).astype(np.uint8).tobytes()
+
+
+# G.711 A-law on 13-bit magnitudes, as in the ITU reference code (and Python's old audioop).
+_ALAW_SEGMENT_ENDS = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF])
+
+
+def _alaw_to_linear(byte: int) -> int:
+    a = byte ^ 0x55
+    seg = (a & 0x70) >> 4
+    t = ((a & 0x0F) << 4) + (8 if seg == 0 else 0x108)
+    t = t << (seg - 1) if seg > 1 else t
+    return t if a & 0x80 else -t
+
+
+_ALAW_DECODE = np.array([_alaw_to_linear(b) for b in range(256)], dtype=np.int16)
+
+
+def alaw_decode(data: bytes) -> np.ndarray:
+    """G.711 A-law bytes → int16 samples."""
+    return _ALAW_DECODE[np.frombuffer(data, dtype=np.uint8)]
+
+
+def alaw_encode(samples: np.ndarray) -> bytes:
+    """int16 samples → G.711 A-law bytes."""
+    v = samples.astype(np.int32) >> 3
+    mask = np.where(v >= 0, 0xD5, 0x55)
+    v = np.where(v >= 0, v, -v - 1)
+    seg = np.searchsorted(_ALAW_SEGMENT_ENDS, v)
+    mantissa = (v >> np.where(seg < 2, 1, seg)) & 0x0F
+    a = np.where(seg >= 8, 0x7F, (np.minimum(seg, 7) << 4) | mantissa)
+    return (a ^ mask).astype(np.uint8).tobytes()
 
 
 class Resampler:

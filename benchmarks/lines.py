@@ -119,11 +119,13 @@ def decode_realtime(msg: dict) -> ev.Event | None:
         return ev.SpeechStopped(turn, msg["audio_end_ms"])
     if kind == "conversation.item.input_audio_transcription.completed":
         return ev.Transcript(turn, msg["transcript"])
-    if kind == "response.audio.delta":
+    if kind == "response.output_audio.delta":
         pcm = np.frombuffer(base64.b64decode(msg["delta"]), dtype="<i2").astype(np.int16)
         return ev.AgentAudio(turn, to_float32(pcm, msg["sample_rate"]), msg["sample_rate"], msg.get("text", ""), msg.get("sentence", 0))
     if kind == "response.done":
-        return ev.ResponseDone(turn, msg.get("text", ""), msg.get("status") == "interrupted")
+        response = msg.get("response") or {}
+        content = [c for item in response.get("output") or [] for c in item.get("content") or []]
+        return ev.ResponseDone(turn, content[0].get("transcript") or "" if content else "", response.get("status") == "cancelled")
     if kind == "turn.metrics":
         return ev.TurnMetrics(turn, msg["timeline"])
     if kind == "session.hangup":

@@ -37,19 +37,20 @@ async def ask(url: str, wav_in: str, wav_out: str, token: str | None = None) -> 
             event = json.loads(raw)
             if event["type"] == "conversation.item.input_audio_transcription.completed":
                 print("you:  ", event["transcript"])
-            elif event["type"] == "response.audio.delta":
+            elif event["type"] == "response.output_audio.delta":
                 reply += base64.b64decode(event["delta"])
             elif event["type"] == "error":
                 print("error:", event["error"]["message"])
+            elif event["type"] == "response.output_audio_transcript.done":
+                print("agent:", event["transcript"])
             elif event["type"] == "response.done":
-                print("agent:", event["text"])
                 break
     with wave.open(wav_out, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(out_rate)
         w.writeframes(bytes(reply))
-    return event["text"]
+    return event["response"]["output"][0]["content"][0]["transcript"]
 
 
 def main() -> None:

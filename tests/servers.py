@@ -166,9 +166,10 @@ SID = "MZ0123456789abcdef0123456789abcdef"
 MULAW = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
 
 
-def start_msg(token: str | None = None, fmt: dict = MULAW) -> str:
+def start_msg(token: str | None = None, fmt: dict = MULAW, **params: str) -> str:
+    """Twilio's `start`; `params`: the TwiML's other <Parameter>s."""
     start = {"streamSid": SID, "accountSid": "AC0", "callSid": "CA0", "tracks": ["inbound"], "mediaFormat": fmt,
-             "customParameters": {"token": token} if token else {}}
+             "customParameters": {**({"token": token} if token else {}), **params}}
     return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": SID, "start": start})
 
 

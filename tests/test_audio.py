@@ -7,7 +7,7 @@ import pytest
 
 from audio import codec
 from audio.asr import Transcriber
-from audio.codec import AudioError, Framer, Resampler, to_float32, ulaw_decode, ulaw_encode
+from audio.codec import AudioError, Framer, Resampler, to_float32
 from audio.tts import speakable
 from audio.vad import FRAME, SileroVAD, load_session
 from tests.helpers import espeak, silence, similarity
@@ -40,26 +40,61 @@ G711_PAIRS = [(0xFF, 0), (0x7F, 0), (0xFE, 8), (0x7E, -8), (0xF0, 120), (0xEF, 1
               (0x00, -32124), (0x10, -15996), (0x70, -120), (0x6F, -132)]
 
 
+def g711_alaw_decode(code: int) -> int:
+    """ITU-T G.711 A-law decoding, from its definition: even bits inverted (0x55), sign, 3-bit
+    segment, 4-bit step; segment 0 is linear, the others double per segment (16-bit scale)."""
+    a = code ^ 0x55
+    segment, step = (a >> 4) & 0x07, (a & 0x0F) << 4
+    magnitude = step + 8 if segment == 0 else (step + 0x108) << (segment - 1)
+    return magnitude if a & 0x80 else -magnitude
+
+
+def g711_alaw_encode(sample: int) -> int:
+    """ITU-T G.711 A-law encoding on the 13-bit scale (Sun's reference g711.c)."""
+    x = sample >> 3
+    mask, x = (0xD5, x) if x >= 0 else (0x55, -x - 1)
+    segment = next((s for s, end in enumerate((0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF)) if x <= end), 8)
+    if segment == 8:
+        return 0x7F ^ mask
+    return ((segment << 4) | ((x >> (1 if segment < 2 else segment)) & 0x0F)) ^ mask
+
+
+# Hand-checked against the A-law table: (code, decoded value).
+G711_ALAW_PAIRS = [(0xD5, 8), (0x55, -8), (0xD4, 24), (0xC5, 264), (0xF5, 528), (0xAA, 32256), (0x2A, -32256)]
+
+
 def test_the_g711_reference_matches_hand_checked_values():
     assert [(c, g711_ulaw_decode(c)) for c, _ in G711_PAIRS] == G711_PAIRS
     assert [g711_ulaw_encode(v) for v in (0, 8, -8, 32124, -32124, 32767, -32768)] == [0xFF, 0xFE, 0x7E, 0x80, 0x00, 0x80, 0x00]
+    assert [(c, g711_alaw_decode(c)) for c, _ in G711_ALAW_PAIRS] == G711_ALAW_PAIRS
+    assert [g711_alaw_encode(v) for v in (0, 8, -8, 32767, -32768)] == [0xD5, 0xD5, 0x55, 0xAA, 0x2A]
 
 
-def test_ulaw_matches_the_g711_reference_for_every_sample():
+G711 = {
+    "ulaw": (codec.ulaw_encode, codec.ulaw_decode, g711_ulaw_encode, g711_ulaw_decode),
+    "alaw": (codec.alaw_encode, codec.alaw_decode, g711_alaw_encode, g711_alaw_decode),
+}
+
+
+@pytest.mark.parametrize("law", G711)
+def test_g711_matches_the_reference_for_every_sample(law):
     """The codec against a reference written separately from it (no stdlib G.711 after Python 3.12)."""
+    encode, decode, ref_encode, ref_decode = G711[law]
     every_byte = bytes(range(256))
-    assert ulaw_decode(every_byte).tolist() == [g711_ulaw_decode(c) for c in every_byte]
+    assert decode(every_byte).tolist() == [ref_decode(c) for c in every_byte]
     x = np.arange(-32768, 32768, dtype=np.int16)
-    assert ulaw_encode(x) == bytes(g711_ulaw_encode(int(v)) for v in x)
+    assert encode(x) == bytes(ref_encode(int(v)) for v in x)
 
 
-def test_ulaw_round_trip_keeps_the_signal():
+@pytest.mark.parametrize("law", G711)
+def test_g711_round_trip_keeps_the_signal(law):
+    encode, decode = G711[law][:2]
     t = np.arange(8000) / 8000
     x = (np.sin(2 * np.pi * 440 * t) * 12000).astype(np.int16)
-    y = ulaw_decode(ulaw_encode(x))
-    assert len(ulaw_encode(x)) == len(x)
+    y = decode(encode(x))
+    assert len(encode(x)) == len(x)
     snr = 10 * np.log10(np.sum(x.astype(float) ** 2) / np.sum((x.astype(float) - y) ** 2))
-    assert snr > 30  # μ-law keeps ~35-38 dB SNR on a loud tone
+    assert snr > 30  # G.711 keeps ~35-38 dB SNR on a loud tone
 
 
 @pytest.mark.parametrize(

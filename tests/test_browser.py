@@ -195,11 +195,11 @@ async def aiortc_call(srv, wav: Path) -> dict:
 def test_webrtc_call_from_aiortc(srv, question_wav):
     out = asyncio.run(aiortc_call(srv, question_wav))
     types = [e["type"] for e in out["events"]]
-    assert types[0] == "session.created" and out["events"][0]["session"]["audio"] == "webrtc"
+    assert types[0] == "session.created" and out["events"][0]["session"]["transport"] == "webrtc"
     assert "session.updated" in types and "response.denoise.step" in types
     transcript = next(e["transcript"] for e in out["events"] if e["type"].endswith("transcription.completed"))
     assert "name" in transcript.lower()
-    assert "response.audio.delta" not in types  # the voice is on the track
+    assert "response.output_audio.delta" not in types and "response.output_audio_transcript.delta" in types  # the voice is on the track
     assert out["loud_frames"] > 0
     assert types.index("response.interrupted") > types.index("response.done")
     asyncio.run(srv.wait_idle())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from agent.dialogue import Dialogue
 from dllm_engine.engine import Engine
 
@@ -58,3 +60,22 @@ def test_past_the_budget_the_history_drops_to_half_so_the_next_turns_share_their
             trims += 1
             assert len(now) <= budget // 2  # down to half, not just under the budget
     assert 1 <= trims < len(prompts) // 3  # between trims each prompt extends the one before
+
+
+def test_instructions_stay_at_the_head_and_within_their_share_of_the_budget(random_model_dir):
+    engine = Engine.from_pretrained(random_model_dir, dtype="float32", max_batch=1)
+    try:
+        tok, budget = engine.tokenizer, 200
+        dialogue = Dialogue.for_engine(engine, "You sell bicycles.", budget)
+        for i in range(12):
+            dialogue.add("user", f"question number {i}, what do you think?")
+            prompt = dialogue.prompt()
+            dialogue.add("assistant", f"answer number {i}, I think so.")
+            assert len(prompt) <= budget and "You sell bicycles." in tok.decode(prompt[:40])
+        with pytest.raises(ValueError, match="tokens"):
+            dialogue.check_system_prompt("so many words " * 100)
+        assert dialogue.check_system_prompt("  ") is None
+        with pytest.raises(ValueError, match="string"):
+            dialogue.check_system_prompt(["not", "text"])
+    finally:
+        engine.close()

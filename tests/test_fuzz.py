@@ -26,7 +26,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from agent.live_settings import SETTINGS
-from agent.transports.realtime import TRANSPORT_KEYS
+from agent.transports.realtime_config import BETA_KEYS, CURRENT_KEYS, PROJECT_KEYS
 from tests.servers import SID, WAIT, http, start_msg
 
 REALTIME_ERRORS = {"invalid_json", "invalid_event", "unknown_event", "invalid_value", "invalid_audio"}
@@ -46,7 +46,7 @@ at_the_edges = st.sampled_from(sorted(k for k in SETTINGS if SETTINGS[k].kind is
     lambda k: st.tuples(st.just(k), st.sampled_from([SETTINGS[k].low, SETTINGS[k].high, SETTINGS[k].low - 1, SETTINGS[k].high + 1, SETTINGS[k].high + 0.5]) | special_numbers)
 )
 setting = st.one_of(
-    st.tuples(st.sampled_from(sorted(SETTINGS) + list(TRANSPORT_KEYS)), hostile),
+    st.tuples(st.sampled_from(sorted(SETTINGS) + sorted(PROJECT_KEYS | CURRENT_KEYS | BETA_KEYS)), hostile),
     in_range,
     at_the_edges,
     st.tuples(text, hostile),

@@ -92,7 +92,7 @@ def test_realtime_conversation(srv, question):
             created = await recv_json(ws)
             assert created["type"] == "session.created" and created["turn"] is None
             s = created["session"]
-            assert s["input_sample_rate"] == s["output_sample_rate"] == 24000 and s["input_audio_format"] == "pcm16"
+            assert s["input_sample_rate"] == s["output_sample_rate"] == 24000 and s["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
             assert s["agent_sample_rate"] == srv.agent.tts.sample_rate and s["end_ms"] == srv.agent.config.turns.end_ms
 
             await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000, "output_sample_rate": 16000, "denoise_steps": True, "end_ms": 650.0, "barge_in_ms": 400}}))
@@ -109,16 +109,17 @@ def test_realtime_conversation(srv, question):
     seen, done, metrics = asyncio.run(run())
     types = [m["type"] for m in seen]
     for t in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "conversation.item.input_audio_transcription.completed",
-              "response.text.delta", "response.denoise.step", "response.audio.delta"):
+              "response.created", "response.output_audio_transcript.delta", "response.denoise.step", "response.output_audio.delta"):
         assert t in types, f"no {t} in {types}"
-    assert types.index("input_audio_buffer.speech_started") < types.index("conversation.item.input_audio_transcription.completed") < types.index("response.audio.delta")
+    assert types.index("input_audio_buffer.speech_started") < types.index("conversation.item.input_audio_transcription.completed") < types.index("response.output_audio.delta")
     transcript = next(m["transcript"] for m in seen if m["type"].endswith("transcription.completed"))
     assert "name" in transcript.lower()
     assert all(m["turn"] == 1 for m in seen)
     assert all(m["response_id"] == "resp_1" for m in seen if m["type"].startswith("response."))
-    reply = "".join(m["delta"] for m in seen if m["type"] == "response.text.delta")
-    assert reply.strip() and done["text"] == reply and done["status"] == "completed"
-    audio = [m for m in seen if m["type"] == "response.audio.delta"]
+    reply = "".join(m["delta"] for m in seen if m["type"] == "response.output_audio_transcript.delta")
+    assert reply.strip() and done["response"]["output"][0]["content"][0]["transcript"] == reply and done["response"]["status"] == "completed"
+    assert types.index("response.created") < types.index("response.output_audio.delta") < types.index("response.output_audio.done") < types.index("response.done")
+    audio = [m for m in seen if m["type"] == "response.output_audio.delta"]
     samples = np.concatenate([np.frombuffer(base64.b64decode(m["delta"]), dtype="<i2") for m in audio])
     assert all(m["sample_rate"] == 16000 and m["text"] for m in audio)
     assert audio[0]["audio_start_ms"] == 0 and len(samples) > 0.3 * 16000 and np.abs(samples).max() > 1000
@@ -319,7 +320,7 @@ def test_abrupt_disconnects_mid_reply_leave_other_sessions_going(srv, question):
         ws = await connect(srv.url("/v1/realtime"))
         await until(ws, "session.created")
         await send_rt_audio(ws, question("Where do you live?", 24000), 24000)
-        await until(ws, "response.audio.delta")
+        await until(ws, "response.output_audio.delta")
         ws.transport.abort()  # no close frame: the TCP connection just dies
 
     async def abort_mid_reply_twilio():
@@ -337,8 +338,8 @@ def test_abrupt_disconnects_mid_reply_leave_other_sessions_going(srv, question):
             await send_rt_audio(ws, question("Do you like dogs?", 24000), 24000)
             seen: list[dict] = []
             done = await until(ws, "response.done", seen)
-            assert any(m["type"] == "response.audio.delta" for m in seen)
-            return done["text"]
+            assert any(m["type"] == "response.output_audio.delta" for m in seen)
+            return done["response"]["output"][0]["content"][0]["transcript"]
 
     async def run():
         _, _, text = await asyncio.gather(abort_mid_reply_realtime(), abort_mid_reply_twilio(), witness())

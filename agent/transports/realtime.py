@@ -1,7 +1,13 @@
-"""The WebSocket endpoint for programs and browsers: JSON events named after the OpenAI Realtime API.
+"""The WebSocket endpoint for programs and browsers: the OpenAI Realtime API's protocol.
 
-Audio is pcm16 mono little-endian: base64 in `input_audio_buffer.append` / `response.audio.delta`,
-or raw in binary frames from the client. The protocol table is in README.md ("WebSocket protocol").
+Stock Realtime clients work unchanged: `session.update` in the current or the beta shape
+(`realtime_config.py`), audio in `input_audio_buffer.append` (or raw binary frames) and out in
+`response.output_audio.delta`, in pcm16 or G.711. Events carry the current API's names, or the beta's
+for a client that asks for them (the `OpenAI-Beta: realtime=v1` header the beta SDKs send, a
+session.update in the beta shape, or `event_names: "beta"`). The project's own events
+(`turn.metrics`, `turn.speculation`, `response.denoise.step`, `response.interrupted`,
+`session.hangup`) and fields (`turn` on every event) are extensions. The protocol table is in
+README.md ("WebSocket protocol").
 """
 
 from __future__ import annotations
@@ -9,73 +15,86 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import itertools
 import json
 import logging
 import math
+import re
 import secrets
 from typing import TYPE_CHECKING
 
-import numpy as np
 from starlette.websockets import WebSocket
-
-from audio.codec import SUPPORTED_RATES, resample, to_int16
 
 from .. import events as ev
 from ..security import token_matches
 from .base import Close, Connection, Outgoing
+from .realtime_config import AudioFormat, Context, Effective, describe, translate
 
 if TYPE_CHECKING:
     from ..hub import Hub
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RATE = 24000  # the Realtime API's pcm16 rate, both ways, until session.update says otherwise
-FORMATS = ("pcm16",)
-TRANSPORT_KEYS = ("input_audio_format", "output_audio_format", "input_sample_rate", "output_sample_rate", "denoise_steps")
+BETA_NAMES = {  # the beta API's names for the current API's events
+    "response.output_audio.delta": "response.audio.delta",
+    "response.output_audio.done": "response.audio.done",
+    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
+    "response.output_audio_transcript.done": "response.audio_transcript.done",
+    "response.output_text.delta": "response.text.delta",
+    "response.output_text.done": "response.text.done",
+    "conversation.item.added": "conversation.item.created",
+}
+RESPONSE_EVENTS = (ev.AgentText, ev.DenoiseStep, ev.AgentAudio, ev.ResponseDone)  # they belong to a response: it opens first
 
 
 def response_id(turn: int | None) -> str:
     return f"resp_{turn}"
 
 
-def encode(e: ev.Event) -> dict:
-    """A session event as its JSON message: `type`, `turn`, the response id for reply events, its fields."""
-    body: dict = {"type": e.type, "turn": e.turn}
-    if e.type.startswith("response.") or isinstance(e, ev.TurnMetrics):
-        body["response_id"] = response_id(e.turn)
-    if isinstance(e, ev.SpeechStarted):
-        body["audio_start_ms"] = e.audio_ms
-    elif isinstance(e, ev.SpeechStopped):
-        body["audio_end_ms"] = e.audio_ms
-    elif isinstance(e, ev.Transcript):
-        body["transcript"] = e.text
-    elif isinstance(e, ev.AgentText):
-        body["delta"] = e.text
-    elif isinstance(e, ev.ResponseDone):
-        body.update(text=e.text, status="interrupted" if e.interrupted else "completed")
-    elif isinstance(e, ev.Error):
-        body["error"] = {"code": e.code, "message": e.message, "event": None}
-    else:
-        body.update({f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "turn"})
-    return body
+def user_item(turn: int | None) -> str:
+    return f"item_{turn}_user"
+
+
+def agent_item(turn: int | None) -> str:
+    return f"item_{turn}_agent"
+
+
+def turn_of_item(item_id: object) -> int | None:
+    """The turn of an agent item id this server made (what `conversation.item.truncate` names)."""
+    m = re.fullmatch(r"item_(\d+)_agent", item_id) if isinstance(item_id, str) else None
+    return int(m.group(1)) if m else None
+
+
+@dataclasses.dataclass
+class Reply:
+    """A response as the client has been told of it so far."""
+
+    turn: int
+    audio_s: float = 0.0  # reply audio queued: the next delta's audio_start_ms
 
 
 class RealtimeConnection(Connection):
     kind = "realtime"
+    fixed_audio = False  # the audio formats are the transport's (WebRTC's tracks), not the client's to set
 
-    def __init__(self, ws: WebSocket, hub: Hub, authed: bool) -> None:
+    def __init__(self, ws: WebSocket, hub: Hub, authed: bool, beta: bool = False) -> None:
         super().__init__(ws, hub)
         self.authed = authed
         self.id = "sess_" + secrets.token_hex(8)
-        self.input_rate = DEFAULT_RATE
-        self.output_rate = DEFAULT_RATE
+        self.input = AudioFormat()
+        self.output = AudioFormat()
+        self.text_only = False  # output_modalities ["text"]: no reply audio is sent
+        self.beta = beta  # the beta API's event names
         self.denoise_steps = False  # one message per denoising step: for visualizations, so opt-in
-        self._reply_audio: tuple[int | None, float] = (None, 0.0)  # (turn, seconds queued) → audio_start_ms
+        self._replies: dict[int, Reply] = {}  # responses opened and not yet done
+        self._event_ids = itertools.count(1)
+        self._client_event_id: str | None = None  # of the message being handled: errors name it
         self._handlers = {
             "session.update": self._session_update,
             "session.auth": self._auth_again,
             "input_audio_buffer.append": self._append,
             "input_audio_buffer.commit": self._commit,
+            "response.create": self._create,
             "response.cancel": self._cancel,
             "response.audio.played": self._played,
             "conversation.item.truncate": self._played,
@@ -99,16 +118,12 @@ class RealtimeConnection(Connection):
         self.post({"type": "session.created", "turn": None, "session": self.describe()})
 
     def describe(self) -> dict:
-        return {
-            "id": self.id,
-            "input_audio_format": "pcm16",
-            "input_sample_rate": self.input_rate,
-            "output_audio_format": "pcm16",
-            "output_sample_rate": self.output_rate,
-            "agent_sample_rate": self.hub.agent_sample_rate,
-            "denoise_steps": self.denoise_steps,
-            **self.session.live_settings(),
-        }
+        s = self.session
+        names = s.agent.model_names()
+        return describe(Effective(
+            self.id, names["llm"], names["tts"], s.instructions, self.input, self.output, self.text_only, self.beta,
+            self.denoise_steps, self.hub.agent_sample_rate, s.live_settings(),
+        ))
 
     # ---- client → server ---------------------------------------------------------------------
 
@@ -120,6 +135,8 @@ class RealtimeConnection(Connection):
         kind = msg.get("type") if isinstance(msg, dict) else None
         if not isinstance(kind, str):
             return self.error("invalid_event", "a message must be a JSON object with a string 'type'")
+        event_id = msg.get("event_id")
+        self._client_event_id = event_id if isinstance(event_id, str) else None
         handler = self._handlers.get(kind)
         if handler is None:
             return self.error("unknown_event", f"unknown event type {kind!r}", event=kind)
@@ -135,31 +152,37 @@ class RealtimeConnection(Connection):
         except ValueError:  # binascii.Error, or a str with non-ASCII characters
             data = None
         if data is None:
-            return self.error("invalid_audio", "'audio' must be base64-encoded pcm16", event=msg["type"])
+            return self.error("invalid_audio", "'audio' must be base64-encoded audio in the session's input format", event=msg["type"])
         await self._feed(data)
 
     async def _feed(self, data: bytes) -> None:
-        if len(data) % 2:
-            return self.error("invalid_audio", f"pcm16 audio has an even number of bytes, got {len(data)}")
-        samples = np.frombuffer(data, dtype="<i2")
-        step = self.input_rate // 4
+        try:
+            samples = self.input.decode(data)
+        except ValueError as e:
+            return self.error("invalid_audio", str(e))
+        step = self.input.rate // 4
         for i in range(0, len(samples), step):  # VAD runs on the loop: let other sessions in between slices
-            await self.session.send_audio(samples[i : i + step], self.input_rate)
+            await self.session.send_audio(samples[i : i + step], self.input.rate)
             await asyncio.sleep(0)
 
     async def _commit(self, msg: dict) -> None:
-        """End the user's turn now: enough silence for the endpointer (push-to-talk release, end of a file)."""
-        ms = self.session.config.turns.end_ms + 100
-        await self.session.send_audio(np.zeros(self.input_rate * ms // 1000, dtype=np.int16), self.input_rate)
+        await self.session.commit(self.input.rate)
+
+    async def _create(self, msg: dict) -> None:
+        """The agent answers every turn as it ends (at the commit, in push-to-talk): nothing more to start."""
 
     async def _cancel(self, msg: dict) -> None:
         self.session.flush()
 
     async def _played(self, msg: dict) -> None:
-        turn, end_ms = msg.get("turn"), msg.get("audio_end_ms")
+        """`conversation.item.truncate` names the agent's item; the project's `response.audio.played` its turn."""
+        turn = msg.get("turn") if "turn" in msg or "item_id" not in msg else turn_of_item(msg.get("item_id"))
+        end_ms = msg.get("audio_end_ms")
         if not (_is_int(turn) and _is_number(end_ms) and math.isfinite(end_ms) and end_ms >= 0):
-            return self.error("invalid_value", "needs 'turn' (int) and 'audio_end_ms' (a finite number >= 0)", event=msg["type"])
+            return self.error("invalid_value", "needs 'item_id' (an agent item) or 'turn' (int), and 'audio_end_ms' (a finite number >= 0)", event=msg["type"])
         self.session.played(turn, end_ms / 1000)
+        if msg["type"] == "conversation.item.truncate":
+            self.post({"type": "conversation.item.truncated", "turn": turn, "item_id": agent_item(turn), "content_index": 0, "audio_end_ms": end_ms})
 
     async def _auth_again(self, msg: dict) -> None:
         """A client may always send its token first; once in, a repeat changes nothing."""
@@ -168,14 +191,18 @@ class RealtimeConnection(Connection):
         cfg = msg.get("session")
         if not isinstance(cfg, dict):
             return self.error("invalid_event", "session.update needs a 'session' object", event=msg["type"])
+        agent = self.session.agent
+        context = Context(self.input, self.output, agent.model_names()["tts"], agent.config.decode.max_new_tokens)
         try:
-            _check_transport(cfg)
-            self.session.update(**{k: v for k, v in cfg.items() if k not in TRANSPORT_KEYS})
+            u = translate(cfg, context)
+            self.session.update(u.instructions, **u.live)
         except ValueError as e:
             return self.error("invalid_value", str(e), event=msg["type"])
-        self.input_rate = cfg.get("input_sample_rate", self.input_rate)
-        self.output_rate = cfg.get("output_sample_rate", self.output_rate)
-        self.denoise_steps = cfg.get("denoise_steps", self.denoise_steps)
+        if not self.fixed_audio:
+            self.input, self.output = u.input or self.input, u.output or self.output
+        for name in ("text_only", "denoise_steps", "beta"):
+            if getattr(u, name) is not None:
+                setattr(self, name, getattr(u, name))
         self.post({"type": "session.updated", "turn": None, "session": self.describe()})
 
     # ---- server → client ---------------------------------------------------------------------
@@ -183,46 +210,129 @@ class RealtimeConnection(Connection):
     def on_event(self, e: ev.Event) -> None:
         if isinstance(e, ev.DenoiseStep) and not self.denoise_steps:
             return
-        if isinstance(e, ev.AgentAudio):
-            return self._audio(e)
+        if isinstance(e, RESPONSE_EVENTS) and e.turn not in self._replies:
+            self._begin(e.turn)
         if isinstance(e, ev.Interrupted):
             # Barge-in: what the client has not been sent is never heard; the client may refine
-            # the figure with response.audio.played once it has stopped its own playback.
+            # the figure with conversation.item.truncate once it has stopped its own playback.
             self.outbox.drop(e.turn)
             self.session.played(e.turn, self.heard(e.turn))
-        self.post(encode(e))
+        if isinstance(e, ev.AgentAudio):
+            return None if self.text_only else self._audio(e)
+        for body in self.encode(e):
+            self.post(body)
         if isinstance(e, ev.HangUp):
             self.outbox.put(Outgoing("", close=Close(1000, f"session ended: {e.reason}")))
 
+    def encode(self, e: ev.Event) -> list[dict]:
+        """A session event as the client's messages (each gets `type`, `turn` and an `event_id` when posted)."""
+        turn = e.turn
+        if isinstance(e, ev.SpeechStarted):
+            return [{"type": e.type, "turn": turn, "audio_start_ms": e.audio_ms, "item_id": user_item(turn)}]
+        if isinstance(e, ev.SpeechStopped):
+            item = {"id": user_item(turn), "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+                    "content": [{"type": "input_audio", "transcript": None}]}
+            return [
+                {"type": e.type, "turn": turn, "audio_end_ms": e.audio_ms, "item_id": user_item(turn)},
+                {"type": "input_audio_buffer.committed", "turn": turn, "item_id": user_item(turn), "previous_item_id": None},
+                {"type": "conversation.item.added", "turn": turn, "item": item, "previous_item_id": None},
+                {"type": "conversation.item.done", "turn": turn, "item": item, "previous_item_id": None},
+            ]
+        if isinstance(e, ev.Transcript):
+            return [{"type": e.type, "turn": turn, "item_id": user_item(turn), "content_index": 0, "transcript": e.text}]
+        if isinstance(e, ev.AgentText):
+            kind = "response.output_text.delta" if self.text_only else "response.output_audio_transcript.delta"
+            return [{"type": kind, **self._part_ids(turn), "delta": e.text}]
+        if isinstance(e, ev.ResponseDone):
+            return self._finish(e)
+        if isinstance(e, ev.Error):
+            return [{"type": "error", "turn": turn, "error": _error("server_error", e.code, e.message)}]
+        body = {"type": e.type, "turn": turn, **{f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "turn"}}
+        return [{**body, "response_id": response_id(turn)} if e.type.startswith("response.") or isinstance(e, ev.TurnMetrics) else body]
+
+    def _part_ids(self, turn: int) -> dict:
+        return {"turn": turn, "response_id": response_id(turn), "item_id": agent_item(turn), "output_index": 0, "content_index": 0}
+
+    def _item(self, turn: int, status: str, text: str | None) -> dict:
+        """The agent's message; its content once the reply is done."""
+        audio = "audio" if self.beta else "output_audio"
+        part = {"type": "text" if self.beta else "output_text", "text": text} if self.text_only else {"type": audio, "transcript": text}
+        content = [] if text is None else [part]
+        return {"id": agent_item(turn), "object": "realtime.item", "type": "message", "role": "assistant", "status": status, "content": content}
+
+    def _response(self, turn: int, status: str, output: list[dict], details: dict | None = None) -> dict:
+        return {"id": response_id(turn), "object": "realtime.response", "status": status, "status_details": details, "output": output,
+                "output_modalities": ["text"] if self.text_only else ["audio"], "conversation_id": self.id, "usage": None}
+
+    def _begin(self, turn: int) -> None:
+        """response.created and the items around the first delta of a reply."""
+        self._replies[turn] = Reply(turn)
+        item = self._item(turn, "in_progress", None)
+        previous = user_item(turn) if turn else None
+        part = {"type": "text", "text": ""} if self.text_only else {"type": "audio", "transcript": ""}
+        for body in (
+            {"type": "response.created", "turn": turn, "response_id": response_id(turn), "response": self._response(turn, "in_progress", [])},
+            {"type": "response.output_item.added", "turn": turn, "response_id": response_id(turn), "output_index": 0, "item": item},
+            {"type": "conversation.item.added", "turn": turn, "item": item, "previous_item_id": previous},
+            {"type": "response.content_part.added", **self._part_ids(turn), "part": part},
+        ):
+            self.post(body)
+
+    def _finish(self, e: ev.ResponseDone) -> list[dict]:
+        """The .done events, innermost first, then response.done."""
+        self._replies.pop(e.turn, None)
+        ids = self._part_ids(e.turn)
+        status = "incomplete" if e.interrupted else "completed"
+        item = self._item(e.turn, status, e.text)
+        if self.text_only:
+            parts = [{"type": "response.output_text.done", **ids, "text": e.text}]
+        else:
+            parts = [{"type": "response.output_audio.done", **ids}, {"type": "response.output_audio_transcript.done", **ids, "transcript": e.text}]
+        details = {"type": "cancelled", "reason": "turn_detected"} if e.interrupted else None
+        return [
+            *parts,
+            {"type": "response.content_part.done", **ids, "part": item["content"][0]},
+            {"type": "response.output_item.done", "turn": e.turn, "response_id": response_id(e.turn), "output_index": 0, "item": item},
+            {"type": "conversation.item.done", "turn": e.turn, "item": item, "previous_item_id": user_item(e.turn) if e.turn else None},
+            {"type": "response.done", "turn": e.turn, "response_id": response_id(e.turn),
+             "response": self._response(e.turn, "cancelled" if e.interrupted else "completed", [item], details)},
+        ]
+
     def _audio(self, e: ev.AgentAudio) -> None:
-        pcm = resample(e.samples, e.sample_rate, self.output_rate)
-        seconds = len(pcm) / self.output_rate
-        turn, start = self._reply_audio
-        start = start if turn == e.turn else 0.0
-        self._reply_audio = (e.turn, start + seconds)
+        reply = self._replies[e.turn]
+        data = self.output.encode(e.samples, e.sample_rate)
+        seconds = len(data) / (1 if self.output.codec != "pcm16" else 2) / self.output.rate
+        start, reply.audio_s = reply.audio_s, reply.audio_s + seconds
         body = {
-            "type": e.type,
-            "turn": e.turn,
-            "response_id": response_id(e.turn),
-            "delta": base64.b64encode(to_int16(pcm).astype("<i2").tobytes()).decode(),
-            "sample_rate": self.output_rate,
+            "type": "response.output_audio.delta",
+            **self._part_ids(e.turn),
+            "delta": base64.b64encode(data).decode(),
+            "sample_rate": self.output.rate,
             "audio_start_ms": round(start * 1000),
             "text": e.text,
             "sentence": e.sentence,
         }
-        self.outbox.put(Outgoing(json.dumps(body), e.turn, seconds, playback=True))
+        self.outbox.put(Outgoing(self._message(body), e.turn, seconds, playback=True))
+
+    def _message(self, body: dict) -> str:
+        """The JSON text of a server event: its event id, its name in the client's API version."""
+        name = BETA_NAMES.get(body["type"], body["type"]) if self.beta else body["type"]
+        return json.dumps({**body, "type": name, "event_id": f"event_{next(self._event_ids)}"})
 
     def post(self, body: dict) -> None:
-        self.outbox.put(Outgoing(json.dumps(body)))
+        self.outbox.put(Outgoing(self._message(body)))
 
     def error(self, code: str, message: str, event: str | None = None) -> None:
         """A recoverable client mistake: say what was wrong and keep the session."""
         log.info("realtime client error %s: %s", code, message)
-        self.post({"type": "error", "turn": None, "error": {"code": code, "message": message, "event": event}})
+        self.post({"type": "error", "turn": None, "error": {**_error("invalid_request_error", code, message), "event": event, "event_id": self._client_event_id}})
 
     async def farewell(self, close: Close) -> None:
-        body = {"type": "error", "turn": None, "error": {"code": close.error, "message": close.reason, "event": None}}
-        await self.send(json.dumps(body))
+        await self.send(self._message({"type": "error", "turn": None, "error": _error("server_error", close.error, close.reason)}))
+
+
+def _error(kind: str, code: str, message: str) -> dict:
+    return {"type": kind, "code": code, "message": message, "param": None, "event_id": None, "event": None}
 
 
 def _loads(text: str) -> object | None:
@@ -238,15 +348,3 @@ def _is_int(v: object) -> bool:
 
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_transport(cfg: dict) -> None:
-    for key in ("input_audio_format", "output_audio_format"):
-        if key in cfg and cfg[key] not in FORMATS:
-            raise ValueError(f"{key} {cfg[key]!r} is not supported (supported: {', '.join(FORMATS)})")
-    for key in ("input_sample_rate", "output_sample_rate"):
-        if key in cfg and not (_is_int(cfg[key]) and cfg[key] in SUPPORTED_RATES):
-            raise ValueError(f"{key} {cfg[key]!r} is not supported (supported: {', '.join(map(str, SUPPORTED_RATES))})")
-    if "denoise_steps" in cfg and not isinstance(cfg["denoise_steps"], bool):
-        raise ValueError("denoise_steps must be true or false")
-

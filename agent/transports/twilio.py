@@ -46,6 +46,7 @@ class TwilioConnection(Connection):
         self._marks: dict[str, tuple[int, float]] = {}  # mark name → (turn, reply seconds before it)
         self._marked: tuple[int | None, float] = (None, 0.0)  # (turn, seconds its echoed marks confirm)
         self._mark_seq = 0
+        self.instructions: str | None = None  # the call's own, from its TwiML's <Parameter name="instructions">
 
     # ---- Twilio → server ---------------------------------------------------------------------
 
@@ -84,7 +85,16 @@ class TwilioConnection(Connection):
         if not isinstance(sid, str) or not sid:
             raise Close(1007, "'start' without a streamSid", "invalid_event")
         self.stream_sid = sid
+        self.instructions = params.get("instructions") if isinstance(params, dict) else None
         log.info("twilio stream %s started (call %s)", sid, start.get("callSid"))
+
+    def started(self) -> None:
+        if self.instructions is None:
+            return
+        try:
+            self.session.update(self.instructions)
+        except ValueError as e:  # the operator's webhook is at fault, not the caller: serve the call as configured
+            log.warning("twilio stream %s: instructions not used: %s", self.stream_sid, e)
 
     async def on_text(self, text: str) -> None:
         msg = self._parse(text)

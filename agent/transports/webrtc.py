@@ -29,6 +29,7 @@ from .. import events as ev
 from ..clock import SYSTEM, Clock
 from .base import ClientGone
 from .realtime import RealtimeConnection
+from .realtime_config import AudioFormat
 
 if TYPE_CHECKING:
     from ..hub import Hub
@@ -212,11 +213,12 @@ class WebRTCConnection(RealtimeConnection):
     """A Realtime session whose audio rides on media tracks; everything else is the Realtime protocol."""
 
     kind = "webrtc"
+    fixed_audio = True
 
     def __init__(self, pc: RTCPeerConnection, hub: Hub) -> None:
         super().__init__(DataChannelSocket(pc, hub.settings.open_timeout_s), hub, authed=True)  # the token came with the offer
         self.pc = pc
-        self.input_rate = self.output_rate = RATE
+        self.input = self.output = AudioFormat("pcm16", RATE)  # what the tracks carry; session.update cannot change them
         self.mic: MediaStreamTrack | None = None
         self.track = ReplyTrack(self._played_up_to)
         self._handlers["input_audio_buffer.append"] = self._not_here
@@ -265,7 +267,7 @@ class WebRTCConnection(RealtimeConnection):
             self.session.played(turn, seconds)
 
     def describe(self) -> dict:
-        return {**super().describe(), "audio": "webrtc"}
+        return {**super().describe(), "transport": "webrtc"}
 
 
 class Signaling:

@@ -95,7 +95,8 @@ async function start() {
   }
   state.transport = call.transport.name;
   $('#link').textContent = `over ${call.transport.name}`;
-  call.transport.send({ type: 'session.update', session: { denoise_steps: true } });
+  const instructions = $('#settings').elements.instructions.value.trim();
+  call.transport.send({ type: 'session.update', session: { denoise_steps: true, ...(instructions && { instructions }) } });
   call.meter = setInterval(listen, 10);
   setStatus('Listening: speak whenever you like.', 'live');
 }
@@ -164,7 +165,7 @@ function onEvent(msg) {
       state.denoiseSteps += 1;
       conversation.denoise(turn, msg);
       break;
-    case 'response.text.delta':
+    case 'response.output_audio_transcript.delta':
       state.replies[turn] = (state.replies[turn] || '') + msg.delta;
       conversation.text(turn, msg.delta);
       break;
@@ -172,7 +173,7 @@ function onEvent(msg) {
       call?.transport.stopPlayback(turn);
       break;
     case 'response.done':
-      conversation.done(turn, msg.text, msg.status === 'interrupted');
+      conversation.done(turn, msg.response.output[0]?.content[0]?.transcript ?? '', msg.response.status === 'cancelled');
       break;
     case 'turn.metrics': {
       const t = { timeline: msg.timeline, heardMs: null };
@@ -204,6 +205,7 @@ function showSettings(session) {
     const shown = form.querySelector(`output[for="${key}"]`);
     if (shown) shown.textContent = session[key];
   }
+  if (document.activeElement !== form.elements.instructions) form.elements.instructions.value = session.instructions ?? '';
 }
 
 $('#settings').addEventListener('input', (e) => {
@@ -215,6 +217,7 @@ $('#settings').addEventListener('change', (e) => {
   const { name, value } = e.target;
   if (name === 'token') return localStorage.setItem('voice-agent-token', value);
   if (SETTINGS.includes(name)) call?.transport.send({ type: 'session.update', session: { [name]: Number(value) } });
+  if (name === 'instructions') call?.transport.send({ type: 'session.update', session: { instructions: value } });
 });
 
 $('#talk').addEventListener('click', () => (call ? (stop(), setStatus('Call ended.')) : start()));

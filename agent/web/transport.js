@@ -77,7 +77,7 @@ export class WebRTCTransport {
 }
 
 // WebSocket: pcm16 both ways. The mic is captured by an AudioWorklet and sent as binary frames;
-// reply audio arrives base64 in response.audio.delta and is scheduled back to back.
+// reply audio arrives base64 in response.output_audio.delta and is scheduled back to back.
 export class WebSocketTransport {
   name = 'WebSocket';
 
@@ -85,6 +85,7 @@ export class WebSocketTransport {
     Object.assign(this, { onEvent, onClose, token });
     this.sources = []; // {turn, node, start, duration}
     this.scheduled = {}; // turn → seconds of reply audio scheduled
+    this.items = {}; // turn → the agent's item id (what conversation.item.truncate names)
     this.playHead = 0;
     this.bytes = 0;
   }
@@ -118,7 +119,7 @@ export class WebSocketTransport {
     if (msg.type === 'session.created') {
       // The agent's own voice rate: no resampling on the server; Web Audio resamples on playback.
       this.send({ type: 'session.update', session: { output_sample_rate: msg.session.agent_sample_rate } });
-    } else if (msg.type === 'response.audio.delta') {
+    } else if (msg.type === 'response.output_audio.delta') {
       this.play(msg);
     }
     this.onEvent(msg);
@@ -139,6 +140,7 @@ export class WebSocketTransport {
     node.start(start);
     this.playHead = start + buffer.duration;
     this.sources.push({ turn: msg.turn, node, start, duration: buffer.duration });
+    this.items[msg.turn] = msg.item_id;
     this.scheduled[msg.turn] = (this.scheduled[msg.turn] || 0) + buffer.duration;
     node.onended = () => { this.sources = this.sources.filter((s) => s.node !== node); };
   }
@@ -152,7 +154,8 @@ export class WebSocketTransport {
     mine.forEach((s) => { s.node.onended = null; s.node.stop(); });
     this.sources = this.sources.filter((s) => s.turn !== turn);
     this.playHead = now;
-    this.send({ type: 'response.audio.played', turn, audio_end_ms: Math.round(Math.max(0, this.scheduled[turn] - unplayed) * 1000) });
+    const played = Math.round(Math.max(0, this.scheduled[turn] - unplayed) * 1000);
+    this.send({ type: 'conversation.item.truncate', item_id: this.items[turn], content_index: 0, audio_end_ms: played });
   }
 
   send(msg) { if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(msg)); }
