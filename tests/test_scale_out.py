@@ -14,7 +14,7 @@ from websockets.exceptions import InvalidStatus
 
 from agent import security
 from agent.security import StreamTokens
-from tests.servers import WAIT, LiveServer, close_code, http, live, recv_json, start_msg, twilio_call
+from tests.servers import WAIT, LiveServer, close_code, http, live, recv_json, twilio_call
 
 
 def test_stream_tokens_are_signed_bound_to_the_call_and_expire(monkeypatch):
