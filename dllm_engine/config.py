@@ -207,7 +207,7 @@ def from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ConfigError(f"config rope type {rope.get('rope_type', rope.get('type'))!r} is not supported (only 'default')")
-    if raw.get("use_sliding_window"):
+    if raw.get("use_sliding_window") or set(raw.get("layer_types") or ["full_attention"]) != {"full_attention"}:
         raise ConfigError("config use_sliding_window=true is not supported")
     if raw.get("mlp_bias") or (model_type != "qwen2" and raw.get("attention_bias")):
         raise ConfigError(f"{model_type}: biases beyond q/k/v (attention_bias on o_proj, mlp_bias) are not supported")
