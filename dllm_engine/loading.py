@@ -99,13 +99,17 @@ def generation_limits(directory: str | Path) -> dict[str, int]:
     return limits
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto") -> tuple[DiffusionLM, Tokenizer]:
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto", config_overrides: dict | None = None
+) -> tuple[DiffusionLM, Tokenizer]:
+    """The model and tokenizer of a directory; `config_overrides` change its config.json's values
+    on the way in (an AR checkpoint's chosen mask token, see convert.py)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"model directory {directory} does not exist")
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
-    raw = read_json(directory / "config.json")
+    raw = {**read_json(directory / "config.json"), **(config_overrides or {})}
     cfg = LLaDAConfig.from_dict(raw)
     # transformers' names map to LLaDA's; a tied checkpoint may still carry its output head.
     rename = (lambda name: None if name == "lm_head.weight" and cfg.weight_tying else hf_name(name)) if uses_hf_names(raw) else (lambda name: name)
