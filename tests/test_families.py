@@ -249,3 +249,24 @@ def test_stop_ids_come_from_generation_config_too(checkpoints, tmp_path):
     edit_json(d / "generation_config.json", eos_token_id=[3, 1])
     _, tok = load_model(d, dtype="float32")
     assert tok.special.eos == 1 and tok.special.stop == {1, 3}
+
+
+@pytest.mark.parametrize("shape,billions", [("dream-7b", 7.6), ("fast-dllm-v2-7b", 7.6), ("sdar-4b", 4.0)])
+def test_benchmark_shapes_are_the_checkpoints_sizes(shape, billions):
+    from benchmarks.steps import SHAPES
+    from dllm_engine.config import LLaDAConfig
+    from dllm_engine.model import DiffusionLM
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in DiffusionLM(LLaDAConfig(**SHAPES[shape])).parameters())
+    assert abs(n / 1e9 - billions) < 0.1
+
+
+@pytest.mark.parametrize("layout", [dict(attention_block=4), dict(causal_prompt=True)], ids=["fixed-blocks", "causal-prompt"])
+def test_the_step_benchmark_times_every_layout(layout):
+    from benchmarks.steps import StepTimer, random_model
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(mask_token_id=1, block_causal=True, shift_logits=True, **layout)
+    timer = StepTimer(random_model(cfg, CPU, torch.float32), batch=2, prompt_len=10, canvas=8, block=4)
+    assert set(timer.measure(1)) == {"full_ms", "block_start_ms", "prefix_ms", "dual_ms"}
