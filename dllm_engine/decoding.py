@@ -17,10 +17,17 @@ full and partial forwards, right-padded, and key-masked, so each row computes ex
 would compute alone.
 
 A block-causal model (`LLaDAConfig.block_causal`) attends only to its own block and the ones
-before it (the prompt is the first block, or with `turn_blocks` one block per chat turn), so both
-caches are exact and the same: the forward at a block start runs the previous block (its final
-keys) and the new one against the cached prefix, and the steps after it only the block. The masked
-suffix is never computed, except by `none`.
+before it (the prompt is the first block, or with `turn_blocks` one block per chat turn, or with
+`causal_prompt` one block per token; with `attention_block` the blocks lie on absolute positions and
+the decoding windows, which divide them, too), so both caches are exact and the same: a step runs
+the attention block around its window (whose keys change) after whatever is not settled yet (at a
+block start, the previous block with its final tokens) against the cached prefix. The masked suffix
+is never computed, except by `none`.
+
+Shifted logits (`LLaDAConfig.shift_logits`: Dream, Fast-dLLM v2, AR checkpoints): position j is
+predicted from the state at j-1, so a step also runs the position before its window; for a
+block-causal model that position's keys are final, and the forward that writes a finished block
+also gives the next block's first prediction.
 
 Cross-turn prefix reuse (`Sequence.reused`, filled in by the engine): the first positions' keys and
 values come from an earlier request of the same conversation and are never recomputed, so even the
