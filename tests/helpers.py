@@ -284,7 +284,8 @@ def hf_checkpoint(path: str | Path, arch: str, config_edits: dict[str, Any] | No
     """A tiny random checkpoint written by transformers' own `save_pretrained` (Llama, Qwen2 or Qwen3
     names and config.json), with the project's tiny tokenizer (mask <|mdm_mask|> = 2, EOS 1) and
     `config_edits` made to its config.json (a dLLM family's model_type and block size). Returns
-    (directory, the transformers model). Weights as `randomize_` draws them; biases N(0, 0.1^2)."""
+    (directory, the transformers model). Weights as `randomize_` draws them (tied embeddings
+    N(0, 0.1^2)); biases N(0, 0.1^2)."""
     import transformers
 
     path = Path(path)
@@ -304,8 +305,8 @@ def hf_checkpoint(path: str | Path, arch: str, config_edits: dict[str, Any] | No
                 value = 0.1 * torch.randn(p.shape, generator=gen)
             elif p.ndim == 1:
                 value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
-            elif "embed_tokens" in name:
-                value = torch.randn(p.shape, generator=gen)
+            elif "embed_tokens" in name:  # small when tied: else the head finds the last input token and repeats it
+                value = torch.randn(p.shape, generator=gen) * (0.1 if tied else 1.0)
             else:
                 value = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
             p.copy_(value)

@@ -51,7 +51,7 @@ def test_a_converted_llama_is_its_ar_model_at_block_size_1(tmp_path, capsys):
     finally:
         engine.close()
     stop = next((i for i, t in enumerate(want) if t in tok.special.stop), len(want))
-    assert got == want[:stop]
+    assert got == want[:stop] and len(set(got)) > 2
 
 
 def test_convert_refuses_what_it_cannot_convert(tmp_path, capsys):

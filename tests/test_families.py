@@ -166,7 +166,7 @@ def test_an_ar_checkpoint_at_block_size_1_decodes_as_greedy_generate(checkpoints
     model, tok = loaded(name)
     prompt = prompt_ids(tok, "hello there, how are you today?")
     want = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=1)[0, len(prompt) :].tolist()
-    assert tok.special.mask not in want  # the engine never predicts its mask token
+    assert len(set(want)) > 2 and tok.special.mask not in want  # a reply worth comparing; the engine never predicts its mask
     for cache in ("none", "dual"):
         assert decode(model, tok, prompt, cache=cache, block_size=1, max_new_tokens=10) == want
 
