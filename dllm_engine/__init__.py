@@ -1,5 +1,6 @@
-"""An in-process diffusion language model engine: LLaDA-layout models, parallel block decoding
-with KV caches, and an async engine that streams, batches and cancels.
+"""An in-process diffusion language model engine: LLaDA, Dream, Fast-dLLM v2, SDAR and converted
+Llama/Qwen checkpoints in one model, parallel block decoding with KV caches, and an async engine
+that streams, batches and cancels.
 
 Standalone: nothing here imports the voice agent.
 """

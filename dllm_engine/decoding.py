@@ -17,10 +17,17 @@ full and partial forwards, right-padded, and key-masked, so each row computes ex
 would compute alone.
 
 A block-causal model (`LLaDAConfig.block_causal`) attends only to its own block and the ones
-before it (the prompt is the first block, or with `turn_blocks` one block per chat turn), so both
-caches are exact and the same: the forward at a block start runs the previous block (its final
-keys) and the new one against the cached prefix, and the steps after it only the block. The masked
-suffix is never computed, except by `none`.
+before it (the prompt is the first block, or with `turn_blocks` one block per chat turn, or with
+`causal_prompt` one block per token; with `attention_block` the blocks lie on absolute positions and
+the decoding windows, which divide them, too), so both caches are exact and the same: a step runs
+the attention block around its window (whose keys change) after whatever is not settled yet (at a
+block start, the previous block with its final tokens) against the cached prefix. The masked suffix
+is never computed, except by `none`.
+
+Shifted logits (`LLaDAConfig.shift_logits`: Dream, Fast-dLLM v2, AR checkpoints): position j is
+predicted from the state at j-1, so a step also runs the position before its window; for a
+block-causal model that position's keys are final, and the forward that writes a finished block
+also gives the next block's first prediction.
 
 Cross-turn prefix reuse (`Sequence.reused`, filled in by the engine): the first positions' keys and
 values come from an earlier request of the same conversation and are never recomputed, so even the
@@ -31,12 +38,14 @@ this one), which `dllm bench` measures.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import time
 from typing import Literal
 
 import torch
 
+from .config import LLaDAConfig
 from .model import DiffusionLM, KVCache
 from .tokenizer import IncrementalDetokenizer, SpecialTokens, Tokenizer
 
@@ -151,18 +160,27 @@ class Sequence:
         device: torch.device,
         block_causal: bool = False,
         turn_blocks: bool = False,
+        *,
+        causal_prompt: bool = False,
+        attention_block: int | None = None,
+        shift: bool = False,
     ) -> None:
         self.id = request_id
         self.params = params
         self.block_causal = block_causal
-        self.prompt_len = len(prompt)
-        self.length = len(prompt) + params.canvas_len
-        self.n_blocks = params.canvas_len // params.block_size
+        self.shift = int(shift)  # the window's predictions come from the positions one before it
+        w = params.block_size
+        self.prompt_len = n = len(prompt)
+        self.length = sequence_length(n, params, attention_block)
+        self.first_window = n // w * w if attention_block else n
+        self.n_blocks = (self.length - self.first_window) // w
         mask = tokenizer.special.mask
-        self.ids = torch.tensor(prompt + [mask] * params.canvas_len, dtype=torch.long, device=device)
-        # Each position's attention block (block-causal models only; see `attention_blocks`).
+        self.ids = torch.tensor(prompt + [mask] * (self.length - n), dtype=torch.long, device=device)
+        # Each position's attention block (block-causal models only; see `attention_blocks`), and
+        # the span of the attention block around each decoding window.
         turn_end = tokenizer.special.end_of_turn if turn_blocks else None
-        self.blocks = attention_blocks(self.ids[: self.prompt_len], params.canvas_len, params.block_size, turn_end) if block_causal else None
+        self.blocks = attention_blocks(self.ids[:n], self.length - n, w, turn_end, causal_prompt, attention_block) if block_causal else None
+        self.spans = _spans(self.blocks.tolist(), range(self.first_window, self.length, w)) if block_causal else None
         self.block = 0
         self.block_step = 0
         self.slot: int | None = None
@@ -180,9 +198,15 @@ class Sequence:
         self.t_first_text: float | None = None
         self.t_first_block: float | None = None
 
+    @classmethod
+    def for_model(cls, request_id: str, prompt: list[int], params: DecodeParams, tokenizer: Tokenizer, device: torch.device, cfg: LLaDAConfig) -> "Sequence":
+        """A sequence laid out as the model's config says (attention layout, shifted logits)."""
+        return cls(request_id, prompt, params, tokenizer, device, cfg.block_causal, cfg.turn_blocks,
+                   causal_prompt=cfg.causal_prompt, attention_block=cfg.attention_block, shift=cfg.shift_logits)
+
     @property
     def block_start(self) -> int:
-        return self.prompt_len + self.block * self.params.block_size
+        return self.first_window + self.block * self.params.block_size
 
     @property
     def block_end(self) -> int:
@@ -197,14 +221,27 @@ class Sequence:
     @property
     def key_end(self) -> int:
         """Keys this step may read: [0, key_end). A block-causal block sees nothing after it."""
-        return self.block_end if self.block_causal and self.params.cache != "none" else self.length
+        return self.spans[self.block][1] if self.block_causal and self.params.cache != "none" else self.length
+
+    @property
+    def settles(self) -> int:
+        """Where a block-causal step's queries end their exact part: everything before the
+        attention block around the window is final, so once computed its keys never change."""
+        return self.spans[self.block][0]
 
     def query_range(self) -> tuple[int, int]:
+        """The positions a step runs, with the one before the window when logits are shifted."""
+        lo, hi = self._queries()
+        return min(lo, self.block_start - self.shift), hi
+
+    def _queries(self) -> tuple[int, int]:
         if self.params.cache == "none":
             return self.reused, self.length
+        if self.block_causal:  # the attention block (its keys change), after whatever is not yet settled
+            return min(max(self.reused, self.settled), self.settles), self.key_end
         if self.block_step == 0:
-            return (max(self.reused, self.settled), self.block_end) if self.block_causal else (self.reused, self.length)
-        if self.params.cache == "prefix" and not self.block_causal:
+            return self.reused, self.length
+        if self.params.cache == "prefix":
             return self.block_start, self.length
         return self.block_start, self.block_end
 
@@ -223,17 +260,42 @@ class Sequence:
         )
 
 
-def attention_blocks(prompt: torch.Tensor, canvas_len: int, block_size: int, turn_end: int | None = None) -> torch.Tensor:
+def sequence_length(prompt_len: int, params: DecodeParams, attention_block: int | None = None) -> int:
+    """Prompt and canvas. Decoding windows of `block_size` follow the prompt, or, for a model with
+    fixed attention blocks, lie on absolute positions (as it was trained): the first window then
+    also holds the prompt's last tokens, and a window must divide the attention block."""
+    w = params.block_size
+    if not attention_block:
+        return prompt_len + params.canvas_len
+    if attention_block % w:
+        raise ValueError(f"block_size {w} does not divide the model's attention block of {attention_block} tokens")
+    return -(-prompt_len // w) * w + params.canvas_len
+
+
+def attention_blocks(
+    prompt: torch.Tensor, canvas_len: int, block_size: int, turn_end: int | None = None, causal_prompt: bool = False, attention_block: int | None = None
+) -> torch.Tensor:
     """The attention block of each position of a block-causal model's sequence: the prompt is
     block 0, or with `turn_end` (`LLaDAConfig.turn_blocks`) one block per chat turn, each ending at
-    that token; then the canvas's decoding blocks of `block_size`."""
-    if turn_end is None:
+    that token, or with `causal_prompt` one block per token; then the canvas's decoding blocks of
+    `block_size`. With `attention_block`, blocks of that size on absolute positions instead."""
+    n = len(prompt)
+    if attention_block:
+        return torch.arange(n + canvas_len, device=prompt.device) // attention_block
+    if causal_prompt:
+        in_prompt = torch.arange(n, device=prompt.device)
+    elif turn_end is None:
         in_prompt = torch.zeros_like(prompt)
     else:
         ends = (prompt == turn_end).long()
         in_prompt = ends.cumsum(-1) - ends  # turn ends before each position
-    first = int(in_prompt[-1]) + 1 if len(prompt) else 0
+    first = int(in_prompt[-1]) + 1 if n else 0
     return torch.cat([in_prompt, first + torch.arange(canvas_len, device=prompt.device) // block_size])
+
+
+def _spans(blocks: list[int], starts: range) -> list[tuple[int, int]]:
+    """[start, end) of the attention block around each decoding window's first position."""
+    return [(bisect.bisect_left(blocks, blocks[w]), bisect.bisect_right(blocks, blocks[w])) for w in starts]
 
 
 def block_causal_keys(query_pos: torch.Tensor, blocks: torch.Tensor, n_keys: int) -> torch.Tensor:
@@ -260,13 +322,20 @@ def commit_counts(conf_sorted: torch.Tensor, policy: torch.Tensor, threshold: to
     return torch.minimum(count.clamp(min=1), n_masked)
 
 
-def predict(logits: torch.Tensor, temperature: torch.Tensor, generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    logits: torch.Tensor, temperature: torch.Tensor, generators: list[torch.Generator | None], mask: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted tokens and their confidences (softmax probability under the unperturbed logits).
 
     Rows with temperature > 0 sample by the Gumbel-max trick as LLaDA does, with their own
-    generator so a seeded request decodes the same alone or in a batch.
+    generator so a seeded request decodes the same alone or in a batch. The `mask` token is never
+    predicted: committing it would leave its position masked (an AR checkpoint's mask is a
+    reused token it may well predict).
     """
     logits = logits.float()
+    norm = logits.logsumexp(-1)
+    if mask is not None:
+        logits = logits.index_fill(-1, torch.tensor([mask], device=logits.device), -torch.inf)
     if bool((temperature > 0).any()):
         scores = logits.clone()
         for i, gen in enumerate(generators):
@@ -277,7 +346,7 @@ def predict(logits: torch.Tensor, temperature: torch.Tensor, generators: list[to
         top = logits.gather(-1, x0[..., None]).squeeze(-1)
     else:
         top, x0 = logits.max(-1)
-    conf = torch.exp(top - logits.logsumexp(-1))  # softmax of the chosen token, without the whole softmax
+    conf = torch.exp(top - norm)  # softmax of the chosen token, without the whole softmax
     return x0, conf
 
 
@@ -341,17 +410,18 @@ class Runner:
             pos[i, : b - a] = torch.arange(a, b, device=dev)
             key_valid[i, : s.key_end] = True
             block_idx[i] = torch.arange(s.params.block_size, device=dev) + (s.block_start - a)
-        if full and seqs[0].block_causal:  # queries of several blocks: each sees its own and earlier ones
+        if seqs[0].block_causal:  # queries of several blocks: each sees its own and earlier ones
             key_valid = torch.stack([block_causal_keys(p, s.blocks, s_keys) & kv for s, p, kv in zip(seqs, pos, key_valid)])
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
         hidden = self.model(ids, pos, key_valid, self.cache, slots)
-        hidden = hidden.gather(1, block_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        # With shifted logits the window's predictions are the states one position before it.
+        hidden = hidden.gather(1, (block_idx - seqs[0].shift)[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = self.model.logits(hidden)
 
         block_tokens = ids.gather(1, block_idx)
         masked = block_tokens == self.special.mask
         temperature = torch.tensor([s.params.temperature for s in seqs], device=dev)
-        x0, conf = predict(logits, temperature, [s.generator for s in seqs])
+        x0, conf = predict(logits, temperature, [s.generator for s in seqs], self.special.mask)
         conf = torch.where(masked, conf, -torch.inf)
         conf_sorted, order = conf.sort(dim=-1, descending=True, stable=True)
         policy = torch.tensor([POLICIES.index(s.params.policy) for s in seqs], device=dev)
@@ -368,7 +438,9 @@ class Runner:
             bs = s.block_start
             s.ids[bs : bs + s.params.block_size] = new_block[i]
             s.forwards += 1
-            if full:  # everything before the block is final and was just recomputed from it
+            if s.block_causal:  # what precedes the window's attention block was just written from its final tokens
+                s.settled = s.settles
+            elif full:  # everything before the block is final and was just recomputed from it
                 s.settled = bs
             outputs.append(self._advance(s, new_block_cpu[i], commit_cpu[i], s.id in want_steps))
         return outputs
@@ -376,7 +448,7 @@ class Runner:
     def _advance(self, s: Sequence, block: list[int], committed: list[bool], want_step: bool) -> Output:
         """Book-keeping after a commit: stream the in-order prefix, move to the next block, stop."""
         out = Output(request_id=s.id)
-        offset = s.block * s.params.block_size  # canvas offset of the block
+        offset = s.block_start - s.prompt_len  # canvas offset of the block (< 0 where it holds prompt tokens)
         mask = self.special.mask
         if want_step:
             idx = [j for j, c in enumerate(committed) if c]

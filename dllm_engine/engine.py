@@ -23,7 +23,7 @@ from typing import AsyncIterator, Union
 
 import torch
 
-from .decoding import DecodeParams, Output, Runner, Sequence
+from .decoding import DecodeParams, Output, Runner, Sequence, sequence_length
 from .loading import generation_limits, load_model, on_own_thread
 from .model import DiffusionLM, KVCache
 from .prefix_cache import Prefix, PrefixCache
@@ -209,14 +209,17 @@ class Engine:
         if not ids:
             raise RequestError("the prompt is empty")
         params = params.resolved(self.max_new_tokens)
-        total = len(ids) + params.canvas_len
+        cfg = self.model.config
+        try:
+            total = sequence_length(len(ids), params, cfg.attention_block)
+        except ValueError as e:  # a decoding window the model's attention blocks do not allow
+            raise RequestError(str(e)) from None
         if total > self.max_len:
             raise RequestError(
-                f"prompt of {len(ids)} tokens + {params.canvas_len} new exceeds the context of {self.max_len} tokens"
+                f"prompt of {len(ids)} tokens + {total - len(ids)} new exceeds the context of {self.max_len} tokens"
             )
         request_id = request_id or f"req-{next(self._ids)}"
-        cfg = self.model.config
-        seq = Sequence(request_id, ids, params, self.tokenizer, self.device, cfg.block_causal, cfg.turn_blocks)
+        seq = Sequence.for_model(request_id, ids, params, self.tokenizer, self.device, cfg)
         req = _Request(seq, asyncio.get_running_loop(), step_events, conversation)
         with self._lock:
             if request_id in self._requests:

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, LLaDAConfig, read_json
-from .model import Block, DiffusionLM
+from .config import ConfigError, LLaDAConfig, read_json, uses_hf_names
+from .model import Block, DiffusionLM, hf_name
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,20 @@ def generation_limits(directory: str | Path) -> dict[str, int]:
     return limits
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto") -> tuple[DiffusionLM, Tokenizer]:
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto", config_overrides: dict | None = None
+) -> tuple[DiffusionLM, Tokenizer]:
+    """The model and tokenizer of a directory; `config_overrides` change its config.json's values
+    on the way in (an AR checkpoint's chosen mask token, see convert.py)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"model directory {directory} does not exist")
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
-    cfg = LLaDAConfig.from_file(directory / "config.json")
+    raw = {**read_json(directory / "config.json"), **(config_overrides or {})}
+    cfg = LLaDAConfig.from_dict(raw)
+    # transformers' names map to LLaDA's; a tied checkpoint may still carry its output head.
+    rename = (lambda name: None if name == "lm_head.weight" and cfg.weight_tying else hf_name(name)) if uses_hf_names(raw) else (lambda name: name)
     tokenizer = Tokenizer(directory, cfg)
     cfg.end_of_turn_token_id = tokenizer.special.end_of_turn  # what the tokenizer resolved: turn blocks end there
     with torch.device("meta"):
@@ -117,15 +124,18 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if name not in expected:
-                        raise ConfigError(f"{path.name}: unexpected weight {name!r} (not in the LLaDA layout for this config)")
+                    ours = rename(name)
+                    if ours is None:
+                        continue
+                    if ours not in expected:
+                        raise ConfigError(f"{path.name}: unexpected weight {name!r} (not in the layout this config describes)")
                     shape = tuple(f.get_slice(name).get_shape())
-                    if shape != tuple(expected[name]):
-                        raise ConfigError(f"{path.name}: weight {name!r} has shape {shape}, config expects {tuple(expected[name])}")
-                    if name in source:  # a later shard would silently replace the earlier tensor
-                        raise ConfigError(f"weight {name!r} appears in both {source[name].name} and {path.name}")
-                    source[name] = path
-                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                    if shape != tuple(expected[ours]):
+                        raise ConfigError(f"{path.name}: weight {name!r} has shape {shape}, config expects {tuple(expected[ours])}")
+                    if ours in source:  # a later shard would silently replace the earlier tensor
+                        raise ConfigError(f"weight {name!r} appears in both {source[ours].name} and {path.name}")
+                    source[ours] = path
+                    state[ours] = f.get_tensor(name).to(device=device, dtype=dtype)
         except ConfigError:
             raise
         except Exception as e:  # safetensors reports corrupt headers/data as generic errors

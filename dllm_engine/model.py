@@ -1,7 +1,11 @@
 """A bidirectional transformer in the LLaDA layout, in plain PyTorch.
 
 State-dict names are LLaDA's checkpoint names (`model.transformer.blocks.{i}.q_proj.weight`, ...),
-so a checkpoint loads without renaming (a block's fused projections split and join on the way).
+so a checkpoint loads without renaming (a block's fused projections split and join on the way);
+transformers' names (Llama, Qwen2, Qwen3 and the dLLMs built on them) are mapped to them on
+loading (`hf_name`). The config's switches cover those families: q/k/v biases, per-head q/k
+RMSNorm, grouped KV heads, an explicit head size, tied embeddings. Whether logits are shifted
+(position i-1 predicting token i) is the decoder's business: the model returns every position's.
 Attention is full (no causal mask): every position sees the whole canvas, which is what lets a
 diffusion LM fill masked tokens anywhere. A block-causal model
 (`LLaDAConfig.block_causal`) gets its mask from the caller, who knows where the blocks are.
@@ -93,12 +97,15 @@ class Block(nn.Module):
 
     def __init__(self, cfg: LLaDAConfig) -> None:
         super().__init__()
-        d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+        d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.sizes = {"qkv_proj": [d, kv, kv], "ff_in": [cfg.mlp_hidden_size] * 2}
+        self.sizes = {"qkv_proj": [q, kv, kv], "ff_in": [cfg.mlp_hidden_size] * 2}
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.qkv_proj = nn.Linear(d, d + 2 * kv, bias=False)
-        self.attn_out = nn.Linear(d, d, bias=False)
+        self.qkv_proj = nn.Linear(d, q + 2 * kv, bias=cfg.include_qkv_bias)
+        # Qwen3's per-head norms of queries and keys, before RoPE; identity elsewhere.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.attn_out = nn.Linear(q, d, bias=False)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.ff_in = nn.Linear(d, 2 * cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
@@ -106,18 +113,21 @@ class Block(nn.Module):
         self.register_load_state_dict_pre_hook(lambda m, state, prefix, *_: m.join_fused(state, prefix))
 
     def split_fused(self, state: dict[str, torch.Tensor], prefix: str) -> None:
-        """LLaDA's names in a state dict of this block (views of the fused weights)."""
+        """LLaDA's names in a state dict of this block (views of the fused weights and biases)."""
         for fused, parts in self.FUSED.items():
-            for name, w in zip(parts, state.pop(f"{prefix}{fused}.weight").split(self.sizes[fused])):
-                state[f"{prefix}{name}.weight"] = w
+            for kind in ("weight", "bias"):
+                if f"{prefix}{fused}.{kind}" in state:
+                    for name, w in zip(parts, state.pop(f"{prefix}{fused}.{kind}").split(self.sizes[fused])):
+                        state[f"{prefix}{name}.{kind}"] = w
 
     def join_fused(self, state: dict[str, torch.Tensor], prefix: str) -> None:
         """The fused weights from LLaDA's, in place: the parts leave `state` as each joined weight
         enters it, so a loader that joins its own dict holds one copy of the weights, not two."""
         for fused, parts in self.FUSED.items():
-            names = [f"{prefix}{name}.weight" for name in parts]
-            if all(n in state for n in names):  # else load_state_dict names what is missing
-                state[f"{prefix}{fused}.weight"] = torch.cat([state.pop(n) for n in names])
+            for kind in ("weight", "bias"):
+                names = [f"{prefix}{name}.{kind}" for name in parts]
+                if all(n in state for n in names):  # else load_state_dict names what is missing
+                    state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(n) for n in names])
 
     def forward(
         self,
@@ -130,7 +140,7 @@ class Block(nn.Module):
         n, t, _ = x.shape
         qkv = self.qkv_proj(self.attn_norm(x)).view(n, t, -1, self.head_dim)
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
         if kv is not None:
             ck, cv, write_idx, rows, n_keys = kv
             ck[write_idx] = k.to(ck.dtype)
@@ -266,6 +276,29 @@ class DiffusionLM(nn.Module):
         tr = self.model.transformer
         weight = tr["wte"].weight if self.config.weight_tying else tr["ff_out"].weight
         return F.linear(hidden, weight)[..., : self.config.vocab_size]
+
+
+# transformers' weight names (model.layers.{i}.<theirs>) and LLaDA's (model.transformer.blocks.{i}.<ours>).
+HF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ff_norm",
+    "self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj", "self_attn.o_proj": "attn_out",
+    "self_attn.q_norm": "q_norm", "self_attn.k_norm": "k_norm",
+    "mlp.gate_proj": "ff_proj", "mlp.up_proj": "up_proj", "mlp.down_proj": "ff_out",
+}
+HF_TOP_NAMES = {"model.embed_tokens": "wte", "model.norm": "ln_f", "lm_head": "ff_out"}
+
+
+def hf_name(name: str) -> str | None:
+    """LLaDA's name for a transformers weight name, None for buffers a checkpoint may carry (RoPE's)."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    module, _, kind = name.rpartition(".")
+    if module in HF_TOP_NAMES:
+        return f"model.transformer.{HF_TOP_NAMES[module]}.{kind}"
+    parts = module.split(".", 3)  # model, layers, i, rest
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in HF_LAYER_NAMES:
+        return f"model.transformer.blocks.{parts[2]}.{HF_LAYER_NAMES[parts[3]]}.{kind}"
+    return name  # unknown: the loader names it as unexpected
 
 
 def _cache_index(slots: torch.Tensor, pos: torch.Tensor, views: bool = True) -> tuple[tuple[torch.Tensor, torch.Tensor], object]:

@@ -8,6 +8,7 @@ and the project's own.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from .config import ConfigError, LLaDAConfig, read_json
 
 # Token strings tried, in order, when the config does not name an id.
-MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
+MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>", "|<MASK>|", "<|MASK|>")  # LLaDA, Dream, ..., Fast-dLLM v2, SDAR
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end_of_turn|>")
 
 
@@ -64,7 +65,7 @@ class Tokenizer:
         self.chat_template: str | None = template
         self._compiled = _jinja().from_string(template) if template else None
         self._check_vocab(config)
-        self.special = self._resolve_special(config)
+        self.special = self._resolve_special(config, generation_eos(directory))
 
     def _check_vocab(self, cfg: LLaDAConfig) -> None:
         """Ids past the embedding table would fail deep inside a forward (or index out of bounds on GPU)."""
@@ -72,7 +73,7 @@ class Tokenizer:
         if n_ids > cfg.embedding_size:
             raise ConfigError(f"tokenizer has token ids up to {n_ids - 1} ({n_ids} ids) but the model's embedding has only {cfg.embedding_size} rows")
 
-    def _resolve_special(self, cfg: LLaDAConfig) -> SpecialTokens:
+    def _resolve_special(self, cfg: LLaDAConfig, more_eos: list[int]) -> SpecialTokens:
         def tid(token: str | None) -> int | None:
             return None if token is None else self._tok.token_to_id(token)
 
@@ -88,7 +89,7 @@ class Tokenizer:
             raise ConfigError("no EOS token: set eos_token_id in config.json or eos_token in tokenizer_config.json")
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
         bos = cfg.bos_token_id if cfg.bos_token_id is not None else tid(self.bos_token)
-        extra_eos = tuple(eos_ids[1:])
+        extra_eos = tuple(dict.fromkeys(t for t in eos_ids[1:] + more_eos if t != eos))
         for name, value in (("mask", mask), ("eos", eos), ("pad", pad), *(("eos", t) for t in extra_eos)):
             if not 0 <= value < cfg.vocab_size:
                 raise ConfigError(f"{name} token id {value} is outside the vocabulary of {cfg.vocab_size}")
@@ -144,13 +145,26 @@ class Tokenizer:
             turns = turns[2:] if len(turns) > 2 else turns[1:]
 
 
+def generation_eos(directory: Path) -> list[int]:
+    """The ids generation_config.json stops at: an instruct checkpoint may list its end of turn
+    there (Qwen2.5-Instruct: `<|im_end|>` and `<|endoftext|>`) and only one in config.json."""
+    path = directory / "generation_config.json"
+    value = read_json(path).get("eos_token_id") if path.exists() else None
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ConfigError(f"{path}: eos_token_id must be an id or a list of ids, got {value!r}")
+    return ids
+
+
 def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
 def _jinja() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # As transformers renders templates: Qwen3's uses {% break %} and some templates the date.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env
 
 

@@ -6,9 +6,9 @@ so the global RNG is neither consumed nor relied on, and the BPE is trained on f
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
-import asyncio
 from typing import Any
 
 import torch
@@ -435,3 +435,43 @@ def heard_prefix(sent: list[tuple[int, str, int]], seconds: float, rate: int) ->
         if budget < 0:
             break
     return " ".join(heard)
+
+# transformers' classes per architecture of the Hugging Face families (tests/test_families.py).
+HF_ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
+def hf_checkpoint(path: str | Path, arch: str, config_edits: dict[str, Any] | None = None, tied: bool = False, seed: int = 0):
+    """A tiny random checkpoint written by transformers' own `save_pretrained` (Llama, Qwen2 or Qwen3
+    names and config.json), with the project's tiny tokenizer (mask <|mdm_mask|> = 2, EOS 1) and
+    `config_edits` made to its config.json (a dLLM family's model_type and block size). Returns
+    (directory, the transformers model). Weights as `randomize_` draws them (tied embeddings
+    N(0, 0.1^2)); biases N(0, 0.1^2)."""
+    import transformers
+
+    path = Path(path)
+    vocab = train_tiny_tokenizer(path)
+    config_cls, model_cls = (getattr(transformers, name) for name in HF_ARCHS[arch])
+    cfg = config_cls(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=24 if arch == "qwen3" else 16, rms_norm_eps=1e-6, max_position_embeddings=256, tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, bos_token_id=0, eos_token_id=1, pad_token_id=1, attn_implementation="eager",
+    )
+    with torch.random.fork_rng(devices=[]):
+        model = model_cls(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("bias"):
+                value = 0.1 * torch.randn(p.shape, generator=gen)
+            elif p.ndim == 1:
+                value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+            elif "embed_tokens" in name:  # small when tied: else the head finds the last input token and repeats it
+                value = torch.randn(p.shape, generator=gen) * (0.1 if tied else 1.0)
+            else:
+                value = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
+            p.copy_(value)
+    model.eval().requires_grad_(False)
+    model.save_pretrained(path)
+    if config_edits:
+        edit_json(path / "config.json", **config_edits)
+    return path, model
