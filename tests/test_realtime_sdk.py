@@ -13,13 +13,11 @@ import base64
 import json
 
 import numpy as np
-import pytest
+import openai
 from websockets.asyncio.client import connect
 
 from audio.codec import alaw_decode, to_int16, ulaw_encode
 from tests.servers import WAIT, http, pcm16, start_msg, until
-
-openai = pytest.importorskip("openai")
 
 RATE = 24000
 CURRENT_SESSION = {
