@@ -278,8 +278,7 @@ class Engine:
         """Deliver a removed request's last output, keeping its prefix first if it has a conversation."""
         if req.conversation and req.seq.slot is not None and req.seq.settled and out.finish_reason != "error":
             self._save_prefix(req)
-        if out.finish_reason != 'cancelled':
-            self._scheduler.free(req)
+        self._scheduler.free(req)
         with self._lock:
             self._requests.pop(req.seq.id, None)
         req.post(out)

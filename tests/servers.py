@@ -27,14 +27,15 @@ from audio.codec import to_int16, ulaw_encode
 
 from tests.helpers import WAIT  # noqa: E402  (re-exported: every server test bounds its waits by it)
 
+
 class RT:
     """Realtime event names as the server speaks them today: a rename of the protocol is a change here."""
 
     created = "session.created"
     update = "session.update"
     updated = "session.updated"
-    audio_delta = "response.audio.delta"
-    text_delta = "response.text.delta"
+    audio_delta = "response.output_audio.delta"
+    text_delta = "response.output_audio_transcript.delta"
     interrupted = "response.interrupted"
     done = "response.done"
     speculation = "turn.speculation"

@@ -67,7 +67,7 @@ def test_a_reply_interrupted_mid_way_says_so_and_sends_no_more_audio(srv, questi
 
     seen, interrupted, done, after = asyncio.run(run())
     assert interrupted["turn"] == done["turn"] == 1 and interrupted["response_id"] == "resp_1"
-    assert done["status"] == "interrupted"
+    assert done["response"]["status"] == "cancelled"
     assert not [m for m in seen[after:] if m["type"] == RT.audio_delta and m["turn"] == 1]
 
 
