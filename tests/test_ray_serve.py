@@ -21,7 +21,7 @@ from audio.codec import resample
 from audio.tts import Synthesizer
 from deploy.ray_app import build_llm, build_voice
 from tests.helpers import silence
-from tests.servers import MULAW, WAIT, free_socket, media_msgs, recv_json, send_rt_audio
+from tests.servers import MULAW, RT, WAIT, free_socket, media_msgs, recv_json, send_rt_audio
 
 TOKEN = "s3cret"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -71,7 +71,7 @@ async def websocket_caller(port: int, audio: np.ndarray) -> str:
     async with connect(f"ws://127.0.0.1:{port}/v1/realtime", additional_headers=BEARER) as ws:
         assert (await recv_json(ws))["type"] == "session.created"
         await send_rt_audio(ws, audio, 24000)
-        while (msg := await recv_json(ws, 3 * WAIT))["type"] != "response.audio.delta":
+        while (msg := await recv_json(ws, 3 * WAIT))["type"] != RT.audio_delta:
             assert msg["type"] != "error", msg
         return ws.response.headers["x-replica"]
 
