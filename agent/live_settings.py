@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import TypeVar
+
+C = TypeVar("C")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,19 @@ def check(values: Mapping[str, object]) -> dict[str, bool | int | float]:
     if unknown:
         raise ValueError(f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(SETTINGS)})")
     return {key: _coerce(key, value) for key, value in values.items()}
+
+
+def apply(config: C, values: Mapping[str, object]) -> C:
+    """An agent config (voice_agent.AgentConfig) with `values` checked and applied: decoding, turns, session."""
+    values = check(values)
+    decode = {k: values.pop(k) for k in DECODE if k in values}
+    turns = {k: values.pop(k) for k in TURNS if k in values}
+    return dataclasses.replace(
+        config,
+        decode=dataclasses.replace(config.decode, **decode),  # validates the decoding as a whole
+        turns=dataclasses.replace(config.turns, **turns),
+        **values,
+    )
 
 
 def _coerce(key: str, value: object) -> bool | int | float:

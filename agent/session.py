@@ -116,16 +116,8 @@ class Session:
     def update(self, instructions: str | None = None, **settings: bool | int | float) -> None:
         """Live settings (`live_settings.SETTINGS`) and the instructions (the system prompt, '' clears
         it; None leaves it), all or nothing: ValueError names the bad one."""
-        settings = live_settings.check(settings)
+        cfg = live_settings.apply(self.config, settings)
         system = self.dialogue.system_prompt if instructions is None else self.dialogue.check_system_prompt(instructions)
-        decode = {k: settings.pop(k) for k in live_settings.DECODE if k in settings}
-        turns = {k: settings.pop(k) for k in live_settings.TURNS if k in settings}
-        cfg = dataclasses.replace(
-            self.config,
-            decode=dataclasses.replace(self.config.decode, **decode),  # validates
-            turns=dataclasses.replace(self.config.turns, **turns),
-            **settings,
-        )
         self.config = cfg
         self.listener.config = cfg.turns
         self.dialogue.system_prompt = system

@@ -62,11 +62,12 @@ import numpy as np
 from tqdm import tqdm
 
 from agent import events as ev
+from agent import live_settings
 from agent.transports.base import CLOSE_LINGER_S
 from dllm_engine.options import positive_int
 
 from .common import machine
-from .latency import SILENCE, Caller, Probe, TurnResult, Utterance, prepare_speech
+from .latency import SILENCE, Caller, Probe, TurnResult, Utterance, _setting, prepare_speech
 from .lines import BenchError, Line, LineError, LocalServer, Target, realtime_line
 
 if TYPE_CHECKING:
@@ -463,6 +464,7 @@ def describe(args: argparse.Namespace, server: LocalServer) -> dict:
         "callers": args.callers, "minutes": args.minutes, "sample_s": args.sample_s, "churn": args.churn, "seed": args.seed,
         "turns_per_call": args.turns, "timeout_s": args.timeout, "transport": "ws", "max_sessions": server.hub.settings.max_sessions,
         "send_timeout_s": server.hub.settings.send_timeout_s, "server_sndbuf": args.server_sndbuf or "os default",
+        "settings": dict(args.set),
     }
 
 
@@ -555,6 +557,8 @@ def build_parser(prog: str = "python -m benchmarks.soak") -> argparse.ArgumentPa
                      help="kernel send buffer of the server's sockets; 0: the OS default, which on loopback grows to megabytes, so a client "
                           "that stops reading is noticed only after that much reply audio (default: %(default)s)")
     srv.add_argument("--model", type=Path, help="dLLM directory (default: the shipped model)")
+    srv.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                     help="a live setting as every session's default, e.g. question_end_ms=0 (repeatable; checked as session.update checks it)")
     srv.add_argument("--threads", type=positive_int, help="the agent's torch threads, as `serve --threads` (default: AgentConfig's)")
     srv.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS", help="the agent's Whisper window, as `serve --asr-window` (default: %(default)s)")
     out = p.add_argument_group("output")
@@ -572,6 +576,7 @@ def run(args: argparse.Namespace) -> dict:
         check(args)
         agent = Agent.load(AgentConfig(model=args.model, asr_window_s=args.asr_window, max_sessions=args.max_sessions or args.callers,
                                        **({"torch_threads": args.threads} if args.threads else {})))
+        agent.config = live_settings.apply(agent.config, dict(args.set))  # every session's defaults
         try:
             return asyncio.run(soak(args, agent))
         finally:
