@@ -36,6 +36,16 @@ log = logging.getLogger(__name__)
 Prompt = Union[str, list[int], list[dict[str, str]]]
 
 
+async def joined(outputs: AsyncIterator[Output]) -> tuple[str, Output]:
+    """A stream's whole text and its final output (with stats): `generate` for any engine with `stream`."""
+    text, last = [], None
+    async for out in outputs:
+        text.append(out.text)
+        last = out
+    assert last is not None
+    return "".join(text), last
+
+
 class RequestError(ValueError):
     """A request the engine refuses: it names the problem; other requests are unaffected."""
 
@@ -146,12 +156,7 @@ class Engine:
         self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None, conversation: str | None = None
     ) -> tuple[str, Output]:
         """Whole reply text and the final output (with stats)."""
-        text, last = [], None
-        async for out in self.stream(prompt, params, request_id, conversation=conversation):
-            text.append(out.text)
-            last = out
-        assert last is not None
-        return "".join(text), last
+        return await joined(self.stream(prompt, params, request_id, conversation=conversation))
 
     def cancel(self, request_id: str) -> bool:
         """Free a request at the next step (barge-in). False if it is not running."""

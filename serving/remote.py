@@ -21,7 +21,7 @@ import httpx2
 
 from dllm_engine.config import ConfigError, LLaDAConfig
 from dllm_engine.decoding import DecodeParams, Output
-from dllm_engine.engine import Prompt, RequestError
+from dllm_engine.engine import Prompt, RequestError, joined
 from dllm_engine.tokenizer import Tokenizer
 
 from .protocol import KNOBS, tokenizer_fingerprint
@@ -101,12 +101,7 @@ class RemoteEngine:
 
     async def generate(self, prompt: Prompt, params: DecodeParams | None = None, request_id: str | None = None,
                        conversation: str | None = None) -> tuple[str, Output]:
-        text, last = [], None
-        async for out in self.stream(prompt, params, request_id, conversation=conversation):
-            text.append(out.text)
-            last = out
-        assert last is not None
-        return "".join(text), last
+        return await joined(self.stream(prompt, params, request_id, conversation=conversation))
 
     def forget(self, conversation: str) -> None:
         """Nothing to do: the server keeps a bounded set of conversations and drops the oldest."""
