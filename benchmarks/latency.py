@@ -447,7 +447,7 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-def _setting(text: str) -> tuple[str, int | float | bool]:
+def setting_arg(text: str) -> tuple[str, int | float | bool]:
     """KEY=VALUE as a live setting, checked against its type and bounds now, not after minutes of set-up."""
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -477,7 +477,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     load = p.add_argument_group("load")
     load.add_argument("--callers", type=_levels, default=[1], metavar="K[,K...]", help="concurrency levels (default: 1; the issue's sweep: 1,2,4,8)")
     load.add_argument("--turns", type=int, default=10, help="turns per caller (default: %(default)s)")
-    load.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+    load.add_argument("--set", type=setting_arg, action="append", default=[], metavar="KEY=VALUE",
                       help="a live session setting for our configuration (session.update), e.g. end_ms=500, block_size=4; repeatable")
     load.add_argument("--no-baseline", action="store_true", help="skip the baseline configuration (no speculation, vanilla decoding, 800 ms endpointing)")
     load.add_argument("--timeout", type=float, default=20.0, help="seconds from the end of speech to the first audible reply before a turn fails (default: %(default)s)")

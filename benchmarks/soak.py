@@ -67,7 +67,7 @@ from agent.transports.base import CLOSE_LINGER_S
 from dllm_engine.options import positive_int
 
 from .common import machine
-from .latency import SILENCE, Caller, Probe, TurnResult, Utterance, _setting, prepare_speech
+from .latency import SILENCE, Caller, Probe, TurnResult, Utterance, prepare_speech, setting_arg
 from .lines import BenchError, Line, LineError, LocalServer, Target, realtime_line
 
 if TYPE_CHECKING:
@@ -557,7 +557,7 @@ def build_parser(prog: str = "python -m benchmarks.soak") -> argparse.ArgumentPa
                      help="kernel send buffer of the server's sockets; 0: the OS default, which on loopback grows to megabytes, so a client "
                           "that stops reading is noticed only after that much reply audio (default: %(default)s)")
     srv.add_argument("--model", type=Path, help="dLLM directory (default: the shipped model)")
-    srv.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+    srv.add_argument("--set", type=setting_arg, action="append", default=[], metavar="KEY=VALUE",
                      help="a live setting as every session's default, e.g. question_end_ms=0 (repeatable; checked as session.update checks it)")
     srv.add_argument("--threads", type=positive_int, help="the agent's torch threads, as `serve --threads` (default: AgentConfig's)")
     srv.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS", help="the agent's Whisper window, as `serve --asr-window` (default: %(default)s)")
