@@ -109,7 +109,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
         raise ConfigError("--temperature samples the teacher; a student (--student) answers with its own greedy vanilla replies")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(distill.distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split, args.student))
+    if not args.student and (args.system or args.block_size or args.any_words):
+        raise ConfigError("--system, --block-size and --any-words are a student's (--student MODEL)")
+    print(distill.distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split, args.student, args.system, args.block_size, args.any_words))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -175,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", type=Path, required=True, help="a `dllm prepare-data` output directory (reads train.jsonl or eval.jsonl, utterances.txt)")
     d.add_argument("--split", choices=["train", "eval"], default="train", help="whose last user turns to answer: train writes distilled.jsonl, eval distilled-eval.jsonl (for `eval_file` in a training config; default: %(default)s)")
     d.add_argument("--student", type=Path, metavar="MODEL", help="answer with this dLLM's own vanilla replies into self.jsonl / self-eval.jsonl (certainty-forcing trajectories; no teacher needed)")
+    d.add_argument("--system", help="the student's system prompt, also written into each example (default: none)")
+    d.add_argument("--block-size", type=int, help="the student's decoding block; 1 on a converted AR checkpoint is its greedy AR decoding (default: the voice agent's)")
+    d.add_argument("--any-words", action="store_true", help="no known-word rule: for a student with a vocabulary of its own (a converted AR checkpoint)")
     d.add_argument("--limit", type=int, help="answer only the first N prompts (seeded shuffle, questions first; default: all)")
     d.add_argument("--batch-size", type=int, default=96, help="prompts sampled together (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed (default: %(default)s)")

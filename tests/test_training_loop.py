@@ -174,8 +174,9 @@ def _data_copy(tiny_chat: Path, tmp_path: Path) -> Path:
     for name in ("train.jsonl", "eval.jsonl", "utterances.txt"):
         (d / name).write_bytes((tiny_chat / "data" / name).read_bytes())
     (d / "tokenizer").mkdir()
-    for name in TOKENIZER_FILES:
-        (d / "tokenizer" / name).write_bytes((tiny_chat / "data" / "tokenizer" / name).read_bytes())
+    for src in (tiny_chat / "data" / "tokenizer" / name for name in TOKENIZER_FILES):
+        if src.exists():
+            (d / "tokenizer" / src.name).write_bytes(src.read_bytes())
     return d
 
 

@@ -106,8 +106,10 @@ def fit_reply(tok: Tokenizer, reply: str, budget: int) -> list[int] | None:
     return None
 
 
-def encode_chat(tok: Tokenizer, examples: list[dict], reply_len: int, max_prompt_tokens: int) -> tuple[list[Row], int]:
+def encode_chat(tok: Tokenizer, examples: list[dict], reply_len: int, max_prompt_tokens: int, pad_to: int | None = None) -> tuple[list[Row], int]:
     """Rows for chat examples, and how many were dropped (reply or last user turn too long).
+    The region is padded with EOS to `reply_len`, or with `pad_to` to the end of the `pad_to`-token
+    block that holds the end of turn (TrainConfig.pad_to_block).
 
     Prompts over `max_prompt_tokens` lose their oldest user/assistant pairs. For speed each distinct
     message is tokenized once and prompts are assembled from the pieces; `_piece_ids` checks on a
@@ -129,20 +131,29 @@ def encode_chat(tok: Tokenizer, examples: list[dict], reply_len: int, max_prompt
         if reply is None or len(prompt) > max_prompt_tokens:
             dropped += 1
             continue
-        region = reply + [eot] + [eos] * (reply_len - 1 - len(reply))
+        length = reply_len if pad_to is None else min(reply_len, -(-(len(reply) + 1) // pad_to) * pad_to)
+        region = reply + [eot] + [eos] * (length - 1 - len(reply))
         rows.append(Row.compact(prompt, region))
     return rows, dropped
 
 
 def _piece_ids(tok: Tokenizer, examples: list[dict]) -> tuple[dict[tuple[str, str], list[int]], list[int], list[int]]:
     """Token ids of each distinct (role, content) message as the chat template renders it, and of
-    what the template puts before the first message (BOS) and after the last (assistant header)."""
+    what the template puts before the first message (BOS, or a default system turn) and after the
+    last (assistant header)."""
     one = tok.render_chat([{"role": "user", "content": "x"}], add_generation_prompt=False)
     both = tok.render_chat([{"role": "user", "content": "x"}], add_generation_prompt=True)
-    bos_text = tok.bos_token if tok.bos_token and one.startswith(tok.bos_token) else ""
-    head, tail = tok.encode(bos_text), tok.encode(both[len(one) :])
+    # Each message as rendered after a system turn: a template that puts a default system turn
+    # before a conversation that has none (SmolLM2's) would otherwise add it to every piece.
+    anchor = [{"role": "system", "content": "x"}] if tok.has_system_role else []
+    before = tok.render_chat(anchor, add_generation_prompt=False) if anchor else ""
     keys = list(dict.fromkeys((m["role"], m["content"]) for ex in examples for m in ex["messages"]))
-    texts = [tok.render_chat([{"role": r, "content": c}], add_generation_prompt=False)[len(bos_text) :] for r, c in keys]
+    texts = [tok.render_chat(anchor + [{"role": r, "content": c}], add_generation_prompt=False)[len(before) :] for r, c in keys]
+    if not anchor and tok.bos_token and one.startswith(tok.bos_token):
+        texts = [t[len(tok.bos_token) :] for t in texts]
+    first = tok.render_chat(examples[0]["messages"][:1], add_generation_prompt=False)
+    head_text = first[: len(first) - len(texts[0])] if first.endswith(texts[0]) else ""
+    head, tail = tok.encode(head_text), tok.encode(both[len(one) :])
     piece = dict(zip(keys, _encode_batch(tok, texts)))
     for ex in examples[:: max(1, len(examples) // 50)]:  # the assembly must equal the real template
         whole = tok.apply_chat_template(ex["messages"])

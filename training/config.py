@@ -101,8 +101,21 @@ class TrainConfig:
     certainty_weight: float = 0.0
     # Block-diffusion masking (see `diffusion_loss`): block sizes drawn per batch; [] = plain LLaDA SFT.
     block_sizes: list[int] = dataclasses.field(default_factory=list)
+    # Fast-dLLM v2's complementary masks (block-causal models): a second noisy copy of each reply
+    # masked where the first is not, so every token is scored in every step
+    complementary_masks: bool = False
+    # pad each reply region only to the end of the largest block holding its end of turn, not to
+    # reply_len: a block-causal model never decodes past that block, so the rest is compute for nothing
+    pad_to_block: bool = False
     init_std: float = 0.02
-    init_from: str = ""  # start from another run's checkpoint/best .pt or a model directory (same shape), not from random
+    # start from another run's checkpoint/best .pt or a model directory (same shape), not from random.
+    # A model directory with no [model] table: its own config and tokenizer are the run's (an AR
+    # checkpoint converted by `dllm convert`), and data_dir needs no tokenizer of its own.
+    init_from: str = ""
+    # LoRA: train rank-`lora_rank` adapters of every linear layer of the blocks (training/lora.py)
+    # instead of the weights; the run's export writes them (adapter/lora.safetensors) beside the merged model
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
     # optional pretraining on plain utterances (the first pretrain_steps steps of the schedule)
     pretrain_steps: int = 0
     pretrain_max_tokens: int = 96
@@ -152,6 +165,10 @@ class TrainConfig:
             torch.device(cfg.device)  # whether this machine has it is train()'s question: a GPU config parses anywhere
         except RuntimeError as e:
             raise ConfigError(f"device {cfg.device!r}: {e}") from None
+        if cfg.lora_rank < 0 or (cfg.lora_rank and not cfg.init_from):
+            raise ConfigError(f"lora_rank must be >= 0, and adapters need weights to adapt (init_from), got {cfg.lora_rank} and {cfg.init_from!r}")
+        if cfg.pad_to_block and not cfg.block_sizes:
+            raise ConfigError("pad_to_block pads to the largest of block_sizes: give block_sizes")
         if cfg.autocast_bf16 not in ("auto", True, False):
             raise ConfigError(f"autocast_bf16 must be auto, true or false, got {cfg.autocast_bf16!r}")
         return cfg
@@ -169,6 +186,10 @@ class TrainConfig:
         if self.autocast_bf16 != "auto":
             return bool(self.autocast_bf16)
         return torch.cuda.is_bf16_supported() if torch.device(self.device).type == "cuda" else cpu_has_bf16()
+
+    def model_source(self) -> Path | None:
+        """The model directory whose own config and tokenizer the run uses (see `init_from`), else None."""
+        return Path(self.init_from) if self.init_from and not self.model and Path(self.init_from).is_dir() else None
 
     def model_config(self, tokenizer_dir: Path) -> LLaDAConfig:
         """The LLaDA config: `[model]` plus the vocabulary size and special ids of the tokenizer."""

@@ -8,8 +8,8 @@ Every conversation becomes a list of cleaned turns with alternating speakers. Ea
 first is one example: the last few turns before it are the history, and roles are assigned from the
 replier's view (the reply is `assistant`, the turn before it `user`, and so on backwards; the history
 always starts with a `user` turn). Conversations, not examples, are split into train/eval with a
-fixed seed, and examples that touch one of QUALITY_PROMPTS are left out of both, so the quality
-benchmark asks questions the model never saw verbatim.
+fixed seed, and examples that touch one of QUALITY_PROMPTS or of the question set (`load_questions`)
+are left out of both, so the quality benchmark asks questions the model never saw verbatim.
 
 Output in DIR:
   train.jsonl, eval.jsonl   one example a line: {"messages": [{"role", "content"}, ...], "reply": str,
@@ -76,6 +76,26 @@ QUALITY_PROMPTS: list[str] = [
     "Thank you, that was nice talking to you.",
     "Goodbye, see you later!",
 ]
+
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    answers: tuple[str, ...]  # any of them in a reply (as whole words, `words`) makes it right
+
+
+def load_questions(path: Path = Path(__file__).with_name("questions.json")) -> list[Question]:
+    """The quality benchmark's factual and everyday questions with accepted answers, written before
+    any model was trained on data from here; held out of training like QUALITY_PROMPTS."""
+    return [Question(q["q"], tuple(q["a"])) for q in json.loads(path.read_text())["questions"]]
+
+
+def answers_right(reply: str, question: Question) -> bool:
+    """Whether `reply` holds one of the question's accepted answers, compared word by word."""
+    said = f" {normalize_for_match(reply)} "
+    return any(f" {normalize_for_match(a)} " in said for a in question.answers)
+
 
 MAX_HISTORY_TURNS = 5  # turns of history kept before a reply (odd: history starts with the user)
 MAX_TURN_CHARS = 400  # longer turns are junk for a spoken chit-chat model (lists, pasted text)
@@ -272,7 +292,7 @@ def prepare(
     if not convs:
         raise DataError("the corpora hold no conversations")
     train_convs, eval_convs = split_conversations(convs, holdout, seed)
-    banned = {normalize_for_match(p) for p in QUALITY_PROMPTS}
+    banned = {normalize_for_match(p) for p in QUALITY_PROMPTS + [q.text for q in load_questions()]}
     stats: dict = {"conversations": len(convs), "train_conversations": len(train_convs), "eval_conversations": len(eval_convs)}
     stats["turns"] = sum(len(c.turns) for c in convs)
     stats["junk_turns"] = sum(t is None for c in convs for t in c.turns)

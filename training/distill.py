@@ -173,11 +173,12 @@ def opening(reply: str) -> str:
 
 class ReplyFilter:
     """Which lines become training replies: `clean_reply`, then the caps on repeated replies and
-    openings and the known-word rule (module docstring). `known`: word counts in the human text;
+    openings and the known-word rule (module docstring). `known`: word counts in the human text
+    (None: no known-word rule, for a student with a real vocabulary of its own);
     `exact`: keep a line only if cleaning leaves it as it is (a student's trajectory cut short is
     no longer its own)."""
 
-    def __init__(self, known: collections.Counter, exact: bool = False):
+    def __init__(self, known: collections.Counter | None, exact: bool = False):
         self.known, self.exact = known, exact
         self.replies: collections.Counter = collections.Counter()
         self.openings: collections.Counter = collections.Counter()
@@ -194,7 +195,7 @@ class ReplyFilter:
             or (self.exact and reply != text)
             or self.replies[reply.lower()] >= MAX_REPEATS
             or self.openings[opening(reply)] >= MAX_OPENINGS
-            or any(self.known[w] < MIN_WORD_COUNT for w in words(reply))
+            or (self.known is not None and any(self.known[w] < MIN_WORD_COUNT for w in words(reply)))
         ):
             return None
         self.count(reply)
@@ -272,18 +273,24 @@ class Teacher:
 
 class StudentReplies:
     """A dLLM's own vanilla replies, a batch of prompts decoded together by the engine; "" for a
-    reply that did not stop within the canvas (no trajectory to learn)."""
+    reply that did not stop within the canvas (no trajectory to learn).
 
-    def __init__(self, model_dir: Path, batch_size: int):
+    `block_size` 1 on an autoregressive checkpoint converted by `dllm convert` is its greedy AR
+    decoding: the self-distillation replies of a model still to be taught larger blocks. A
+    block-causal model's caches are exact, so it decodes with them; a bidirectional one without."""
+
+    def __init__(self, model_dir: Path, batch_size: int, system: str | None = None, block_size: int | None = None):
         from dllm_engine.decoding import SPOKEN
         from dllm_engine.engine import Engine
 
         self.engine = Engine.from_pretrained(model_dir, max_batch=batch_size)
-        self.params = dataclasses.replace(SPOKEN, policy="vanilla", cache="none").resolved(self.engine.max_new_tokens)
+        cache = "dual" if self.engine.model.config.block_causal else "none"
+        self.params = dataclasses.replace(SPOKEN, policy="vanilla", cache=cache, block_size=block_size or SPOKEN.block_size).resolved(self.engine.max_new_tokens)
+        self.head = [{"role": "system", "content": system}] if system else []
 
     def __call__(self, prompts: list[str]) -> list[str]:
         async def answer() -> list:
-            return await asyncio.gather(*(self.engine.generate([{"role": "user", "content": q}], self.params) for q in prompts))
+            return await asyncio.gather(*(self.engine.generate(self.head + [{"role": "user", "content": q}], self.params) for q in prompts))
 
         return [text.strip() if last.finish_reason == "stop" else "" for text, last in asyncio.run(answer())]
 
@@ -297,11 +304,26 @@ def output_paths(data_dir: Path, split: str, stem: str = "distilled") -> tuple[P
     return data_dir / f"{stem}.jsonl", data_dir / f"{stem}.rejected.jsonl"
 
 
-def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, temperature: float, split: str = "train", student: Path | None = None) -> Path:
+def distill(
+    data_dir: Path,
+    limit: int | None,
+    batch_size: int,
+    seed: int,
+    temperature: float,
+    split: str = "train",
+    student: Path | None = None,
+    system: str | None = None,
+    block_size: int | None = None,
+    any_words: bool = False,
+) -> Path:
+    """Answer the split's prompts (module docstring). With a `student`: `system` is its system
+    prompt (written into each example's messages, so training sees it too), `block_size` its
+    decoding block, `any_words` drops the known-word rule."""
     prompts = question_first(split_prompts(data_dir, split), seed)
     source, stem = (SOURCE, "distilled") if student is None else ("self", "self")
     human = read_utterances(data_dir / "utterances.txt")
-    keep = ReplyFilter(collections.Counter(w for line in human for w in words(line)), exact=student is not None)
+    keep = ReplyFilter(None if any_words else collections.Counter(w for line in human for w in words(line)), exact=student is not None)
+    head = [{"role": "system", "content": system}] if system and student is not None else []
     out_path, rejected_path = output_paths(data_dir, split, stem)
     done: set[str] = set()
     for path in (out_path, rejected_path):
@@ -322,7 +344,7 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, tempe
         gen = torch.Generator().manual_seed(seed + len(done))
         answer, close = (lambda batch: teacher.reply(batch, gen)), (lambda: None)
     else:
-        answer = StudentReplies(student, batch_size)
+        answer = StudentReplies(student, batch_size, system, block_size)
         close = answer.close
     kept = 0
     try:
@@ -330,7 +352,7 @@ def distill(data_dir: Path, limit: int | None, batch_size: int, seed: int, tempe
             for i in range(0, len(todo), batch_size):
                 batch = sorted(todo[i : i + batch_size], key=len)  # similar lengths: less padding
                 for q, line in zip(batch, answer(batch)):
-                    messages = [{"role": "user", "content": q}]
+                    messages = head + [{"role": "user", "content": q}]
                     reply = keep(line, q)
                     if reply:
                         out.write(json.dumps({"messages": messages, "reply": reply, "source": source}) + "\n")

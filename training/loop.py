@@ -32,19 +32,21 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dllm_engine.config import ConfigError, LLaDAConfig
+from dllm_engine.config import ConfigError, LLaDAConfig, read_json
 from dllm_engine.loading import load_model, save_model
 from dllm_engine.model import DiffusionLM
 from dllm_engine.tokenizer import Tokenizer
 
 from .batches import Batches, collate, encode_chat, encode_utterances, iter_batches, read_jsonl, repeat_sources, with_history
 from .config import TrainConfig
+from .lora import LoRA
 from .data import DataError
 from .objective import diffusion_loss, eval_loss, prompt_gain
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ADAPTER = "adapter/lora.safetensors"  # in a folder of its own: not one of the model's weight files
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -68,7 +70,7 @@ def init_model(cfg: LLaDAConfig, std: float, seed: int) -> DiffusionLM:
     return model
 
 
-def make_optimizer(model: DiffusionLM, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for n, p in model.named_parameters() if p.ndim == 2 and not n.endswith("wte.weight")]
     rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and not n.endswith("wte.weight"))]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
@@ -117,22 +119,31 @@ def export(run_dir: str | Path, out_dir: str | Path, which: str = "best", dtype:
     if not ckpt_path.exists():
         raise ConfigError(f"no {CHECKPOINT} in {run_dir}")
     ckpt = load_checkpoint(ckpt_path)
-    state = ckpt["model"]
     if which == "best" and (run_dir / BEST).exists():
         best = load_checkpoint(run_dir / BEST)
         if best.get("model_config") == ckpt["model_config"]:
-            state = best["model"]
-    model = DiffusionLM(LLaDAConfig(**ckpt["model_config"]))
-    model.load_state_dict(state)
-    save_model(model, out_dir, dtype=dtype)
+            ckpt = {**ckpt, **{k: best[k] for k in ("model", "lora") if k in best}}
     trained = ckpt.get("train_config", {})
+    if "lora" in ckpt:  # the base weights with the adapters merged in, and the adapters alone
+        model, _ = load_model(trained["init_from"], dtype=torch.float32)
+        lora = LoRA(model, trained["lora_rank"], trained["lora_alpha"])
+        lora.load_state_dict(ckpt["lora"])
+        lora.merge()
+    else:
+        model, lora = DiffusionLM(LLaDAConfig(**ckpt["model_config"])), None
+        model.load_state_dict(ckpt["model"])
+    save_model(model, out_dir, dtype=dtype)  # (it clears the directory's old weights)
+    if lora is not None:
+        (out_dir / ADAPTER).parent.mkdir(exist_ok=True)
+        lora.save(out_dir / ADAPTER, dtype)
     limits = {"max_new_tokens": trained.get("reply_len"), "max_prompt_tokens": trained.get("max_prompt_tokens")}
     if any(limits.values()):
         (out_dir / "generation_config.json").write_text(json.dumps({k: v for k, v in limits.items() if v}, indent=2) + "\n")
     tok_dir = Path(ckpt["tokenizer_dir"])
     for name in TOKENIZER_FILES:
         src = run_dir / "tokenizer" / name
-        shutil.copyfile(src if src.exists() else tok_dir / name, out_dir / name)
+        if src.exists() or (tok_dir / name).exists():
+            shutil.copyfile(src if src.exists() else tok_dir / name, out_dir / name)
     return out_dir
 
 
@@ -155,10 +166,11 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
     out, data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
-    tok_dir = data_dir / "tokenizer"
+    source = cfg.model_source()
+    tok_dir = source or data_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         raise DataError(f"{tok_dir}/tokenizer.json not found (run `dllm prepare-data --out {data_dir}` first)")
-    model_cfg = cfg.model_config(tok_dir)
+    model_cfg = LLaDAConfig.from_dict(read_json(source / "config.json")) if source else cfg.model_config(tok_dir)
     ckpt_path = out / CHECKPOINT
     ckpt = None
     if ckpt_path.exists():
@@ -174,8 +186,9 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     t0 = time.perf_counter()
     train_examples = repeat_sources([ex for name in cfg.train_files for ex in read_jsonl(data_dir / name)], cfg.source_repeats)
     train_examples = with_history(train_examples, cfg.history_copies, cfg.history_turns, cfg.seed)
-    train_rows, dropped = encode_chat(tok, train_examples, cfg.reply_len, cfg.max_prompt_tokens)
-    eval_all, _ = encode_chat(tok, read_jsonl(data_dir / cfg.eval_file), cfg.reply_len, cfg.max_prompt_tokens)
+    pad_to = max(cfg.block_sizes) if cfg.pad_to_block else None
+    train_rows, dropped = encode_chat(tok, train_examples, cfg.reply_len, cfg.max_prompt_tokens, pad_to)
+    eval_all, _ = encode_chat(tok, read_jsonl(data_dir / cfg.eval_file), cfg.reply_len, cfg.max_prompt_tokens, pad_to)
     if not train_rows:
         raise DataError(f"{data_dir}/{', '.join(cfg.train_files)}: no example fits reply_len={cfg.reply_len} / max_prompt_tokens={cfg.max_prompt_tokens}")
     stride = max(1, len(eval_all) // cfg.eval_examples) if cfg.eval_examples else 1
@@ -196,12 +209,17 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
         check_shape(src["model_config"], model_cfg, Path(cfg.init_from), ignore=("block_causal", "turn_blocks", "end_of_turn_token_id"))
         model.load_state_dict(src["model"])
         log(f"initialized from {cfg.init_from} (step {src.get('step')})")
+    lora = None
+    if cfg.lora_rank:
+        model.requires_grad_(False)
+        lora = LoRA(model, cfg.lora_rank, cfg.lora_alpha)
     model.to(device)
-    opt = make_optimizer(model, cfg)
+    trained = lora if lora is not None else model  # what the optimizer, checkpoints and best.pt hold
+    opt = make_optimizer(trained, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, best, tokens_seen, elapsed_before = 0, math.inf, 0, 0.0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        trained.load_state_dict(ckpt["lora" if lora is not None else "model"])
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["rng"]["mask"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -212,6 +230,8 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
         step, best, tokens_seen, elapsed_before = ckpt["step"], ckpt["best"], ckpt["tokens"], ckpt["train_seconds"]
         log(f"resumed {ckpt_path} at step {step} ({tokens_seen / 1e6:.1f}M tokens, best eval {best:.4f})")
     n_params = sum(p.numel() for p in model.parameters())
+    if lora is not None:
+        log(f"LoRA rank {cfg.lora_rank} on {len(lora.layers)} layers: {sum(p.numel() for p in lora.parameters()) / 1e6:.2f}M trained parameters")
     autocast = cfg.use_autocast()
     shape = {k: getattr(model_cfg, k) for k in ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "vocab_size")}
     log(f"model: {n_params / 1e6:.2f}M parameters {shape}; bf16 autocast {'on' if autocast else 'off'}; on {device} ({torch.get_num_threads()} CPU threads)")
@@ -219,14 +239,15 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer").mkdir(exist_ok=True)
     for name in TOKENIZER_FILES:
-        shutil.copyfile(tok_dir / name, out / "tokenizer" / name)
+        if (tok_dir / name).exists():
+            shutil.copyfile(tok_dir / name, out / "tokenizer" / name)
     (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model_cfg)}, indent=2) + "\n")
     metrics = open(out / "metrics.jsonl", "a")
 
     def save() -> None:
         atomic_save(
             {
-                "model": model.state_dict(),
+                "lora" if lora is not None else "model": trained.state_dict(),
                 "optimizer": opt.state_dict(),
                 "step": step,
                 "best": best,
@@ -248,7 +269,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
         ev.update(prompt_gain(model, eval_rows, sp.mask, sp.eos, sp.pad, autocast=autocast, own=ev.get("reply_loss@1")))
         if ev["loss"] < best:
             best = ev["loss"]
-            atomic_save({"model": model.state_dict(), "step": step, "eval": ev, "model_config": dataclasses.asdict(model_cfg)}, out / BEST)
+            atomic_save({"lora" if lora is not None else "model": trained.state_dict(), "step": step, "eval": ev, "model_config": dataclasses.asdict(model_cfg)}, out / BEST)
         metrics.write(json.dumps({"step": step, "tokens": tokens_seen, "eval": ev}) + "\n")
         metrics.flush()
         return ev
@@ -277,11 +298,11 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
                 g["lr"] = lr_at(step, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 block = cfg.block_sizes[int(torch.randint(len(cfg.block_sizes), (1,), generator=gen))] if cfg.block_sizes else None
-                loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen, block, sp.eos, cfg.loss_weighting, cfg.certainty_weight)
+                loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen, block, sp.eos, cfg.loss_weighting, cfg.certainty_weight, cfg.complementary_masks)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
             opt.step()
             step += 1
             n_tok = int(batch["key_valid"].sum())

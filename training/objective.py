@@ -17,20 +17,30 @@ from dllm_engine.model import DiffusionLM
 from .batches import Row, iter_batches
 
 
-def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor, batch: dict[str, torch.Tensor], block_size: int | None = None) -> torch.Tensor:
-    """Hidden states (N, T, d) for the partly masked `noisy` ids of a collated batch.
+def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor | list[torch.Tensor], batch: dict[str, torch.Tensor], block_size: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+    """The hidden state that predicts each token (N, T, d) for the partly masked `noisy` ids of a
+    collated batch (a list of noisy copies: one hidden tensor per copy).
 
-    A bidirectional model: one plain forward. A block-causal one (`LLaDAConfig.block_causal`):
+    A bidirectional model: one plain forward per copy. A block-causal one (`LLaDAConfig.block_causal`):
     every reply block's loss in one forward (BD3-LM's vectorized training) over [prompt, clean
-    reply, noisy reply], where the prompt sees itself (with `turn_blocks`, each turn itself and
-    the turns before it), a clean block the prompt and the clean blocks up to it, and a noisy block
-    the prompt, the clean blocks before it and itself: what decoding meets at each block. The noisy
-    copy's states come back at the reply's positions. `block_size` None: the whole reply is one block.
+    reply, noisy reply, ...], where the prompt sees itself (with `turn_blocks`, each turn itself and
+    the turns before it; with `causal_prompt`, each token those before it), a clean block the prompt
+    and the clean blocks up to it, and a noisy block the prompt, the clean blocks before it and
+    itself (its own copy): what decoding meets at each block. `block_size` None: the whole reply is
+    one block. With shifted logits (`shift_logits`) a token is predicted by the state one position
+    before it: a block's first token by the clean state before the block (the AR prediction, as
+    decoding takes it from the forward that settled the block before), the others by their noisy
+    neighbours.
     """
+    copies = noisy if isinstance(noisy, list) else [noisy]
     ids, region, key_valid = batch["ids"], batch["region"], batch["key_valid"]
-    if not model.config.block_causal:
-        return model(noisy, key_valid=key_valid)
+    cfg = model.config
+    if not cfg.block_causal:
+        assert not cfg.shift_logits, "a bidirectional model with shifted logits (Dream) is not trained here"
+        out = [model(x, key_valid=key_valid) for x in copies]
+        return out if isinstance(noisy, list) else out[0]
     n, t = ids.shape
+    c = len(copies)
     dev = ids.device
     start, length = region.long().argmax(1), region.sum(1)  # each row's reply span
     r = int(length.max())
@@ -38,25 +48,36 @@ def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor, batch: dict[str, tor
     src = (start[:, None] + j).clamp(max=t - 1)
     in_reply = j < length[:, None]
     block = block_size or t
-    zeros = torch.zeros((n, r), dtype=torch.bool, device=dev)
+    zeros = torch.zeros((n, r * c), dtype=torch.bool, device=dev)
     prompt = torch.cat([key_valid & ~region, zeros], 1)
     clean = torch.cat([region, zeros], 1)
-    noise = torch.cat([torch.zeros_like(region), in_reply], 1)
-    valid = torch.cat([key_valid, in_reply], 1)
-    blk = torch.cat([(torch.arange(t, device=dev) - start[:, None]).clamp(min=0) // block, (j // block).expand(n, r)], 1)
+    noise = torch.cat([torch.zeros_like(region), in_reply.repeat(1, c)], 1)
+    valid = torch.cat([key_valid, in_reply.repeat(1, c)], 1)
+    blk = torch.cat([(torch.arange(t, device=dev) - start[:, None]).clamp(min=0) // block, (j // block).repeat(c).expand(n, r * c)], 1)
+    copy = torch.cat([torch.zeros(t, dtype=torch.long, device=dev), torch.arange(1, c + 1, device=dev).repeat_interleave(r)]).expand(n, -1)
     q, k = (lambda x: x[:, :, None]), (lambda x: x[:, None, :])
-    before, same = k(blk) < q(blk), k(blk) == q(blk)
-    if model.config.turn_blocks:  # a prompt position sees the turns up to its own
-        ends = (ids == model.config.end_of_turn_token_id) & ~region
+    before, same = k(blk) < q(blk), (k(blk) == q(blk)) & (k(copy) == q(copy))
+    if cfg.turn_blocks:  # a prompt position sees the turns up to its own
+        ends = (ids == cfg.end_of_turn_token_id) & ~region
         turn = torch.cat([ends.cumsum(1) - ends.long(), zeros.long()], 1)
         sees_prompt = k(prompt) & (~q(prompt) | (k(turn) <= q(turn)))
+    elif cfg.causal_prompt:  # a prompt position sees the tokens up to its own
+        at = torch.arange(t + r * c, device=dev)
+        sees_prompt = k(prompt) & (~q(prompt) | (at[None, None, :] <= at[None, :, None]))
     else:
         sees_prompt = k(prompt)
     sees = sees_prompt | (k(clean) & ~q(prompt) & (before | (same & q(clean)))) | (k(noise) & q(noise) & same)
     attn = (sees | ~q(valid)) & k(valid)  # padding queries see every real key: no empty softmax row
-    pos = torch.cat([torch.arange(t, device=dev).expand(n, t), src], 1)
-    hidden = model(torch.cat([ids, noisy.gather(1, src)], 1), pos, attn)
-    return hidden[:, :t].masked_scatter(region[..., None], hidden[:, t:][in_reply])
+    pos = torch.cat([torch.arange(t, device=dev).expand(n, t), src.repeat(1, c)], 1)
+    hidden = model(torch.cat([ids] + [x.gather(1, src) for x in copies], 1), pos, attn)
+    out = []
+    for i in range(c):
+        states = hidden[:, t + i * r : t + (i + 1) * r]
+        if cfg.shift_logits:  # the state before each token: the clean one at a block's start
+            before_block = hidden[:, :t].gather(1, (src - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+            states = torch.where((j % block == 0)[None, :, None], before_block, torch.cat([states[:, :1], states[:, :-1]], 1))
+        out.append(hidden[:, :t].masked_scatter(region[..., None], states[in_reply]))
+    return out if isinstance(noisy, list) else out[0]
 
 
 def diffusion_loss(
@@ -69,12 +90,15 @@ def diffusion_loss(
     eos_id: int | None = None,
     weighting: str = "elbo",
     certainty: float = 0.0,
+    complementary: bool = False,
 ) -> torch.Tensor:
     """LLaDA SFT loss: mask each region token w.p. t ~ U(eps, 1); CE on masked tokens / t / region length.
     With `weighting="mean"`, the mean CE over all masked tokens of the batch instead.
 
     A block-causal model is scored on every block at once with `block_size` its attention blocks
-    (`denoise_hidden`), each token masked w.p. t. For a bidirectional one, with `block_size`, the
+    (`denoise_hidden`), each block with a masking rate of its own; `complementary` adds a second
+    noisy copy masked where the first is not (Fast-dLLM v2), so every reply token is scored once.
+    For a bidirectional one, with `block_size`, the
     noise is the one semi-autoregressive decoding meets instead: per row a
     block-aligned window of the region up to the block holding the first EOS is drawn; tokens
     before it are clean, tokens after it fully masked, and inside it each token is masked w.p. t.
@@ -85,15 +109,19 @@ def diffusion_loss(
     argmax is already the target (TrainConfig.certainty_weight), weighted like its cross-entropy.
     """
     ids, region = batch["ids"], batch["region"]
-    n = ids.shape[0]
+    n, width = ids.shape
     dev = ids.device  # random draws come from the CPU generator: the same masks on any device
-    t = (eps + (1 - eps) * torch.rand(n, 1, generator=gen)).to(dev)
+    at = torch.cumsum(region, 1) - 1  # position within the region
+    if model.config.block_causal and block_size is not None:  # a rate per block
+        rates = eps + (1 - eps) * torch.rand(n, width // block_size + 1, generator=gen)
+        t = rates.to(dev).gather(1, at.clamp(min=0) // block_size)
+    else:
+        t = (eps + (1 - eps) * torch.rand(n, 1, generator=gen)).to(dev).expand(n, width)
     coin = torch.rand(ids.shape, generator=gen).to(dev) < t
     if block_size is None or model.config.block_causal:
         masked = region & coin
         scored, norm = masked, region.sum(1, keepdim=True)
     else:
-        at = torch.cumsum(region, 1) - 1  # position within the region
         eos = region & (ids == eos_id)
         first_eos = torch.where(eos.any(1), torch.where(eos, at, ids.shape[1]).min(1).values, region.sum(1) - 1)
         n_blocks = first_eos // block_size + 1
@@ -101,17 +129,25 @@ def diffusion_loss(
         window = region & (at >= start) & (at < start + block_size)
         masked = (window & coin) | (region & (at >= start + block_size))
         scored, norm = window & coin, torch.full((n, 1), block_size, device=dev)
-    noisy = torch.where(masked, mask_id, ids)
-    hidden = denoise_hidden(model, noisy, batch, block_size)
-    logp = model.logits(hidden[scored]).float().log_softmax(-1)
-    ce = F.nll_loss(logp, ids[scored], reduction="none")  # = cross_entropy, with logp kept for the entropy
-    if certainty:
-        right = logp.argmax(-1) == ids[scored]
-        ce = ce + certainty * right * -(logp.exp() * logp).sum(-1)
+    views = [(masked, scored, t)]
+    if complementary:
+        if not model.config.block_causal:
+            raise ValueError("complementary masks are trained for block-causal models")
+        views.append((region & ~masked, region & ~masked, (1 - t).clamp(min=eps)))
+    hiddens = denoise_hidden(model, [torch.where(m, mask_id, ids) for m, _, _ in views], batch, block_size)
+    ces, weights = [], []
+    for hidden, (_, scored, rate) in zip(hiddens, views):
+        logp = model.logits(hidden[scored]).float().log_softmax(-1)
+        ce = F.nll_loss(logp, ids[scored], reduction="none")  # = cross_entropy, with logp kept for the entropy
+        if certainty:
+            right = logp.argmax(-1) == ids[scored]
+            ce = ce + certainty * right * -(logp.exp() * logp).sum(-1)
+        ces.append(ce)
+        weights.append((1 / rate / norm)[scored] / n / len(views))  # each view an estimate of the bound
+    ce = torch.cat(ces)
     if weighting == "mean":
         return ce.sum() / max(ce.numel(), 1)
-    weight = (1 / t / norm).expand_as(ids)[scored]
-    return (ce * weight).sum() / n
+    return (ce * torch.cat(weights)).sum()
 
 
 @torch.no_grad()

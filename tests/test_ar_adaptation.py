@@ -1,0 +1,150 @@
+"""Training an AR checkpoint converted by `dllm convert` into a block-diffusion model (the default
+model's recipe, configs/smollm2.toml): the objective predicts each token from the state decoding
+takes it from, LoRA adapters start as the checkpoint and merge into what they computed, and a run
+checkpoints only its adapters, resumes, and exports a merged model with the adapters beside it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dllm_engine.convert import convert
+from dllm_engine.loading import load_model
+from tests.helpers import hf_checkpoint
+from training.batches import Row, collate, encode_chat
+from training.config import TrainConfig
+from training.lora import LoRA, apply_adapter
+from training.loop import ADAPTER, export, train
+from training.objective import denoise_hidden, diffusion_loss
+
+# SmolLM2's template: a conversation that has no system turn gets a default one.
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|startoftext|>system\nbe kind<|eot_id|>\n' }}{% endif %}"
+    "{{ '<|startoftext|>' + message['role'] + '\n' + message['content'] + '<|eot_id|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|startoftext|>assistant\n' }}{% endif %}"
+)
+SYSTEM = {"role": "system", "content": "answer briefly."}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny random Llama converted to the project's layout (shifted, token-causal prompt), fp32."""
+    tmp = tmp_path_factory.mktemp("ar")
+    src, _ = hf_checkpoint(tmp / "llama", "llama", tied=True, seed=5)
+    out = convert(src, tmp / "model", mask_token="<|mdm_mask|>", dtype=torch.float32)
+    (out / "chat_template.jinja").write_text(CHATML)
+    return out
+
+
+def visible(prompt_len: int, length: int, block: int) -> torch.Tensor:
+    """(length, length), by hand: each prompt token is a block of its own, then reply blocks."""
+    def block_of(i: int) -> int:
+        return i if i < prompt_len else prompt_len + (i - prompt_len) // block
+
+    ids = [block_of(i) for i in range(length)]
+    return torch.tensor([[ids[j] <= ids[i] for j in range(length)] for i in range(length)])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("block", [1, 4])
+def test_each_token_is_predicted_from_the_state_decoding_takes_it_from(converted, block):
+    """For every reply token of two complementary noisy copies: a block's first token from the last
+    clean state before the block (the AR prediction), any other from the noisy state before it
+    in its block, each computed here by a plain forward over just what decoding has at that point."""
+    model, tok = load_model(converted, dtype="float32")
+    rows = [Row.compact(tok.apply_chat_template([{"role": "user", "content": "tell me about dogs"}]), list(range(5, 16))),
+            Row.compact(tok.apply_chat_template([{"role": "user", "content": "hi"}]), list(range(20, 27)))]
+    batch = collate(rows, tok.special.pad)
+    masked = batch["region"] & (torch.rand(batch["ids"].shape, generator=torch.Generator().manual_seed(0)) < 0.5)
+    copies = [torch.where(m, tok.special.mask, batch["ids"]) for m in (masked, batch["region"] & ~masked)]
+    got = denoise_hidden(model, copies, batch, block)
+    for c, noisy in enumerate(copies):
+        for i, row in enumerate(rows):
+            p = len(row.prompt)
+            for j in range(len(row.region)):
+                start = j - j % block
+                if j == start:
+                    x = batch["ids"][i, : p + j]
+                else:
+                    x = torch.cat([batch["ids"][i, : p + start], noisy[i, p + start : p + start + block].clone()[: len(row.region) - start]])
+                want = model(x[None], key_valid=visible(p, len(x), block)[None])[0, p + j - 1]
+                torch.testing.assert_close(got[c][i, p + j], want, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_at_block_size_1_the_loss_is_the_ar_models_cross_entropy(converted):
+    model, tok = load_model(converted, dtype="float32")
+    rows = [Row.compact(tok.apply_chat_template([{"role": "user", "content": "a cat"}]), list(range(5, 14)))]
+    batch = collate(rows, tok.special.pad)
+    ids = batch["ids"]
+    states = model(ids, key_valid=torch.tril(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool))[None])
+    ce = torch.nn.functional.cross_entropy(model.logits(states[0, :-1]), ids[0, 1:], reduction="none")[batch["region"][0, 1:]]
+    # complementary copies score every reply token once: "mean" is the mean over all of them
+    loss = diffusion_loss(model, batch, tok.special.mask, 0.5, torch.Generator().manual_seed(1), 1, tok.special.eos, "mean", complementary=True)
+    torch.testing.assert_close(loss, ce.mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_prompts_assemble_as_a_template_with_a_default_system_turn_renders_them(converted):
+    """SmolLM2's template adds a system turn to a conversation without one; rows with a system
+    prompt of their own must not get it twice (the prompt is assembled message by message)."""
+    _, tok = load_model(converted, dtype="float32")
+    examples = [{"messages": [SYSTEM, {"role": "user", "content": q}], "reply": "yes."} for q in ("hi there", "do you like cats?")]
+    rows, dropped = encode_chat(tok, examples, 32, 128, pad_to=4)
+    padded = -(-(len(tok.encode("yes.")) + 1) // 4) * 4  # reply and end of turn, to the end of their block
+    assert dropped == 0
+    for ex, row in zip(examples, rows):
+        assert list(row.prompt) == tok.apply_chat_template(ex["messages"])
+        assert len(row.region) == padded < 32 and row.region[-1] == tok.special.eos
+
+
+def test_lora_starts_as_the_model_and_merges_into_what_it_computes(converted, tmp_path):
+    model, tok = load_model(converted, dtype="float32")
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": "hello"}])])
+    with torch.no_grad():
+        base = model(ids)
+        lora = LoRA(model, rank=4, alpha=8.0)
+        torch.testing.assert_close(model(ids), base)  # B starts at zero
+        for b in lora.b.values():
+            b.normal_(0, 0.5)
+        adapted = model(ids)
+        assert not torch.allclose(adapted, base, atol=1e-3)
+        lora.save(tmp_path / "lora.safetensors", torch.float32)
+        lora.merge()
+        torch.testing.assert_close(model(ids), adapted, atol=1e-4, rtol=1e-4)
+        fresh, _ = load_model(converted, dtype="float32")
+        apply_adapter(fresh, tmp_path / "lora.safetensors")
+        torch.testing.assert_close(fresh(ids), adapted, atol=1e-4, rtol=1e-4)
+        with pytest.raises(Exception, match="does not fit"):
+            other, _ = load_model(converted, dtype="float32")
+            other.model.transformer["blocks"] = other.model.transformer["blocks"][:1]
+            apply_adapter(other, tmp_path / "lora.safetensors")
+
+
+def test_a_lora_run_checkpoints_adapters_resumes_and_exports_the_merged_model(converted, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = [json.dumps({"messages": [SYSTEM, {"role": "user", "content": q}], "reply": r}) for q, r in [("hi", "hello."), ("cats?", "yes, cats."), ("dogs?", "dogs are fun.")]]
+    for name in ("self.jsonl", "self-eval.jsonl"):
+        (data / name).write_text("\n".join(lines) + "\n")
+    cfg = TrainConfig.from_dict(dict(
+        data_dir=str(data), out_dir=str(tmp_path / "run"), init_from=str(converted), train_files=["self.jsonl"], eval_file="self-eval.jsonl",
+        reply_len=16, pad_to_block=True, block_sizes=[4], complementary_masks=True, loss_weighting="mean", lora_rank=4, lora_alpha=8.0,
+        batch_tokens=256, max_steps=6, warmup_steps=1, lr=1e-2, eval_interval=3, log_interval=3, threads=0, autocast_bf16=False,
+    ))
+    quiet = dict(progress=False, log=lambda *_: None)
+    train(cfg, steps=3, **quiet)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert "model" not in ckpt and set(ckpt["lora"]) == {f"{ab}.{k}" for k in LoRA(load_model(converted, dtype="float32")[0], 4, 8.0).a for ab in "ab"}
+    assert train(cfg, resume=True, **quiet)["step"] == 6
+    out = export(tmp_path / "run", tmp_path / "exported", which="last", dtype=torch.float32)
+    merged, tok = load_model(out, dtype="float32")
+    base, _ = load_model(converted, dtype="float32")
+    apply_adapter(base, out / ADAPTER)
+    ids = torch.tensor([tok.apply_chat_template([SYSTEM, {"role": "user", "content": "hi"}])])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), base(ids), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(merged(ids), load_model(converted, dtype="float32")[0](ids), atol=1e-3)  # it trained
+    assert (out / "chat_template.jinja").read_text() == CHATML
