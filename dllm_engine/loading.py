@@ -154,6 +154,29 @@ def load_model(
     return model, tokenizer
 
 
+def merge_adapter(model: DiffusionLM, path: str | Path) -> None:
+    """Fold low-rank adapters (`training.lora.LoRA.save`: `<layer>.lora_a` / `.lora_b` per linear
+    layer, `rank` and `alpha` in the metadata) into `model`'s weights: W += alpha / rank * B A.
+    Why here: a shipped model may be a registry package's checkpoint plus a small adapter."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        scale = float(meta["alpha"]) / int(meta["rank"])
+    except (OSError, KeyError, ValueError) as e:
+        raise ConfigError(f"{path}: not a LoRA adapter file ({e})") from None
+    layers = dict(model.named_modules())
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    unknown = sorted(n for n in names if not isinstance(layers.get(n), torch.nn.Linear) or {f"{n}.lora_a", f"{n}.lora_b"} - set(tensors))
+    if unknown or not names:
+        raise ConfigError(f"{path} does not fit this model (no linear layer or pair for {unknown[:3] or 'any layer'})")
+    with torch.no_grad():
+        for n in names:
+            w = layers[n].weight
+            w += (tensors[f"{n}.lora_b"].float() @ tensors[f"{n}.lora_a"].float() * scale).to(w.device, w.dtype)
+
+
 def save_model(model: DiffusionLM, directory: str | Path, dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 15 * 2**20) -> None:
     """Write weights as safetensors in LLaDA names, sharded with an index above `max_shard_bytes`."""
     directory = Path(directory)

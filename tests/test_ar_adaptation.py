@@ -6,16 +6,18 @@ checkpoints only its adapters, resumes, and exports a merged model with the adap
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from dllm_engine.convert import convert
-from dllm_engine.loading import load_model
+from dllm_engine.default_model import SMOLLM_DEFAULT_SYSTEM, built_model
+from dllm_engine.loading import load_model, merge_adapter
 from tests.helpers import hf_checkpoint
 from training.batches import Row, collate, encode_chat
 from training.config import TrainConfig
-from training.lora import LoRA, apply_adapter
+from training.lora import LoRA
 from training.loop import ADAPTER, export, train
 from training.objective import denoise_hidden, diffusion_loss
 
@@ -30,11 +32,17 @@ SYSTEM = {"role": "system", "content": "answer briefly."}
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """A tiny random Llama converted to the project's layout (shifted, token-causal prompt), fp32."""
-    tmp = tmp_path_factory.mktemp("ar")
-    src, _ = hf_checkpoint(tmp / "llama", "llama", tied=True, seed=5)
-    out = convert(src, tmp / "model", mask_token="<|mdm_mask|>", dtype=torch.float32)
+def ar_checkpoint(tmp_path_factory):
+    """A tiny random Llama, as transformers writes it, with SmolLM2's kind of chat template."""
+    src, _ = hf_checkpoint(tmp_path_factory.mktemp("ar") / "llama", "llama", tied=True, seed=5)
+    (src / "chat_template.jinja").write_text(CHATML)
+    return src
+
+
+@pytest.fixture(scope="module")
+def converted(ar_checkpoint, tmp_path_factory):
+    """The tiny Llama converted to the project's layout (shifted, token-causal prompt), fp32."""
+    out = convert(ar_checkpoint, tmp_path_factory.mktemp("converted") / "model", mask_token="<|mdm_mask|>", dtype=torch.float32)
     (out / "chat_template.jinja").write_text(CHATML)
     return out
 
@@ -115,12 +123,12 @@ def test_lora_starts_as_the_model_and_merges_into_what_it_computes(converted, tm
         lora.merge()
         torch.testing.assert_close(model(ids), adapted, atol=1e-4, rtol=1e-4)
         fresh, _ = load_model(converted, dtype="float32")
-        apply_adapter(fresh, tmp_path / "lora.safetensors")
+        merge_adapter(fresh, tmp_path / "lora.safetensors")
         torch.testing.assert_close(fresh(ids), adapted, atol=1e-4, rtol=1e-4)
         with pytest.raises(Exception, match="does not fit"):
             other, _ = load_model(converted, dtype="float32")
             other.model.transformer["blocks"] = other.model.transformer["blocks"][:1]
-            apply_adapter(other, tmp_path / "lora.safetensors")
+            merge_adapter(other, tmp_path / "lora.safetensors")
 
 
 def test_a_lora_run_checkpoints_adapters_resumes_and_exports_the_merged_model(converted, tmp_path):
@@ -142,9 +150,38 @@ def test_a_lora_run_checkpoints_adapters_resumes_and_exports_the_merged_model(co
     out = export(tmp_path / "run", tmp_path / "exported", which="last", dtype=torch.float32)
     merged, tok = load_model(out, dtype="float32")
     base, _ = load_model(converted, dtype="float32")
-    apply_adapter(base, out / ADAPTER)
+    merge_adapter(base, out / ADAPTER)
     ids = torch.tensor([tok.apply_chat_template([SYSTEM, {"role": "user", "content": "hi"}])])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), base(ids), atol=1e-4, rtol=1e-4)
         assert not torch.allclose(merged(ids), load_model(converted, dtype="float32")[0](ids), atol=1e-3)  # it trained
     assert (out / "chat_template.jinja").read_text() == CHATML
+
+
+def test_the_default_model_is_built_once_from_its_base_and_adapter(ar_checkpoint, converted, tmp_path):
+    """`default_model.built_model`: the base converted, the adapter merged, the recipe's system
+    prompt as the template's default system turn and its reply cap; a second call reuses the build."""
+    base = tmp_path / "base"
+    shutil.copytree(ar_checkpoint, base)
+    (base / "chat_template.jinja").write_text(CHATML.replace("be kind", SMOLLM_DEFAULT_SYSTEM))
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    model, tok = load_model(converted, dtype="float32")
+    lora = LoRA(model, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for b in lora.b.values():
+            b.normal_(0, 0.5)
+    lora.save(recipe / "lora.safetensors", torch.float32)
+    (recipe / "recipe.json").write_text(json.dumps({"name": "tiny", "mask_token": "<|mdm_mask|>", "system_prompt": "speak briefly.", "max_new_tokens": 12}))
+    out = built_model(recipe, base=base, cache=tmp_path / "cache")
+    built, built_tok = load_model(out, dtype="float32")
+    lora.merge()
+    ids = torch.tensor([tok.apply_chat_template([{"role": "system", "content": "speak briefly."}, {"role": "user", "content": "hi"}])])
+    assert built_tok.apply_chat_template([{"role": "user", "content": "hi"}]) == ids[0].tolist()  # the default system turn
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))  # as written to disk
+        torch.testing.assert_close(built(ids), model(ids), atol=1e-3, rtol=1e-3)
+    assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 12
+    stamp = (out / "config.json").stat().st_mtime_ns
+    assert built_model(recipe, base=base, cache=tmp_path / "cache") == out and (out / "config.json").stat().st_mtime_ns == stamp

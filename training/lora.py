@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from dllm_engine.config import ConfigError
@@ -64,26 +64,7 @@ class LoRA(nn.Module):
         self._hooks = []
 
     def save(self, path: Path, dtype: torch.dtype = torch.bfloat16) -> None:
-        """The adapters alone (what is shipped: the base checkpoint comes from elsewhere)."""
-        tensors = {f"{k}.lora_a": v.detach().to("cpu", dtype).contiguous() for k, v in self.a.items()}
-        tensors |= {f"{k}.lora_b": v.detach().to("cpu", dtype).contiguous() for k, v in self.b.items()}
+        """The adapters alone, by layer name (what is shipped: the base checkpoint comes from
+        elsewhere); `dllm_engine.loading.merge_adapter` folds them into a model."""
+        tensors = {f"{k.replace('__', '.')}.lora_{ab}": p.detach().to("cpu", dtype).contiguous() for ab, ps in (("a", self.a), ("b", self.b)) for k, p in ps.items()}
         save_file(tensors, str(path), metadata={"rank": str(self.rank), "alpha": str(self.alpha)})
-
-
-def apply_adapter(model: DiffusionLM, path: Path) -> None:
-    """Merge the adapters saved at `path` (`LoRA.save`) into `model`'s weights."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    tensors = load_file(str(path))
-    lora = LoRA(model, int(meta.get("rank", 0)), float(meta.get("alpha", 0)))
-    want = {f"{k}.lora_{ab}" for k in lora.a for ab in "ab"}
-    if set(tensors) != want:
-        missing, extra = sorted(want - set(tensors)), sorted(set(tensors) - want)
-        raise ConfigError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
-    with torch.no_grad():
-        for k in lora.a:
-            lora.a[k].copy_(tensors[f"{k}.lora_a"])
-            lora.b[k].copy_(tensors[f"{k}.lora_b"])
-    lora.merge()
