@@ -14,6 +14,11 @@
   engine benchmark's baseline; its replies are vanilla's, only slower);
 - which part of the default decoding makes a reply differ from vanilla's: the threshold policy
   without a cache, and with a prefix cache instead of the dual one (`same_as_vanilla_by_cache`);
+- the question set (`training/questions.json`, simple factual and everyday questions with accepted
+  answers): how many replies are right, and with `--ar-model` how many the AR model it was
+  adapted from gets right on the same prompt ids; over every reply at the default decoding, how
+  many hold a word 3-gram three times, and the tokens per forward (reply tokens before the first
+  stop token over every forward, block starts included);
 - a few multi-turn dialogues (for the model card).
 """
 
@@ -36,7 +41,7 @@ from dllm_engine.engine import Engine
 from dllm_engine.loading import load_model
 from dllm_engine.options import default_model_path
 from training.batches import encode_chat, iter_batches, read_jsonl, read_utterances
-from training.data import QUALITY_PROMPTS, prepare, repeats_a_word, words
+from training.data import QUALITY_PROMPTS, answers_right, load_questions, prepare, repeats_a_word, words
 from training.distill import MIN_WORD_COUNT
 from training.objective import eval_loss, prompt_gain
 
@@ -54,11 +59,18 @@ def distinct_2(texts: list[str]) -> float:
     return len(set(bigrams)) / max(len(bigrams), 1)
 
 
-async def _replies(engine: Engine, prompts: list[str], params: DecodeParams, desc: str) -> list[dict]:
+def thrice_3gram(text: str) -> bool:
+    """A word 3-gram that occurs three times anywhere in the reply (a loop, if not in a row)."""
+    grams = collections.Counter(tuple(w[i : i + 3]) for w in [words(text)] for i in range(len(w) - 2))
+    return bool(grams) and max(grams.values()) >= 3
+
+
+async def _replies(engine: Engine, prompts: list[str], params: DecodeParams, desc: str, system: str | None = None) -> list[dict]:
+    head = [{"role": "system", "content": system}] if system else []
     out = []
     for p in tqdm(prompts, desc=desc, unit="prompt"):
         t0 = time.perf_counter()
-        text, last = await engine.generate([{"role": "user", "content": p}], params)
+        text, last = await engine.generate(head + [{"role": "user", "content": p}], params)
         st = last.stats
         out.append({"prompt": p, "reply": text.strip(), "finish": last.finish_reason, "tokens": st.new_tokens, "forwards": st.forwards, "seconds": time.perf_counter() - t0})
     return out
@@ -87,6 +99,29 @@ def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_to
     return {k: round(v, 4) for k, v in res.items()}
 
 
+def questions(model_dir: Path, ar_dir: Path | None, params: DecodeParams, dtype: str, system: str | None) -> dict:
+    """The question set (`training.data.load_questions`): how many replies hold an accepted answer,
+    from the model at `params` and, with `ar_dir`, from the autoregressive model it was adapted
+    from, decoded one token per forward (block size 1: its greedy decoding, token for token, as
+    tests/test_convert.py checks against transformers) with the same prompt ids and reply cap."""
+    qs = load_questions()
+    runs = {"model": (model_dir, params)}
+    if ar_dir is not None:
+        runs["ar"] = (ar_dir, dataclasses.replace(params, policy="vanilla", block_size=1))
+    out: dict = {"questions": len(qs)}
+    for name, (path, p) in runs.items():
+        engine = Engine.from_pretrained(path, dtype=dtype, max_batch=1)
+        try:
+            rs = asyncio.run(_replies(engine, [q.text for q in qs], p, f"questions ({name})", system))
+        finally:
+            engine.close()
+        out[f"right_{name}"] = sum(answers_right(r["reply"], q) for r, q in zip(rs, qs))
+        out[f"replies_{name}"] = rs
+    if ar_dir is not None:
+        out["accuracy_vs_ar"] = round(out["right_model"] / max(out["right_ar"], 1), 3)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     model_dir = args.model or default_model_path()
     report: dict = {"model": str(model_dir), "machine": machine()}
@@ -97,10 +132,10 @@ def run(args: argparse.Namespace) -> dict:
     try:
         # Warm-up: the first forwards pay for allocations; not any one decoder's time.
         asyncio.run(engine.generate([{"role": "user", "content": QUALITY_PROMPTS[0]}], default))
-        fast = asyncio.run(_replies(engine, QUALITY_PROMPTS, default, "threshold+dual"))
-        slow = asyncio.run(_replies(engine, QUALITY_PROMPTS, vanilla, "vanilla"))
-        ref = asyncio.run(_replies(engine, QUALITY_PROMPTS, reference, "vanilla reference"))
-        by_cache = {c: asyncio.run(_replies(engine, QUALITY_PROMPTS, dataclasses.replace(default, cache=c), f"threshold+{c}")) for c in ("none", "prefix")}
+        fast = asyncio.run(_replies(engine, QUALITY_PROMPTS, default, "threshold+dual", args.system))
+        slow = asyncio.run(_replies(engine, QUALITY_PROMPTS, vanilla, "vanilla", args.system))
+        ref = asyncio.run(_replies(engine, QUALITY_PROMPTS, reference, "vanilla reference", args.system))
+        by_cache = {c: asyncio.run(_replies(engine, QUALITY_PROMPTS, dataclasses.replace(default, cache=c), f"threshold+{c}", args.system)) for c in ("none", "prefix")}
         report["dialogues"] = [asyncio.run(_dialogue(engine, d, default)) for d in DIALOGUES]
     finally:
         engine.close()
@@ -109,7 +144,13 @@ def run(args: argparse.Namespace) -> dict:
     same = lambda rs: round(sum(r["reply"] == s["reply"] for r, s in zip(rs, slow)) / len(rs), 3)  # noqa: E731
     report["decoding"] = {"default": vars(default), "vanilla": vars(vanilla), "reference": vars(reference)}
     report["replies"] = [{**f, "vanilla_reply": s["reply"], "same_as_vanilla": f["reply"] == s["reply"]} for f, s in zip(fast, slow)]
+    report["questions"] = questions(model_dir, args.ar_model, default, args.dtype, args.system)
+    answered = fast + report["questions"]["replies_model"]  # every reply at the default decoding
     report["summary"] = {
+        "questions_right": report["questions"]["right_model"],
+        **({"questions_right_ar": report["questions"]["right_ar"], "accuracy_vs_ar": report["questions"]["accuracy_vs_ar"]} if args.ar_model else {}),
+        "replies_with_a_3gram_thrice": sum(thrice_3gram(r["reply"]) for r in answered),
+        "tokens_per_forward_all": round(sum(r["tokens"] for r in answered) / max(sum(r["forwards"] for r in answered), 1), 2),
         "prompts": len(fast),
         "ended_within_48_tokens": round(sum(r["finish"] == "stop" and r["tokens"] <= 48 for r in fast) / len(fast), 3),
         "replies_repeating_a_word_3x": sum(map(repeats_a_word, replies)),
@@ -154,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="auto", help="dtype for decoding (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, help=f"reply cap (default: the model's, from its generation_config.json, else {SPOKEN.fallback_max_new_tokens})")
     p.add_argument("--block-size", type=int, default=SPOKEN.block_size, help="decoding block (default: %(default)s, as the voice agent)")
+    p.add_argument("--ar-model", type=Path, help="the AR model the dLLM was adapted from (a `dllm convert` directory): its question-set accuracy, one token per forward, beside the model's")
+    p.add_argument("--system", help="system prompt for every prompt (default: none; the model's chat template may have a default)")
     p.add_argument("--data", type=Path, help="output dir of `dllm prepare-data` (default: rebuilt in a temp dir)")
     p.add_argument("--eval-file", default="eval.jsonl", help="held-out file of --data (distilled-eval.jsonl: teacher replies from `dllm distill --split eval`; default: %(default)s)")
     p.add_argument("--reply-len", type=int, default=24, help="reply region of the held-out rows, as trained (default: %(default)s)")
