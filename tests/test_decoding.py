@@ -90,6 +90,9 @@ def test_commit_counts_follow_each_policy():
     assert threshold.tolist() == [2, 1, 1]  # never fewer than one
     # factor f=1: the n-th best (1-based) needs c >= 1 - 1/(n+1): n=2 -> 0.667, n=3 -> 0.75, n=4 -> 0.8
     assert factor.tolist() == [2, 1, 3]
+    # Fast-dLLM's get_transfer_index drops only confidences below the threshold: one equal to it commits.
+    tie = torch.tensor([[0.5, 0.5, 0.25]])
+    assert commit_counts(tie, torch.ones(1, dtype=torch.long), torch.tensor([0.5]), fac[:1]).tolist() == [2]
     none_masked = torch.full((1, 4), -inf)
     assert commit_counts(none_masked, torch.ones(1, dtype=torch.long), thr[:1], fac[:1]).tolist() == [0]
 

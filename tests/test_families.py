@@ -4,9 +4,10 @@ Llama/Qwen AR checkpoints (token-causal prompt, shifted: a block-diffusion model
 is the AR model).
 
 Each is a tiny random checkpoint written by transformers itself (its names, its config.json, the
-family's model_type), loaded by the project's loader. References: transformers' model under an
-explicit attention mask built here, transformers' greedy `generate`, and a whole-canvas vanilla
-loop written here with the shift and the windows spelled out.
+family's model_type), loaded by the project's loader; with them the project's own LLaDA-layout
+one. References: transformers' model under an explicit attention mask built here, transformers'
+greedy `generate`, and Fast-dLLM's plain `generate` (`fastdllm_generate`, written here: the whole
+canvas every step, vanilla or threshold) with Dream's shift and each family's windows spelled out.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from dllm_engine.config import ConfigError
 from dllm_engine.decoding import (
+    CACHES,
     POLICIES,
     DecodeParams,
     Runner,
@@ -65,8 +67,9 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def loaded(checkpoints):
-    cache: dict = {}
+def loaded(checkpoints, random_model):
+    """name -> (model, tokenizer); "llada" is the project's own (LLaDA's config.json, bidirectional)."""
+    cache: dict = {"llada": random_model}
 
     def get(name: str):
         if name not in cache:
@@ -106,49 +109,97 @@ def test_configs_give_each_family_its_switches(loaded):
     assert not got["dream"].block_causal and got["llama"].weight_tying and got["qwen3"].head_dim == 24
 
 
-def reference(model, prompt: list[int], mask_id: int, new: int, window: int, rule: str, shift: bool, aligned: bool) -> list[int]:
-    """Vanilla decoding over the whole canvas: one token a step, the most confident masked one of
-    the window; position j predicted from state j-1 when shifted; windows after the prompt, or on
-    absolute positions (the first one holding the prompt's tail)."""
+# Read at https://github.com/NVlabs/Fast-dLLM/blob/f6b35ec3f1b16e1b3d3357938046559ae2d350fa/llada/generate.py
+# and https://github.com/NVlabs/Fast-dLLM/blob/4e9aeecc4c87fe0c0c9b1e206bd1a6abddf7176e/dream/model/generation_utils_block.py
+
+
+def fastdllm_generate(
+    model, prompt: list[int], mask_id: int, new: int, block: int, rule: str = "bidirectional", *,
+    threshold: float | None = None, shift: bool = False, aligned: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Fast-dLLM's plain `generate` in llada/generate.py (with its `get_transfer_index`) at
+    temperature 0, remasking 'low_confidence', steps = `new`: the whole canvas every step, no cache.
+
+    Per block, steps until it has no mask. x0 = argmax; confidence = softmax probability of x0 at the
+    block's masked positions, -inf elsewhere. Without `threshold` commit `num_transfer_tokens` (steps =
+    tokens: one a step, the most confident); with it the most confident and every other one not below
+    it (Fast-dLLM drops those `< threshold`). `shift` is Dream's, from generation_utils_block.py:
+    position j is predicted from j-1, logits = cat(logits[:1], logits[:-1]). Dream's own block loop
+    there is followed no further (its block start commits the block's first position, and it has
+    only cached variants). For the block-causal families `rule` and `aligned` lay out their trained
+    attention and windows (see `visible`), which Fast-dLLM's code does not have.
+    Returns the reply's tokens and how many each step committed.
+    """
     n = len(prompt)
-    first = n // window * window if aligned else n
-    total = (-(-n // window) * window if aligned else n) + new
+    first = n // block * block if aligned else n
+    total = (-(-n // block) * block if aligned else n) + new
     x = torch.tensor([prompt + [mask_id] * (total - n)])
     keys = visible(rule, total)
-    if rule == "causal":  # the reply's windows are blocks: bidirectional inside
-        blk = torch.cat([torch.arange(n), n + torch.arange(total - n) // window])
+    if rule == "causal":  # a token-causal prompt, then the reply's windows: bidirectional inside
+        blk = torch.cat([torch.arange(n), n + torch.arange(total - n) // block])
         keys = blk[None, :] <= blk[:, None]
-    for start in range(first, total, window):
-        while (x[0, start : start + window] == mask_id).any():
+    counts = []
+    for start in range(first, total, block):
+        while (x[0, start : start + block] == mask_id).any():
             logits = model.logits(model(x, key_valid=keys[None]))[0].float()
             if shift:
                 logits = torch.cat([logits[:1], logits[:-1]])
-            probs = logits.softmax(-1)
-            probs[:, mask_id] = 0
-            conf, x0 = probs.max(-1)
-            inside = torch.zeros(total, dtype=torch.bool)
-            inside[start : start + window] = True
-            j = int(torch.where(inside & (x[0] == mask_id), conf, -1.0).argmax())
-            x[0, j] = x0[j]
-    return x[0, n:].tolist()
+            conf, x0 = logits.double().softmax(-1).max(-1)
+            masked = x[0] == mask_id
+            masked[start + block :] = False  # nothing before the block is masked
+            conf = torch.where(masked, conf, -torch.inf)
+            commit = torch.zeros_like(masked)
+            commit[conf.argmax()] = True
+            if threshold is not None:
+                commit |= masked & (conf >= threshold)
+            assert mask_id not in x0[commit], "Fast-dLLM would commit its mask token here (it stays masked); the engine never predicts it"
+            x[0, commit] = x0[commit]
+            counts.append(int(commit.sum()))
+    return x[0, n:].tolist(), counts
 
 
-def decode(model, tok, prompt: list[int], **params) -> list[int]:
+def decode(model, tok, prompt: list[int], **params) -> tuple[list[int], list[int]]:
+    """The engine's reply and how many tokens each step committed; a step that commits nothing
+    fails here rather than hanging the test."""
     params = DecodeParams(**{"early_stop": False, "policy": "vanilla", **params})
     seq = Sequence.for_model("s", prompt, params, tok, CPU, model.config)
-    run_to_end(Runner(model, tok, KVCache(model.config, 1, 256, torch.float32, "cpu")), [seq])
-    return seq.ids[seq.prompt_len :].tolist()
+    seq.slot = 0
+    runner = Runner(model, tok, KVCache(model.config, 1, 256, torch.float32, "cpu"))
+    counts: list[int] = []
+    finished = False
+    while not finished:
+        out = runner.step([seq], {"s"})[0]
+        counts.append(len(out.step.positions))
+        assert counts[-1], "a step committed nothing"
+        finished = out.finished
+    return seq.ids[seq.prompt_len :].tolist(), counts
+
+
+# name, decoding window, a threshold low enough that some steps commit several tokens: these tiny
+# random models are rarely more than 4% sure of a token (0.9, Fast-dLLM's default, commits one a step).
+FASTDLLM_CASES = [("llada", 4, 0.035), ("dream", 4, 0.025), ("fast-dllm-v2", 2, 0.025), ("sdar", 4, 0.035), ("qwen2", 4, 0.025)]
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("name,window", [("dream", 4), ("fast-dllm-v2", 2), ("sdar", 4), ("qwen2", 4)])
-def test_vanilla_without_cache_is_the_reference(loaded, name, window):
+@pytest.mark.parametrize("name,window,low", FASTDLLM_CASES)
+@pytest.mark.parametrize("threshold", [None, 0.9, "low"], ids=["vanilla", "threshold-0.9", "threshold-low"])
+def test_decoding_is_fastdllm_generate(loaded, name, window, low, threshold):
+    """Token for token and step for step. A bidirectional model (LLaDA, Dream) only without a cache:
+    there the caches are Fast-dLLM's approximation; a block-causal one with every cache (exact)."""
     model, tok = loaded(name)
     cfg = model.config
     prompt = prompt_ids(tok, "tell me about your weekend")
     assert len(prompt) % (cfg.attention_block or window), "the prompt should end inside a block"
-    want = reference(model, prompt, tok.special.mask, 12, window, FAMILIES[name][2], cfg.shift_logits, cfg.attention_block is not None)
-    assert decode(model, tok, prompt, cache="none", block_size=window, max_new_tokens=12) == want
+    tau = low if threshold == "low" else threshold
+    rule = FAMILIES[name][2] if name in FAMILIES else "bidirectional"
+    want = fastdllm_generate(model, prompt, tok.special.mask, 12, window, rule, threshold=tau, shift=cfg.shift_logits, aligned=cfg.attention_block is not None)
+    if threshold == 0.9:
+        assert set(want[1]) == {1}, "nothing reaches 0.9: the at-least-one rule commits every step"
+    if threshold == "low":
+        assert max(want[1]) > 1 and min(want[1]) == 1, "some steps should commit several tokens, some one"
+    policy = {"policy": "vanilla"} if tau is None else {"policy": "threshold", "threshold": tau}
+    for cache in CACHES if cfg.block_causal else ("none",):
+        assert decode(model, tok, prompt, cache=cache, block_size=window, max_new_tokens=12, **policy) == want, cache
 
 
 @torch.inference_mode()
@@ -174,7 +225,7 @@ def test_an_ar_checkpoint_at_block_size_1_decodes_as_greedy_generate(checkpoints
     want = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=1)[0, len(prompt) :].tolist()
     assert len(set(want)) > 2 and tok.special.mask not in want  # a reply worth comparing; the engine never predicts its mask
     for cache in ("none", "dual"):
-        assert decode(model, tok, prompt, cache=cache, block_size=1, max_new_tokens=10) == want
+        assert decode(model, tok, prompt, cache=cache, block_size=1, max_new_tokens=10)[0] == want
 
 
 @torch.inference_mode()
