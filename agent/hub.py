@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
@@ -78,6 +80,20 @@ class Busy(Exception):
     """No session slot: every one is in use, or the server is shutting down."""
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None on another C library. Why: a call's peaks (a batch of four
+    replies, a long utterance's audio) are freed when it ends, but glibc keeps freed heap in its
+    per-thread arenas, so a long-running server's RSS ratchets up with every new peak; trimming when
+    a call ends hands that memory back to the system."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+TRIM = _malloc_trim()
+
+
 class Hub:
     """The one Agent, the session slots, and every open connection (so shutdown can close them properly)."""
 
@@ -118,6 +134,8 @@ class Hub:
                 yield s
         finally:
             self.active_sessions -= 1
+            if TRIM is not None:  # off the loop: trimming a large heap takes milliseconds
+                asyncio.get_running_loop().run_in_executor(None, TRIM, 0)
 
     async def drain(self, timeout: float) -> None:
         """Refuse new sessions and wait up to `timeout` s for the running calls to end on their own."""

@@ -14,7 +14,7 @@ import socket
 import pytest
 from websockets.asyncio.client import connect
 
-from agent import live_settings
+from agent import hub, live_settings
 from agent.transports import base, realtime
 from tests.servers import close_code, http, live, send_rt_audio, until
 
@@ -49,6 +49,25 @@ def test_nan_then_infinity_gets_two_errors_and_frees_the_slot(srv):
 
     asyncio.run(run())
     assert srv.idle()
+
+
+def test_the_heap_is_trimmed_when_a_call_ends(srv, monkeypatch):
+    """glibc keeps a call's freed peaks in its arenas; the hub hands them back when each call ends."""
+    assert hub.TRIM is not None  # glibc (Debian, as CI and the Makefile assume)
+    calls = []
+    monkeypatch.setattr(hub, "TRIM", lambda pad: calls.append(pad) or hub._malloc_trim()(pad))
+
+    async def run():
+        for n in (1, 2):
+            await errors_then_alive(srv, [])
+            await asyncio.sleep(0)  # the trim runs in the loop's executor
+            for _ in range(100):
+                if len(calls) >= n:
+                    break
+                await asyncio.sleep(0.01)
+            assert calls == [0] * n
+
+    asyncio.run(run())
 
 
 @pytest.mark.parametrize("key", ["end_ms", "max_new_tokens"])
