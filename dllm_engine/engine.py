@@ -6,8 +6,8 @@ denoising step for every running request together (see decoding.Runner). Request
 and leave between steps, at their own block boundaries, while sharing forwards with the others.
 
 Requests that name a `conversation` reuse its cached prefix (prefix_cache.py): exact for a
-`turn_blocks` model (`Engine.exact_prefix_reuse`), an approximation for any other, so callers ask
-for it only when they accept that.
+`turn_blocks` model or a token-causal prompt's (`Engine.exact_prefix_reuse`), an approximation for
+any other, so callers ask for it only when they accept that.
 """
 
 from __future__ import annotations
@@ -178,8 +178,9 @@ class Engine:
 
     @property
     def exact_prefix_reuse(self) -> bool:
-        """Whether `conversation=` gives the same replies as recomputing every prompt (a turn-blocks model)."""
-        return self.model.config.turn_blocks
+        """Whether `conversation=` gives the same replies as recomputing every prompt (a turn-blocks
+        model, or a token-causal prompt's)."""
+        return self.model.config.turn_blocks or self.model.config.causal_prompt
 
     @property
     def active_requests(self) -> int:
@@ -273,8 +274,8 @@ class Engine:
             prefix.load_into(req.seq, self.cache)
 
     def _save_prefix(self, req: _Request) -> None:
-        end_of_turn = self.tokenizer.special.end_of_turn if self.model.config.turn_blocks else None
-        prefix = Prefix.of_sequence(req.seq, self.cache, end_of_turn)
+        cfg = self.model.config
+        prefix = Prefix.of_sequence(req.seq, self.cache, self.tokenizer.special.end_of_turn if cfg.turn_blocks else None, prompt_only=cfg.causal_prompt)
         with self._lock:
             if req.conversation is not None:  # else forgotten meanwhile
                 self._prefixes.put(req.conversation, prefix)

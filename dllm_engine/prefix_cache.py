@@ -4,7 +4,9 @@ When a request that names a `conversation` finishes, the keys and values of its 
 are copied out of its KV-cache slot (`Prefix.of_sequence`); the next request of that conversation
 loads the longest common token prefix back into its own slot (`Prefix.load_into`) instead of
 recomputing it. For a `turn_blocks` model this is exact: only the previous prompt's whole turns are
-kept, whose keys never saw anything after them. For any other model it is an approximation (their
+kept, whose keys never saw anything after them; for a token-causal prompt (`causal_prompt`, an AR
+checkpoint converted) too: the previous prompt is kept, every position of which saw only those
+before it. For any other model it is an approximation (their
 keys saw the rest of the prompt, or the canvas; see decoding.py), so callers ask for it only when
 they accept that.
 """
@@ -29,11 +31,12 @@ class Prefix:
         self.ids, self.k, self.v, self.turn_ends = ids, k, v, turn_ends
 
     @classmethod
-    def of_sequence(cls, seq: Sequence, cache: KVCache, end_of_turn: int | None) -> "Prefix":
+    def of_sequence(cls, seq: Sequence, cache: KVCache, end_of_turn: int | None, prompt_only: bool = False) -> "Prefix":
         """What a finished sequence leaves for its conversation's next request: its settled
-        positions, or with `end_of_turn` (a turn-blocks model) only its prompt's whole turns, since
-        the canvas was decoded in other blocks."""
-        ids = seq.ids[: seq.settled].tolist()
+        positions, or with `end_of_turn` (a turn-blocks model) only its prompt's whole turns, or with
+        `prompt_only` (a token-causal prompt) its prompt: the canvas was decoded in other blocks
+        than the next prompt will put it in."""
+        ids = seq.ids[: seq.prompt_len if prompt_only else seq.settled].tolist()
         turn_ends = None
         if end_of_turn is not None:
             turn_ends = [i + 1 for i, t in enumerate(ids[: seq.prompt_len]) if t == end_of_turn]

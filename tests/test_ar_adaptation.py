@@ -5,6 +5,7 @@ checkpoints only its adapters, resumes, and exports a merged model with the adap
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from dllm_engine.convert import convert
+from dllm_engine.decoding import DecodeParams
+from dllm_engine.engine import Engine
 from dllm_engine.default_model import SMOLLM_DEFAULT_SYSTEM, built_model
 from dllm_engine.loading import load_model, merge_adapter
 from tests.helpers import hf_checkpoint
@@ -185,3 +188,36 @@ def test_the_default_model_is_built_once_from_its_base_and_adapter(ar_checkpoint
     assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 12
     stamp = (out / "config.json").stat().st_mtime_ns
     assert built_model(recipe, base=base, cache=tmp_path / "cache") == out and (out / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_a_converted_model_reuses_its_previous_prompt_exactly(converted):
+    """A token-causal prompt: each request of a conversation reuses the whole previous prompt (not
+    the reply, decoded in blocks), and replies equal a full recompute's."""
+    model, tok = load_model(converted, dtype="float32")
+    engine = Engine(model, tok, max_batch=2, max_len=512)
+    params = DecodeParams(threshold=0.3, block_size=4, max_new_tokens=8)
+    assert engine.exact_prefix_reuse
+
+    async def turn(messages, conversation):
+        outs = [o async for o in engine.stream(messages, params, conversation=conversation)]
+        return [t for o in outs for t in o.token_ids], outs[-1].stats
+
+    async def main():
+        messages = [SYSTEM]
+        previous: list[int] = []
+        for user in ["hello there", "tell me about your weekend.", "what do you like?"]:
+            messages.append({"role": "user", "content": user})
+            reused, stats = await turn(messages, "kept")
+            engine.forget("fresh")
+            fresh, _ = await turn(messages, "fresh")
+            prompt = engine.encode_prompt(messages)
+            assert reused == fresh and engine._prefixes["kept"].ids == prompt
+            shared = next((i for i, (a, b) in enumerate(zip(previous, prompt)) if a != b), min(len(previous), len(prompt)))
+            assert stats.reused_tokens == shared and (not previous or shared > 0)
+            previous = prompt
+            messages.append({"role": "assistant", "content": tok.decode(reused).strip() or "ok."})
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()

@@ -12,6 +12,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+from dllm_engine.config import ConfigError
 from dllm_engine.model import DiffusionLM
 
 from .batches import Row, iter_batches
@@ -36,7 +37,8 @@ def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor | list[torch.Tensor],
     ids, region, key_valid = batch["ids"], batch["region"], batch["key_valid"]
     cfg = model.config
     if not cfg.block_causal:
-        assert not cfg.shift_logits, "a bidirectional model with shifted logits (Dream) is not trained here"
+        if cfg.shift_logits:
+            raise ConfigError("training a bidirectional model with shifted logits (Dream) is not implemented")
         out = [model(x, key_valid=key_valid) for x in copies]
         return out if isinstance(noisy, list) else out[0]
     n, t = ids.shape
