@@ -25,6 +25,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import statistics
 import time
 from pathlib import Path
@@ -127,12 +128,14 @@ class Run:
     tokens_per_s: float = 0.0
     tokens_per_forward: float = 0.0
     first_block_ms: float = 0.0
+    first_sentence_ms: float | None = None  # to the first . ! or ? in the streamed text (None: no reply had one)
     total_ms: float = 0.0
     new_tokens: float = 0.0
     forwards: float = 0.0
     agreement: float | None = None
     speedup_vs_reference: float | None = None
     speedup_vs_early_stop_vanilla: float | None = None
+    speedup_vs_ar: float | None = None  # an AR checkpoint converted: against its own one-token-per-forward decoding
     replies: list[str] = dataclasses.field(default_factory=list)  # what agreement compares
 
 
@@ -145,6 +148,10 @@ CONFIGS = [
     ("dual + factor", "factor", "dual", True),
 ]
 SWEPT = CONFIGS[-2]  # --thresholds: dual + threshold at other values of tau
+# An AR checkpoint converted (`causal_prompt`): the same weights decoded one token per forward with a
+# KV cache, as the AR model itself decodes (block size 1, every forward a step); run first.
+AR = ("AR: 1 token / forward", "vanilla", "dual", True)
+SENTENCE_END = re.compile(r"[.!?]")
 
 
 def _number(text: str, ok, bound: str) -> float:
@@ -186,19 +193,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thresholds", type=thresholds, default="0.7,0.5,0.3", help="comma-separated tau values of an extra dual + threshold sweep at the first of --batches; '' for none (default: %(default)s)")
 
 
-async def _measure(engine: Engine, prompts: list, params: DecodeParams, batch: int) -> tuple[list[str], list, float]:
-    """Run every prompt; `batch` at a time share the engine. Returns texts, stats, wall seconds."""
+async def _measure(engine: Engine, prompts: list, params: DecodeParams, batch: int) -> tuple[list[str], list, list[float | None], float]:
+    """Run every prompt; `batch` at a time share the engine. Returns texts, stats, the ms from each
+    request to the first sentence end in its streamed text (what a voice agent can start speaking),
+    wall seconds."""
     texts: list[str] = [""] * len(prompts)
     stats: list = [None] * len(prompts)
+    sentence_ms: list[float | None] = [None] * len(prompts)
 
     async def one(i: int) -> None:
-        texts[i], out = await engine.generate(prompts[i], params, request_id=f"bench-{i}")
-        stats[i] = out.stats
+        t0 = time.perf_counter()
+        async for out in engine.stream(prompts[i], params, request_id=f"bench-{i}"):
+            texts[i] += out.text
+            if sentence_ms[i] is None and SENTENCE_END.search(texts[i]):
+                sentence_ms[i] = (time.perf_counter() - t0) * 1e3
+            stats[i] = out.stats or stats[i]
 
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch):
         await asyncio.gather(*(one(i) for i in range(start, min(start + batch, len(prompts)))))
-    return texts, stats, time.perf_counter() - t0
+    return texts, stats, sentence_ms, time.perf_counter() - t0
 
 
 def run_bench(
@@ -208,10 +222,10 @@ def run_bench(
     prompts = conversations()[:n_prompts]
     prompt_tokens = [len(engine.encode_prompt(p)) for p in prompts]
     runs: list[Run] = []
-    reference_texts: list[str] | None = None
     # Warm-up: first forwards pay for allocations and kernel selection.
     asyncio.run(engine.generate(prompts[0], DecodeParams(max_new_tokens=block_size, block_size=block_size)))
-    todo = [(b, c, threshold) for b in batches for c in CONFIGS] + [(batches[0], SWEPT, tau) for tau in sweep]
+    configs = ([AR] if engine.model.config.causal_prompt else []) + CONFIGS
+    todo = [(b, c, threshold) for b in batches for c in configs] + [(batches[0], SWEPT, tau) for tau in sweep]
     sweep_runs: list[Run] = []
     bar = tqdm(todo, desc="engine bench", unit="run")
     for i, (batch, (name, policy, cache, early_stop), tau) in enumerate(bar):
@@ -219,28 +233,31 @@ def run_bench(
         name = f"{name}, tau {tau}" if swept else name
         bar.set_postfix_str(f"{name}, batch {batch}")
         params = DecodeParams(
-            policy=policy, cache=cache, early_stop=early_stop, threshold=tau, factor=factor, block_size=block_size, max_new_tokens=max_new_tokens
+            policy=policy, cache=cache, early_stop=early_stop, threshold=tau, factor=factor, block_size=1 if name == AR[0] else block_size,
+            max_new_tokens=max_new_tokens,
         )
-        texts, stats, wall = asyncio.run(_measure(engine, prompts, params, batch))
-        if reference_texts is None:
-            reference_texts = texts
+        texts, stats, sentence_ms, wall = asyncio.run(_measure(engine, prompts, params, batch))
         tokens = sum(s.new_tokens for s in stats)
         run = Run(
             name=name, policy=policy, cache=cache, early_stop=early_stop, batch=batch,
             tokens_per_s=tokens / wall,
             tokens_per_forward=tokens / sum(s.forwards for s in stats),
             first_block_ms=statistics.mean(s.first_block_ms for s in stats),
+            first_sentence_ms=statistics.mean(ms) if (ms := [m for m in sentence_ms if m is not None]) else None,
             total_ms=statistics.mean(s.total_ms for s in stats),
             new_tokens=tokens / len(stats),
             forwards=statistics.mean(s.forwards for s in stats),
-            agreement=sum(a == b for a, b in zip(texts, reference_texts)) / len(texts),
             replies=texts,
         )
         (sweep_runs if swept else runs).append(run)
+    reference_texts = next(r.replies for r in runs if r.name == CONFIGS[0][0])
     for run in runs + sweep_runs:
+        run.agreement = sum(a == b for a, b in zip(run.replies, reference_texts)) / len(reference_texts)
         same_batch = {r.name: r for r in runs if r.batch == run.batch}
         run.speedup_vs_reference = run.tokens_per_s / same_batch[CONFIGS[0][0]].tokens_per_s
         run.speedup_vs_early_stop_vanilla = run.tokens_per_s / same_batch[CONFIGS[1][0]].tokens_per_s
+        if AR[0] in same_batch:
+            run.speedup_vs_ar = run.tokens_per_s / same_batch[AR[0]].tokens_per_s
     cfg = engine.model.config
     return {
         "conditions": {
@@ -312,12 +329,16 @@ def print_table(result: dict) -> None:
     print(f"\nmax_new_tokens {c['max_new_tokens']}, block {c['block_size']}, tau {c['threshold']}, f {c.get('factor', 1.0)}, "
           f"{c['prompts']} prompts of ~{c['prompt_tokens_mean']:.0f} tokens, {c['dtype']} on {c['device']}, {c['threads']} threads"
           + (", compiled layers" if c.get("compiled") else "") + (", CUDA graphs" if c.get("cuda_graphs") else "") + (", block-causal (exact caches: prefix = dual)" if c["model"].get("block_causal") else ""))
-    head = f"{'run':<22}{'batch':>6}{'tok/s':>9}{'tok/fwd':>9}{'1st block ms':>14}{'total ms':>10}{'tokens':>8}{'agree':>7}{'x ref':>7}{'x early':>8}"
+    ar = any(r.get("speedup_vs_ar") for r in result["runs"])
+    head = (f"{'run':<22}{'batch':>6}{'tok/s':>9}{'tok/fwd':>9}{'1st block ms':>14}{'1st sent. ms':>14}{'total ms':>10}{'tokens':>8}{'agree':>7}"
+            f"{'x ref':>7}{'x early':>8}" + (f"{'x AR':>7}" if ar else ""))
     print(head)
     print("-" * len(head))
     for r in result["runs"] + [{**r, "name": f"  tau {r['threshold']}"} for r in result.get("threshold_sweep", [])]:
-        print(f"{r['name']:<22}{r['batch']:>6}{r['tokens_per_s']:>9.1f}{r['tokens_per_forward']:>9.2f}{r['first_block_ms']:>14.1f}"
-              f"{r['total_ms']:>10.0f}{r['new_tokens']:>8.1f}{r['agreement']:>7.2f}{r['speedup_vs_reference']:>7.1f}{r['speedup_vs_early_stop_vanilla']:>8.1f}")
+        sentence = "-" if r.get("first_sentence_ms") is None else f"{r['first_sentence_ms']:.1f}"
+        print(f"{r['name']:<22}{r['batch']:>6}{r['tokens_per_s']:>9.1f}{r['tokens_per_forward']:>9.2f}{r['first_block_ms']:>14.1f}{sentence:>14}"
+              f"{r['total_ms']:>10.0f}{r['new_tokens']:>8.1f}{r['agreement']:>7.2f}{r['speedup_vs_reference']:>7.1f}{r['speedup_vs_early_stop_vanilla']:>8.1f}"
+              + (f"{r['speedup_vs_ar']:>7.1f}" if ar else ""))
     print("\ncross-turn prefix reuse (batch 1, turns 2-4 of each conversation): recompute -> reuse")
     for r in result.get("prefix_reuse", []):
         a, b = r["recompute"], r["reuse"]

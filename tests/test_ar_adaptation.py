@@ -221,3 +221,21 @@ def test_a_converted_model_reuses_its_previous_prompt_exactly(converted):
         asyncio.run(main())
     finally:
         engine.close()
+
+
+def test_the_engine_bench_runs_a_converted_model_one_token_per_forward_beside_the_rest(converted):
+    from benchmarks import engine as bench
+
+    model, tok = load_model(converted, dtype="float32", config_overrides={"max_sequence_length": 1024})  # the bench's histories
+    engine = Engine(model, tok, max_batch=2, max_len=1024)
+    try:
+        result = bench.run_bench(engine, batches=[1, 2], max_new_tokens=8, block_size=4, threshold=0.3, n_prompts=2)
+    finally:
+        engine.close()
+    runs = result["runs"]
+    assert [r["name"] for r in runs] == [n for _ in (1, 2) for n, *_ in [bench.AR] + bench.CONFIGS]
+    for r in runs:
+        assert r["speedup_vs_ar"] > 0 and 0 <= r["agreement"] <= 1
+        assert r["first_sentence_ms"] is None or 0 < r["first_sentence_ms"] <= r["total_ms"] + 1
+    ar = [r for r in runs if r["name"] == bench.AR[0]]
+    assert all(r["speedup_vs_ar"] == 1.0 and r["tokens_per_forward"] <= 1.0 and r["forwards"] >= r["new_tokens"] for r in ar)
