@@ -359,6 +359,12 @@ class BatchSizes:
         self._hook.remove()
 
 
+async def stream_turn(engine, messages, params, conversation: str | None = None) -> tuple[list[int], object]:
+    """One request through `engine.stream`: its committed token ids and its last stats."""
+    outs = [o async for o in engine.stream(messages, params, conversation=conversation)]
+    return [t for o in outs for t in o.token_ids], outs[-1].stats
+
+
 async def eventually(condition, what: str, timeout: float = WAIT) -> None:
     """Poll `condition()` until it holds; only a hang (past `timeout`) fails, with `what`."""
     import time

@@ -17,7 +17,7 @@ from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
 from dllm_engine.default_model import SMOLLM_DEFAULT_SYSTEM, built_model
 from dllm_engine.loading import load_model, merge_adapter
-from tests.helpers import hf_checkpoint
+from tests.helpers import hf_checkpoint, stream_turn
 from training.batches import Row, collate, encode_chat
 from training.config import TrainConfig
 from training.lora import LoRA
@@ -198,9 +198,8 @@ def test_a_converted_model_reuses_its_previous_prompt_exactly(converted):
     params = DecodeParams(threshold=0.3, block_size=4, max_new_tokens=8)
     assert engine.exact_prefix_reuse
 
-    async def turn(messages, conversation):
-        outs = [o async for o in engine.stream(messages, params, conversation=conversation)]
-        return [t for o in outs for t in o.token_ids], outs[-1].stats
+    def turn(messages, conversation):
+        return stream_turn(engine, messages, params, conversation)
 
     async def main():
         messages = [SYSTEM]

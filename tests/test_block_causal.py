@@ -13,7 +13,7 @@ from dllm_engine.decoding import DecodeParams, Runner, Sequence, attention_block
 from dllm_engine.engine import Engine
 from dllm_engine.loading import load_model
 from dllm_engine.model import KVCache
-from tests.helpers import PAIRS, TINY_MODEL, make_model_dir, prompt_ids, run_to_end, tiny_config, tiny_model, tiny_train_config
+from tests.helpers import PAIRS, TINY_MODEL, make_model_dir, prompt_ids, run_to_end, stream_turn, tiny_config, tiny_model, tiny_train_config
 from training.batches import Row, collate
 from training.config import TrainConfig
 from training.loop import train
@@ -204,9 +204,8 @@ def test_a_turn_blocks_model_reuses_earlier_turns_exactly_across_a_conversation(
     params = DecodeParams(threshold=0.3, block_size=8, max_new_tokens=16)
     assert engine.exact_prefix_reuse
 
-    async def turn(messages, conversation):
-        outs = [o async for o in engine.stream(messages, params, conversation=conversation)]
-        return [t for o in outs for t in o.token_ids], outs[-1].stats
+    def turn(messages, conversation):
+        return stream_turn(engine, messages, params, conversation)
 
     async def main():
         messages: list[dict[str, str]] = []
