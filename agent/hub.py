@@ -10,13 +10,14 @@ gives its slot back on the way out.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
@@ -80,18 +81,37 @@ class Busy(Exception):
     """No session slot: every one is in use, or the server is shutting down."""
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None on another C library. Why: a call's peaks (a batch of four
-    replies, a long utterance's audio) are freed when it ends, but glibc keeps freed heap in its
-    per-thread arenas, so a long-running server's RSS ratchets up with every new peak; trimming when
-    a call ends hands that memory back to the system."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
+class Heap:
+    """glibc's heap, kept from ratcheting up over a long-running server's calls, or nothing on another
+    C library. A call's peaks (a batch of four replies, a long utterance's audio) are freed when it
+    ends, but glibc keeps freed memory in its arenas, one per thread that ever allocated, so RSS
+    ratchets up with every new peak. The server caps the arenas at two (as MALLOC_ARENA_MAX=2 would)
+    and trims the heap when a call ends, on a thread of its own: trimming a large heap takes
+    milliseconds, which the event loop must not spend."""
+
+    ARENA_MAX, M_ARENA_MAX = 2, -8  # mallopt's parameter number, from glibc's malloc.h
+
+    def __init__(self) -> None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            libc = None
+        self.libc = libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def cap_arenas(self) -> None:
+        if self.libc is not None:
+            self.libc.mallopt(self.M_ARENA_MAX, self.ARENA_MAX)
+
+    def trim(self) -> None:
+        if self.libc is None:
+            return
+        if self._thread is None:
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="malloc-trim")
+        self._thread.submit(self.libc.malloc_trim, 0)
 
 
-TRIM = _malloc_trim()
+HEAP = Heap()
 
 
 class Hub:
@@ -105,6 +125,7 @@ class Hub:
         secret = settings.stream_secret or settings.token or settings.twilio_auth_token or secrets.token_hex(32)  # the last: no auth, unused
         self.stream_tokens = StreamTokens(secret, settings.stream_token_ttl_s)
         self.closing = False
+        HEAP.cap_arenas()
 
     @property
     def agent_sample_rate(self) -> int:
@@ -134,8 +155,7 @@ class Hub:
                 yield s
         finally:
             self.active_sessions -= 1
-            if TRIM is not None:  # off the loop: trimming a large heap takes milliseconds
-                asyncio.get_running_loop().run_in_executor(None, TRIM, 0)
+            HEAP.trim()
 
     async def drain(self, timeout: float) -> None:
         """Refuse new sessions and wait up to `timeout` s for the running calls to end on their own."""
