@@ -137,7 +137,7 @@ def diffusion_loss(
             raise ValueError("complementary masks are trained for block-causal models")
         views.append((region & ~masked, region & ~masked, (1 - t).clamp(min=eps)))
     hiddens = denoise_hidden(model, [torch.where(m, mask_id, ids) for m, _, _ in views], batch, block_size)
-    ces, weights = [], []
+    ces, bounds = [], []
     for hidden, (_, scored, rate) in zip(hiddens, views):
         logp = model.logits(hidden[scored]).float().log_softmax(-1)
         ce = F.nll_loss(logp, ids[scored], reduction="none")  # = cross_entropy, with logp kept for the entropy
@@ -145,11 +145,11 @@ def diffusion_loss(
             right = logp.argmax(-1) == ids[scored]
             ce = ce + certainty * right * -(logp.exp() * logp).sum(-1)
         ces.append(ce)
-        weights.append((1 / rate / norm)[scored] / n / len(views))  # each view an estimate of the bound
-    ce = torch.cat(ces)
+        bounds.append((ce * (1 / rate / norm)[scored]).sum() / n)  # each view an estimate of the bound
     if weighting == "mean":
+        ce = torch.cat(ces)
         return ce.sum() / max(ce.numel(), 1)
-    return (ce * torch.cat(weights)).sum()
+    return sum(bounds) / len(bounds)
 
 
 @torch.no_grad()
