@@ -6,6 +6,7 @@ checkpoints only its adapters, resumes, and exports a merged model with the adap
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 
@@ -146,10 +147,15 @@ def test_a_lora_run_checkpoints_adapters_resumes_and_exports_the_merged_model(co
         batch_tokens=256, max_steps=6, warmup_steps=1, lr=1e-2, eval_interval=3, log_interval=3, threads=0, autocast_bf16=False,
     ))
     quiet = dict(progress=False, log=lambda *_: None)
+    straight = TrainConfig.from_dict({**dataclasses.asdict(cfg), "out_dir": str(tmp_path / "straight")})
+    train(straight, **quiet)  # the same 6 steps in one go: a resumed run must end with the same adapters
     train(cfg, steps=3, **quiet)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert "model" not in ckpt and set(ckpt["lora"]) == {f"{ab}.{k}" for k in LoRA(load_model(converted, dtype="float32")[0], 4, 8.0).a for ab in "ab"}
     assert train(cfg, resume=True, **quiet)["step"] == 6
+    resumed, whole = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["lora"] for d in ("run", "straight"))
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k])
     out = export(tmp_path / "run", tmp_path / "exported", which="last", dtype=torch.float32)
     merged, tok = load_model(out, dtype="float32")
     base, _ = load_model(converted, dtype="float32")

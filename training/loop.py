@@ -203,7 +203,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     log(f"data: {len(train_rows)} train rows ({dropped} dropped as too long), {len(eval_rows)} eval rows, encoded in {time.perf_counter() - t0:.1f} s")
 
     model = init_model(model_cfg, cfg.init_std, cfg.seed)
-    if cfg.init_from and ckpt is None:
+    if cfg.init_from and (ckpt is None or cfg.lora_rank):  # a LoRA checkpoint holds the adapters, not the weights they adapt
         src = load_init(Path(cfg.init_from))
         # The same weights serve any attention pattern: a bidirectional model may go on block-causal.
         check_shape(src["model_config"], model_cfg, Path(cfg.init_from), ignore=("block_causal", "turn_blocks", "end_of_turn_token_id"))
