@@ -97,18 +97,15 @@ class Heap:
         except OSError:
             libc = None
         self.libc = libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="malloc-trim")  # started on first use
 
     def cap_arenas(self) -> None:
         if self.libc is not None:
             self.libc.mallopt(self.M_ARENA_MAX, self.ARENA_MAX)
 
     def trim(self) -> None:
-        if self.libc is None:
-            return
-        if self._thread is None:
-            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="malloc-trim")
-        self._thread.submit(self.libc.malloc_trim, 0)
+        if self.libc is not None:
+            self._thread.submit(self.libc.malloc_trim, 0)
 
 
 HEAP = Heap()

@@ -99,26 +99,23 @@ def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_to
     return {k: round(v, 4) for k, v in res.items()}
 
 
-def questions(model_dir: Path, ar_dir: Path | None, params: DecodeParams, dtype: str, system: str | None) -> dict:
+def questions(engine: Engine, ar_dir: Path | None, params: DecodeParams, dtype: str, system: str | None) -> dict:
     """The question set (`training.data.load_questions`): how many replies hold an accepted answer,
-    from the model at `params` and, with `ar_dir`, from the autoregressive model it was adapted
-    from, decoded one token per forward (block size 1: its greedy decoding, token for token, as
-    tests/test_convert.py checks against transformers) with the same prompt ids and reply cap."""
+    from the model (`engine`) at `params` and, with `ar_dir`, from the autoregressive model it was
+    adapted from, decoded one token per forward (block size 1: its greedy decoding, token for
+    token, as tests/test_convert.py checks against transformers) with the same prompt ids and reply cap."""
     qs = load_questions()
-    runs = {"model": (model_dir, params)}
+    prompts = [q.text for q in qs]
+    right = lambda rs: sum(answers_right(r["reply"], q) for r, q in zip(rs, qs))  # noqa: E731
+    replies = asyncio.run(_replies(engine, prompts, params, "questions (model)", system))
+    out: dict = {"questions": len(qs), "right_model": right(replies), "replies_model": replies}
     if ar_dir is not None:
-        runs["ar"] = (ar_dir, dataclasses.replace(params, policy="vanilla", block_size=1))
-    out: dict = {"questions": len(qs)}
-    for name, (path, p) in runs.items():
-        engine = Engine.from_pretrained(path, dtype=dtype, max_batch=1)
+        ar = Engine.from_pretrained(ar_dir, dtype=dtype, max_batch=1)
         try:
-            rs = asyncio.run(_replies(engine, [q.text for q in qs], p, f"questions ({name})", system))
+            replies = asyncio.run(_replies(ar, prompts, dataclasses.replace(params, policy="vanilla", block_size=1), "questions (AR)", system))
         finally:
-            engine.close()
-        out[f"right_{name}"] = sum(answers_right(r["reply"], q) for r, q in zip(rs, qs))
-        out[f"replies_{name}"] = rs
-    if ar_dir is not None:
-        out["accuracy_vs_ar"] = round(out["right_model"] / max(out["right_ar"], 1), 3)
+            ar.close()
+        out |= {"right_ar": right(replies), "replies_ar": replies, "accuracy_vs_ar": round(out["right_model"] / max(right(replies), 1), 3)}
     return out
 
 
@@ -137,6 +134,7 @@ def run(args: argparse.Namespace) -> dict:
         ref = asyncio.run(_replies(engine, QUALITY_PROMPTS, reference, "vanilla reference", args.system))
         by_cache = {c: asyncio.run(_replies(engine, QUALITY_PROMPTS, dataclasses.replace(default, cache=c), f"threshold+{c}", args.system)) for c in ("none", "prefix")}
         report["dialogues"] = [asyncio.run(_dialogue(engine, d, default)) for d in DIALOGUES]
+        report["questions"] = questions(engine, args.ar_model, default, args.dtype, args.system)
     finally:
         engine.close()
     replies = [r["reply"] for r in fast]
@@ -144,7 +142,6 @@ def run(args: argparse.Namespace) -> dict:
     same = lambda rs: round(sum(r["reply"] == s["reply"] for r, s in zip(rs, slow)) / len(rs), 3)  # noqa: E731
     report["decoding"] = {"default": vars(default), "vanilla": vars(vanilla), "reference": vars(reference)}
     report["replies"] = [{**f, "vanilla_reply": s["reply"], "same_as_vanilla": f["reply"] == s["reply"]} for f, s in zip(fast, slow)]
-    report["questions"] = questions(model_dir, args.ar_model, default, args.dtype, args.system)
     answered = fast + report["questions"]["replies_model"]  # every reply at the default decoding
     report["summary"] = {
         "questions_right": report["questions"]["right_model"],

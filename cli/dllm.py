@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", choices=["train", "eval"], default="train", help="whose last user turns to answer: train writes distilled.jsonl, eval distilled-eval.jsonl (for `eval_file` in a training config; default: %(default)s)")
     d.add_argument("--student", type=Path, metavar="MODEL", help="answer with this dLLM's own vanilla replies into self.jsonl / self-eval.jsonl (certainty-forcing trajectories; no teacher needed)")
     d.add_argument("--system", help="the student's system prompt, also written into each example (default: none)")
-    d.add_argument("--block-size", type=int, help="the student's decoding block; 1 on a converted AR checkpoint is its greedy AR decoding (default: the voice agent's)")
+    d.add_argument("--block-size", type=positive_int, help="the student's decoding block; 1 on a converted AR checkpoint is its greedy AR decoding (default: the voice agent's)")
     d.add_argument("--any-words", action="store_true", help="no known-word rule: for a student with a vocabulary of its own (a converted AR checkpoint)")
     d.add_argument("--limit", type=int, help="answer only the first N prompts (seeded shuffle, questions first; default: all)")
     d.add_argument("--batch-size", type=int, default=96, help="prompts sampled together (default: %(default)s)")

@@ -166,11 +166,16 @@ def merge_adapter(model: DiffusionLM, path: str | Path) -> None:
         scale = float(meta["alpha"]) / int(meta["rank"])
     except (OSError, KeyError, ValueError) as e:
         raise ConfigError(f"{path}: not a LoRA adapter file ({e})") from None
-    layers = dict(model.named_modules())
+    merge_low_rank(dict(model.named_modules()), tensors, scale, str(path))
+
+
+def merge_low_rank(layers: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor], scale: float, source: str = "the adapters") -> None:
+    """W += scale * B A for each `<layer>.lora_a` / `<layer>.lora_b` pair of `tensors`, into the
+    linear layers of that name; a ConfigError naming `source` if they do not fit."""
     names = {k.rsplit(".", 1)[0] for k in tensors}
     unknown = sorted(n for n in names if not isinstance(layers.get(n), torch.nn.Linear) or {f"{n}.lora_a", f"{n}.lora_b"} - set(tensors))
     if unknown or not names:
-        raise ConfigError(f"{path} does not fit this model (no linear layer or pair for {unknown[:3] or 'any layer'})")
+        raise ConfigError(f"{source} does not fit this model (no linear layer or pair for {unknown[:3] or 'any layer'})")
     with torch.no_grad():
         for n in names:
             w = layers[n].weight

@@ -365,6 +365,16 @@ async def stream_turn(engine, messages, params, conversation: str | None = None)
     return [t for o in outs for t in o.token_ids], outs[-1].stats
 
 
+async def reused_as_recomputed(engine, messages, params) -> tuple[list[int], object]:
+    """A conversation's turn reusing its prefix ("kept") and the same prompt recomputed ("fresh"):
+    the same token ids, which it returns with the kept turn's stats."""
+    reused, stats = await stream_turn(engine, messages, params, "kept")
+    engine.forget("fresh")
+    fresh, _ = await stream_turn(engine, messages, params, "fresh")
+    assert reused == fresh
+    return reused, stats
+
+
 async def eventually(condition, what: str, timeout: float = WAIT) -> None:
     """Poll `condition()` until it holds; only a hang (past `timeout`) fails, with `what`."""
     import time

@@ -13,7 +13,7 @@ from dllm_engine.decoding import DecodeParams, Runner, Sequence, attention_block
 from dllm_engine.engine import Engine
 from dllm_engine.loading import load_model
 from dllm_engine.model import KVCache
-from tests.helpers import PAIRS, TINY_MODEL, make_model_dir, prompt_ids, run_to_end, stream_turn, tiny_config, tiny_model, tiny_train_config
+from tests.helpers import PAIRS, TINY_MODEL, make_model_dir, prompt_ids, reused_as_recomputed, run_to_end, tiny_config, tiny_model, tiny_train_config
 from training.batches import Row, collate
 from training.config import TrainConfig
 from training.loop import train
@@ -204,17 +204,11 @@ def test_a_turn_blocks_model_reuses_earlier_turns_exactly_across_a_conversation(
     params = DecodeParams(threshold=0.3, block_size=8, max_new_tokens=16)
     assert engine.exact_prefix_reuse
 
-    def turn(messages, conversation):
-        return stream_turn(engine, messages, params, conversation)
-
     async def main():
         messages: list[dict[str, str]] = []
         for i, user in enumerate(["hello there, how are you today?", "tell me about your weekend.", "what do you like to do?"]):
             messages.append({"role": "user", "content": user})
-            reused_ids, stats = await turn(messages, "kept")
-            engine.forget("fresh")
-            fresh_ids, _ = await turn(messages, "fresh")
-            assert reused_ids == fresh_ids
+            reused_ids, stats = await reused_as_recomputed(engine, messages, params)
             prompt = engine.encode_prompt(messages)
             ends = turn_ends(tok, prompt)
             # Up to the previous user turn: the reply after it was decoded in the canvas's blocks, not as a turn.
@@ -229,9 +223,8 @@ def test_a_turn_blocks_model_reuses_earlier_turns_exactly_across_a_conversation(
         edited = [{"role": "user", "content": "hello there, how is it going?"}] + messages[1:]
         kept, prompt = engine._prefixes["kept"].ids, engine.encode_prompt(edited)
         assert prompt[:5] == kept[:5]
-        ids, stats = await turn(edited, "kept")
-        engine.forget("fresh")
-        assert (ids, stats.reused_tokens) == ((await turn(edited, "fresh"))[0], 0)
+        _, stats = await reused_as_recomputed(engine, edited, params)
+        assert stats.reused_tokens == 0
 
     try:
         asyncio.run(main())

@@ -18,7 +18,7 @@ from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
 from dllm_engine.default_model import SMOLLM_DEFAULT_SYSTEM, built_model
 from dllm_engine.loading import load_model, merge_adapter
-from tests.helpers import hf_checkpoint, stream_turn
+from tests.helpers import hf_checkpoint, reused_as_recomputed
 from training.batches import Row, collate, encode_chat
 from training.config import TrainConfig
 from training.lora import LoRA
@@ -204,19 +204,14 @@ def test_a_converted_model_reuses_its_previous_prompt_exactly(converted):
     params = DecodeParams(threshold=0.3, block_size=4, max_new_tokens=8)
     assert engine.exact_prefix_reuse
 
-    def turn(messages, conversation):
-        return stream_turn(engine, messages, params, conversation)
-
     async def main():
         messages = [SYSTEM]
         previous: list[int] = []
         for user in ["hello there", "tell me about your weekend.", "what do you like?"]:
             messages.append({"role": "user", "content": user})
-            reused, stats = await turn(messages, "kept")
-            engine.forget("fresh")
-            fresh, _ = await turn(messages, "fresh")
+            reused, stats = await reused_as_recomputed(engine, messages, params)
             prompt = engine.encode_prompt(messages)
-            assert reused == fresh and engine._prefixes["kept"].ids == prompt
+            assert engine._prefixes["kept"].ids == prompt
             shared = next((i for i, (a, b) in enumerate(zip(previous, prompt)) if a != b), min(len(previous), len(prompt)))
             assert stats.reused_tokens == shared and (not previous or shared > 0)
             previous = prompt
@@ -244,3 +239,30 @@ def test_the_engine_bench_runs_a_converted_model_one_token_per_forward_beside_th
         assert r["first_sentence_ms"] is None or 0 < r["first_sentence_ms"] <= r["total_ms"] + 1
     ar = [r for r in runs if r["name"] == bench.AR[0]]
     assert all(r["speedup_vs_ar"] == 1.0 and r["tokens_per_forward"] <= 1.0 and r["forwards"] >= r["new_tokens"] for r in ar)
+
+
+def test_the_question_set_is_scored_for_the_model_and_the_ar_model_on_the_same_prompts(converted):
+    """`benchmarks.quality.questions`: the model's replies from its engine, the AR model's one token
+    per forward; with the same weights, decoded one token per forward both ways, the same replies."""
+    from benchmarks.quality import questions
+    from training.data import answers_right, load_questions
+
+    model, tok = load_model(converted, dtype="float32")
+    engine = Engine(model, tok, max_batch=1, max_len=256)
+    params = DecodeParams(policy="vanilla", block_size=1, max_new_tokens=4)
+    try:
+        out = questions(engine, converted, params, "float32", "answer briefly.")
+    finally:
+        engine.close()
+    qs = load_questions()
+    assert len(qs) >= 50 and out["questions"] == len(qs)
+    assert [r["reply"] for r in out["replies_model"]] == [r["reply"] for r in out["replies_ar"]]
+    assert out["right_model"] == out["right_ar"] == sum(answers_right(r["reply"], q) for r, q in zip(out["replies_ar"], qs))
+
+
+def test_an_answer_is_right_as_whole_words_of_any_accepted_answer():
+    from training.data import Question, answers_right
+
+    q = Question("What is the capital of France?", ("paris", "the city of light"))
+    assert answers_right("It is Paris.", q) and answers_right("The City of Light!", q)
+    assert not answers_right("Parisian food is nice.", q) and not answers_right("A city of lights.", q)

@@ -279,14 +279,14 @@ class StudentReplies:
     decoding: the self-distillation replies of a model still to be taught larger blocks. A
     block-causal model's caches are exact, so it decodes with them; a bidirectional one without."""
 
-    def __init__(self, model_dir: Path, batch_size: int, system: str | None = None, block_size: int | None = None):
+    def __init__(self, model_dir: Path, batch_size: int, head: list[dict[str, str]] | None = None, block_size: int | None = None):
         from dllm_engine.decoding import SPOKEN
         from dllm_engine.engine import Engine
 
         self.engine = Engine.from_pretrained(model_dir, max_batch=batch_size)
         cache = "dual" if self.engine.model.config.block_causal else "none"
         self.params = dataclasses.replace(SPOKEN, policy="vanilla", cache=cache, block_size=block_size or SPOKEN.block_size).resolved(self.engine.max_new_tokens)
-        self.head = [{"role": "system", "content": system}] if system else []
+        self.head = head or []  # the turns before each prompt (a system turn)
 
     def __call__(self, prompts: list[str]) -> list[str]:
         async def answer() -> list:
@@ -344,7 +344,7 @@ def distill(
         gen = torch.Generator().manual_seed(seed + len(done))
         answer, close = (lambda batch: teacher.reply(batch, gen)), (lambda: None)
     else:
-        answer = StudentReplies(student, batch_size, system, block_size)
+        answer = StudentReplies(student, batch_size, head, block_size)
         close = answer.close
     kept = 0
     try:

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from dllm_engine.config import ConfigError, LLaDAConfig, read_json
+from dllm_engine.convert import TOKENIZER_FILES
 from dllm_engine.loading import load_model, save_model
 from dllm_engine.model import DiffusionLM
 from dllm_engine.tokenizer import Tokenizer
@@ -46,7 +47,6 @@ from .objective import diffusion_loss, eval_loss, prompt_gain
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 ADAPTER = "adapter/lora.safetensors"  # in a folder of its own: not one of the model's weight files
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

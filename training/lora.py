@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dllm_engine.config import ConfigError
+from dllm_engine.loading import merge_low_rank
 from dllm_engine.model import DiffusionLM
 
 # The linear layers of each transformer block (fused: q/k/v is one, the SiLU gate and up one).
@@ -54,11 +55,13 @@ class LoRA(nn.Module):
 
         return add
 
-    @torch.no_grad()
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapters by layer name: `<layer>.lora_a` and `<layer>.lora_b`."""
+        return {f"{k.replace('__', '.')}.lora_{ab}": p.detach() for ab, ps in (("a", self.a), ("b", self.b)) for k, p in ps.items()}
+
     def merge(self) -> None:
         """Fold the adapters into the model's weights and unhook them: the model is plain again."""
-        for key, module in self.layers.items():
-            module.weight += (self.b[key] @ self.a[key] * self.scale).to(module.weight.dtype)
+        merge_low_rank({k.replace("__", "."): m for k, m in self.layers.items()}, self.tensors(), self.scale)
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -66,5 +69,5 @@ class LoRA(nn.Module):
     def save(self, path: Path, dtype: torch.dtype = torch.bfloat16) -> None:
         """The adapters alone, by layer name (what is shipped: the base checkpoint comes from
         elsewhere); `dllm_engine.loading.merge_adapter` folds them into a model."""
-        tensors = {f"{k.replace('__', '.')}.lora_{ab}": p.detach().to("cpu", dtype).contiguous() for ab, ps in (("a", self.a), ("b", self.b)) for k, p in ps.items()}
+        tensors = {k: t.to("cpu", dtype).contiguous() for k, t in self.tensors().items()}
         save_file(tensors, str(path), metadata={"rank": str(self.rank), "alpha": str(self.alpha)})

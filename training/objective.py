@@ -72,11 +72,12 @@ def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor | list[torch.Tensor],
     attn = (sees | ~q(valid)) & k(valid)  # padding queries see every real key: no empty softmax row
     pos = torch.cat([torch.arange(t, device=dev).expand(n, t), src.repeat(1, c)], 1)
     hidden = model(torch.cat([ids] + [x.gather(1, src) for x in copies], 1), pos, attn)
+    if cfg.shift_logits:  # a block's first token: the clean state before the block
+        before_block = hidden[:, :t].gather(1, (src - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
     out = []
     for i in range(c):
         states = hidden[:, t + i * r : t + (i + 1) * r]
-        if cfg.shift_logits:  # the state before each token: the clean one at a block's start
-            before_block = hidden[:, :t].gather(1, (src - 1).clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1]))
+        if cfg.shift_logits:  # any other: the noisy state before it
             states = torch.where((j % block == 0)[None, :, None], before_block, torch.cat([states[:, :1], states[:, :-1]], 1))
         out.append(hidden[:, :t].masked_scatter(region[..., None], states[in_reply]))
     return out if isinstance(noisy, list) else out[0]
@@ -134,7 +135,7 @@ def diffusion_loss(
     views = [(masked, scored, t)]
     if complementary:
         if not model.config.block_causal:
-            raise ValueError("complementary masks are trained for block-causal models")
+            raise ConfigError("complementary masks are trained for block-causal models")
         views.append((region & ~masked, region & ~masked, (1 - t).clamp(min=eps)))
     hiddens = denoise_hidden(model, [torch.where(m, mask_id, ids) for m, _, _ in views], batch, block_size)
     ces, bounds = [], []
