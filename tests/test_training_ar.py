@@ -165,6 +165,9 @@ def test_a_lora_run_checkpoints_adapters_resumes_and_exports_the_merged_model(co
         torch.testing.assert_close(merged(ids), base(ids), atol=1e-4, rtol=1e-4)
         assert not torch.allclose(merged(ids), load_model(converted, dtype="float32")[0](ids), atol=1e-3)  # it trained
     assert (out / "chat_template.jinja").read_text() == CHATML
+    generation = json.loads((out / "generation_config.json").read_text())
+    base_generation = json.loads((converted / "generation_config.json").read_text())
+    assert generation == {**base_generation, "max_new_tokens": 16, "max_prompt_tokens": 192}  # its stop ids kept
 
 
 def test_the_default_model_is_built_once_from_its_base_and_adapter(ar_checkpoint, converted, tmp_path):

@@ -137,8 +137,11 @@ def export(run_dir: str | Path, out_dir: str | Path, which: str = "best", dtype:
         (out_dir / ADAPTER).parent.mkdir(exist_ok=True)
         lora.save(out_dir / ADAPTER, dtype)
     limits = {"max_new_tokens": trained.get("reply_len"), "max_prompt_tokens": trained.get("max_prompt_tokens")}
-    if any(limits.values()):
-        (out_dir / "generation_config.json").write_text(json.dumps({k: v for k, v in limits.items() if v}, indent=2) + "\n")
+    # an adapted checkpoint keeps its own generation defaults (its stop ids), with the trained limits over them
+    base = Path(trained["init_from"]) / "generation_config.json" if "lora" in ckpt else None
+    generation = {**(read_json(base) if base and base.exists() else {}), **{k: v for k, v in limits.items() if v}}
+    if generation:
+        (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tok_dir = Path(ckpt["tokenizer_dir"])
     for name in TOKENIZER_FILES:
         src = run_dir / "tokenizer" / name
