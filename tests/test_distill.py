@@ -182,7 +182,7 @@ def read_rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path):
+def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path, capsys):
     from cli.dllm import main
 
     with pytest.raises(SystemExit, match=r"train.jsonl: not found \(run `dllm prepare-data` first\)"):
@@ -193,6 +193,12 @@ def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}], "reply": "yo"}\n')
     with pytest.raises(SystemExit, match=r"utterances.txt: not found \(run `dllm prepare-data` first\)"):
         main(["distill", "--data", str(tmp_path)])
+    for flag in (["--system", "be brief."], ["--block-size", "1"], ["--any-words"]):  # a student's, not the teacher's
+        with pytest.raises(SystemExit, match=r"--system, --block-size and --any-words are a student's"):
+            main(["distill", "--data", str(tmp_path), *flag])
+    with pytest.raises(SystemExit):
+        main(["distill", "--data", str(tmp_path), "--student", str(tmp_path), "--block-size", "0"])
+    assert "--block-size: must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "distilled.jsonl").exists()
 
 

@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+from dllm_engine.config import ConfigError
 from dllm_engine.convert import convert
 from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
@@ -129,7 +130,10 @@ def test_lora_starts_as_the_model_and_merges_into_what_it_computes(converted, tm
         fresh, _ = load_model(converted, dtype="float32")
         merge_adapter(fresh, tmp_path / "lora.safetensors")
         torch.testing.assert_close(fresh(ids), adapted, atol=1e-4, rtol=1e-4)
-        with pytest.raises(Exception, match="does not fit"):
+        (tmp_path / "not-an-adapter.safetensors").write_bytes(b"{}")
+        with pytest.raises(ConfigError, match="not a LoRA adapter file"):
+            merge_adapter(fresh, tmp_path / "not-an-adapter.safetensors")
+        with pytest.raises(ConfigError, match="does not fit"):
             other, _ = load_model(converted, dtype="float32")
             other.model.transformer["blocks"] = other.model.transformer["blocks"][:1]
             merge_adapter(other, tmp_path / "lora.safetensors")
