@@ -12,6 +12,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from websockets.asyncio.client import connect
 
 from agent import session as session_module
 from tests.helpers import ManualClock, heard_prefix, silence
-from tests.servers import RT, close_code, recv_json, send_rt_audio, until
+from tests.servers import RT, WAIT, close_code, recv_json, send_rt_audio, until
 
 RATE = 16000
 
@@ -30,6 +31,33 @@ def frozen_clock(monkeypatch) -> ManualClock:
     clock = ManualClock()
     monkeypatch.setattr(session_module, "SYSTEM", clock)
     return clock
+
+
+@pytest.fixture
+def hold_speech(srv, monkeypatch):
+    """`hold_speech()`: from now on the agent's speech stops after each sentence's first chunk until
+    the returned event is set.
+
+    A reply is then still being produced when the client interrupts it, however fast the machine
+    (the tiny model's one-sentence reply could otherwise be finished before a cancel arrives).
+    """
+    release = threading.Event()
+
+    def hold() -> threading.Event:
+        tts = srv.agent.tts
+        synthesize = tts.synthesize
+
+        def held(text, config=None):  # noqa: ANN001, ANN202
+            chunks = synthesize(text, config)
+            yield next(chunks)
+            release.wait(WAIT)
+            yield from chunks
+
+        monkeypatch.setattr(tts, "synthesize", held)
+        return release
+
+    yield hold
+    release.set()
 
 
 async def open_session(srv, **settings):
@@ -45,23 +73,27 @@ def history(srv) -> list[dict]:
     return srv.in_loop(lambda: [c.session for c in srv.hub.connections if c.session][0].dialogue.turns)
 
 
-# "speech" (a barge-in by voice over the WebSocket) is not listed: on a frozen clock it did not bring
-# response.interrupted within WAIT (see docs/mutation.md, open questions); the session-level barge-in
-# tests in test_voice.py cover speech.
-@pytest.mark.parametrize("how", ["response.cancel"])
-def test_a_reply_interrupted_mid_way_says_so_and_sends_no_more_audio(srv, question, piper_speech, frozen_clock, how):
+@pytest.mark.parametrize("how", ["response.cancel", "speech"])
+def test_a_reply_interrupted_mid_way_says_so_and_sends_no_more_audio(srv, question, piper_speech, frozen_clock, hold_speech, how):
+    audio = question("Tell me a joke.", RATE)
+    stop = np.concatenate([piper_speech("Stop, wait a moment please.", RATE), silence(0.2, RATE)])
+    release = hold_speech()
+
     async def run():
         ws = await open_session(srv, echo_guard_ms=0, barge_in_ms=200, speculation=False)
-        await send_rt_audio(ws, question("Tell me a joke.", RATE), RATE)
+        await send_rt_audio(ws, audio, RATE)
         seen: list[dict] = []
         await until(ws, RT.audio_delta, seen)
         if how == "speech":
-            await send_rt_audio(ws, np.concatenate([piper_speech("Stop, wait a moment please.", RATE), silence(0.2, RATE)]), RATE)
+            await send_rt_audio(ws, stop, RATE)
         else:
             await ws.send(json.dumps({"type": "response.cancel"}))
         interrupted = await until(ws, RT.interrupted, seen)
         done = await until(ws, RT.done, seen)
         after = seen.index(interrupted)
+        release.set()  # the rest of the sentence is synthesized now, and must not be sent
+        await ws.send(json.dumps({"type": RT.update, "session": {}}))
+        await until(ws, RT.updated, seen)
         await ws.close()
         return seen, interrupted, done, after
 
