@@ -111,15 +111,16 @@ def _when_engine_is_up(config: AgentConfig) -> Agent:
             time.sleep(2)
 
 
-def build_llm(args: dict[str, Any], **options: Any) -> Application:
-    """`serve.yaml`'s `llm` application: `args` are LLM's keyword arguments; `options` Serve's."""
-    return LLM.options(**options).bind(**args)
+def build_llm(args: dict[str, Any]) -> Application:
+    """`serve.yaml`'s `llm` application: `args` are LLM's keyword arguments (Serve takes a builder of one
+    argument; the deployment's options come from the file's `deployments`)."""
+    return LLM.bind(**args)
 
 
-def build_voice(args: dict[str, Any], **options: Any) -> Application:
+def build_voice(args: dict[str, Any]) -> Application:
     """`serve.yaml`'s `voice` application: `llm_url`, `settings` (ServerSettings) and `agent` (AgentConfig).
 
     A call holds one request (its WebSocket) for its whole length, so a replica takes its sessions
     plus a few short requests; past that Serve routes to another replica."""
     max_sessions = ServerSettings(**args.get("settings", {})).max_sessions
-    return VoiceSessions.options(**{"max_ongoing_requests": max_sessions + SESSION_HEADROOM, **options}).bind(**args)
+    return VoiceSessions.options(max_ongoing_requests=max_sessions + SESSION_HEADROOM).bind(**args)

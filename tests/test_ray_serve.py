@@ -8,18 +8,21 @@ import base64
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import ray
+import yaml
 from ray import serve
 from websockets.asyncio.client import connect
 
 from audio.codec import resample
 from audio.tts import Synthesizer
-from deploy.ray_app import build_llm, build_voice
 from tests.helpers import silence
 from tests.servers import MULAW, RT, WAIT, free_socket, media_msgs, recv_json, send_rt_audio
 
@@ -29,21 +32,34 @@ SMALL = {"num_cpus": 0.5}  # three replicas on two cores
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_chat):
+def cluster(tiny_chat, tmp_path_factory):
+    """deploy/serve.yaml, as `serve run` deploys it, on a one-machine cluster: the tiny model, a token,
+    two session replicas, and resources small enough for three replicas on two cores."""
     with free_socket() as sock:
         port = sock.getsockname()[1]
-    root = str(Path(__file__).resolve().parent.parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)  # for the workers
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    root = Path(__file__).resolve().parent.parent
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)  # for the workers
+    config = yaml.safe_load((root / "deploy" / "serve.yaml").read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    apps = {a["name"]: a for a in config["applications"]}
+    model, decode = str(tiny_chat / "model"), {"block_size": 32, "max_new_tokens": 32}
+    apps["llm"]["args"].update(model=model, dtype="float32", max_batch=4, decode=decode)
+    apps["voice"]["args"].update(llm_url=f"http://127.0.0.1:{port}/llm/v1", settings={"token": TOKEN, "max_sessions": 2},
+                                 agent={"model": model, "dtype": "float32", "decode": decode, "asr_threads": 1, "tts_threads": 1})
+    apps["voice"]["deployments"][0].pop("autoscaling_config")
+    apps["voice"]["deployments"][0]["num_replicas"] = 2
+    for app in apps.values():
+        app["deployments"][0]["ray_actor_options"] = SMALL
+    path = tmp_path_factory.mktemp("serve") / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        model = str(tiny_chat / "model")
-        decode = {"block_size": 32, "max_new_tokens": 32}
-        serve.run(build_llm({"model": model, "dtype": "float32", "max_batch": 4, "decode": decode}, ray_actor_options=SMALL), name="llm", route_prefix="/llm")
-        agent = {"model": model, "dtype": "float32", "decode": decode, "asr_threads": 1, "tts_threads": 1}
-        voice = build_voice({"llm_url": f"http://127.0.0.1:{port}/llm/v1", "settings": {"token": TOKEN, "max_sessions": 2}, "agent": agent},
-                            num_replicas=2, ray_actor_options=SMALL)
-        serve.run(voice, name="voice", route_prefix="/")
+        subprocess.run([str(Path(sys.executable).parent / "serve"), "run", "--non-blocking", "--address", context.address_info["address"], str(path)],
+                       check=True, timeout=3 * WAIT, cwd=root)
+        deadline = time.monotonic() + 5 * WAIT
+        while (status := {n: a.status for n, a in serve.status().applications.items()}) != {"llm": "RUNNING", "voice": "RUNNING"}:
+            assert time.monotonic() < deadline and "DEPLOY_FAILED" not in status.values(), status
+            time.sleep(1)
         yield port
     finally:
         serve.shutdown()
