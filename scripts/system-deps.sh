@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that provide the given commands, only those not found already.
 #   scripts/system-deps.sh PACKAGE[:COMMAND] ...
-# PACKAGE alone is checked with `command -v PACKAGE`, PACKAGE:COMMAND with `command -v COMMAND`;
+# PACKAGE alone is checked with `command -v PACKAGE`, PACKAGE:COMMAND with `command -v COMMAND`,
+# PACKAGE:/PATH (a data package) by the path existing;
 # PACKAGE: (nothing after the colon) is installed unconditionally: the caller has checked.
 # Uses apt-get (with sudo when not root). Whatever is still missing afterwards is named on stderr;
 # with CI set in the environment that is an error (exit 1), otherwise the caller goes on.
@@ -13,6 +14,7 @@ missing() {  # the packages of "$@" whose command is not found
         pkg=${spec%%:*}
         cmd=${spec#*:}
         if [[ $spec != *:* ]]; then cmd=$pkg; fi
+        if [[ $cmd == /* ]]; then [[ -e $cmd ]] || echo "$pkg"; continue; fi
         if [[ -z $cmd ]] || ! command -v "$cmd" >/dev/null 2>&1; then echo "$pkg"; fi
     done
 }

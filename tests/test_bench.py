@@ -41,11 +41,11 @@ def test_first_audible_skips_leading_silence_and_quiet_audio() -> None:
 @pytest.fixture
 def steady_agent(voice_agent):
     """The voice agent with endpointing on media time alone: a turn ends after 1 s of silence, never at a
-    pause the speculative transcript reads as a question. The synthesized questions pause up to 0.7 s
+    pause the speculative transcript reads as a question or the end-of-turn model hears as finished. The synthesized questions pause up to 0.7 s
     mid-sentence, and whether a transcript arrives inside such a pause depends on the machine's speed;
     these tests check the benchmark, so every turn must be answered whatever the machine."""
     saved = voice_agent.config
-    voice_agent.config = dataclasses.replace(saved, turns=dataclasses.replace(saved.turns, end_ms=1000, question_end_ms=0, unfinished_end_ms=0))
+    voice_agent.config = dataclasses.replace(saved, turns=dataclasses.replace(saved.turns, end_ms=1000, question_end_ms=0, unfinished_end_ms=0, turn_model=False))
     yield voice_agent
     voice_agent.config = saved
 
