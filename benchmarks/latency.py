@@ -21,7 +21,7 @@ Transports (--transport):
 
 Server: --url ws://HOST:PORT (a running `voice-agent serve`; its --token via --token) or, by
 default, one the benchmark starts in this process on a free loopback port with the same models.
-Against --url the baseline is set per session with session.update (speculation off, end_ms 800,
+Against --url the baseline is set per session with session.update (speculation off, end_ms 800, no turn model,
 threshold 1.0 = one token per step; the server's KV-cache mode cannot be changed remotely).
 
 Speech (--speech-dir DIR): WAV files, 16-bit PCM, mono, 8000-48000 Hz, plus DIR/transcripts.tsv
@@ -80,7 +80,7 @@ AFTER_REPLY_S = 1.0  # the caller listens this long after the reply has played b
 PREMATURE_SLACK_MS = 250  # a speech_stopped this far before the true end is premature (VAD tails are shorter, pauses longer)
 TRANSCRIPTS = "transcripts.tsv"
 BASELINE_END_MS = 800  # the baseline's endpointing silence
-BASELINE_LIVE = {"speculation": False, "end_ms": BASELINE_END_MS, "threshold": 1.0}  # the baseline as session.update settings
+BASELINE_LIVE = {"speculation": False, "end_ms": BASELINE_END_MS, "turn_model": False, "threshold": 1.0}  # the baseline as session.update settings
 SILENCE = np.zeros(int(RATE * FRAME_S), dtype=np.float32)
 
 QUESTIONS = [
@@ -266,6 +266,8 @@ class Listener:
         elif p is None:
             return
         elif isinstance(e, ev.SpeechStarted):
+            if p.turn is not None:  # the server ended a turn inside this utterance: follow the new one
+                p.done, p.replied, p.transcript, p.server = False, False, None, None
             p.turn = e.turn
         elif isinstance(e, ev.SpeechStopped):
             p.stops_ms.append(e.audio_ms)
@@ -402,7 +404,7 @@ def baseline_overrides(agent) -> dict:  # noqa: ANN001 (Agent)
     return dict(
         speculation=False,
         decode=dataclasses.replace(agent.config.decode, policy="vanilla", cache="none"),
-        turns=dataclasses.replace(agent.config.turns, end_ms=BASELINE_END_MS),
+        turns=dataclasses.replace(agent.config.turns, end_ms=BASELINE_END_MS, turn_model=False),
     )
 
 
@@ -539,7 +541,7 @@ def describe(args: argparse.Namespace) -> dict:
         where, cpu = args.url, "this process: callers only (the server's CPU is not measured)"
     else:
         where, cpu = "server started in this process", "this process: callers + server"
-    baseline = BASELINE_LIVE if args.url else {"speculation": False, "decode": "vanilla, no KV cache", "end_ms": BASELINE_END_MS}
+    baseline = BASELINE_LIVE if args.url else {"speculation": False, "decode": "vanilla, no KV cache", "end_ms": BASELINE_END_MS, "turn_model": False}
     return {"transport": args.transport, "server": where, "settings": dict(args.set), "cpu_scope": cpu, "baseline": baseline, "speech": str(args.speech_dir or "synthesized")}
 
 

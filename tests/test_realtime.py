@@ -1,5 +1,6 @@
-"""The Realtime WebSocket's promises mid-conversation, over a live server: barge-in and response.cancel,
-truncation, speculation, hang-up, all-or-nothing session.update.
+"""The Realtime WebSocket over a live server: a whole conversation, bad input, the README's client, and
+the promises mid-conversation: barge-in and response.cancel, truncation, speculation, hang-up,
+all-or-nothing session.update.
 
 Event names come from tests/servers.py (`RT`), so a protocol rename is a one-line change there.
 Sessions run on a clock that stands still (`frozen_clock`): a reply stays 'playing' however slow the
@@ -12,15 +13,21 @@ import asyncio
 import base64
 import dataclasses
 import json
+import subprocess
+import sys
 import threading
+import wave
+from contextlib import suppress
+from pathlib import Path
 
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from agent import session as session_module
 from tests.helpers import ManualClock, heard_prefix, silence
-from tests.servers import RT, WAIT, close_code, recv_json, send_rt_audio, until
+from tests.servers import RT, WAIT, close_code, pcm16, recv_json, send_rt_audio, until
 
 RATE = 16000
 
@@ -178,3 +185,104 @@ def test_session_update_is_all_or_nothing(srv, update):
     before, error, after = asyncio.run(run())
     assert error["type"] == "error" and error["error"]["code"] == "invalid_value"
     assert after == before
+
+
+# ---- a whole conversation, bad input, the README client ---------------------------------
+
+
+def test_realtime_conversation(srv, question):
+    async def run():
+        async with connect(srv.url("/v1/realtime")) as ws:
+            created = await recv_json(ws)
+            assert created["type"] == "session.created" and created["turn"] is None
+            s = created["session"]
+            assert s["input_sample_rate"] == s["output_sample_rate"] == 24000 and s["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+            assert s["agent_sample_rate"] == srv.agent.tts.sample_rate and s["end_ms"] == srv.agent.config.turns.end_ms
+
+            await ws.send(json.dumps({"type": "session.update", "session": {"input_sample_rate": 16000, "output_sample_rate": 16000, "denoise_steps": True, "end_ms": 650.0, "barge_in_ms": 400}}))
+            updated = await recv_json(ws)
+            assert updated["type"] == "session.updated"
+            assert updated["session"]["output_sample_rate"] == 16000 and updated["session"]["barge_in_ms"] == 400 and updated["session"]["end_ms"] == 650
+
+            await send_rt_audio(ws, question("What is your name?", 16000), 16000)
+            seen: list[dict] = []
+            done = await until(ws, "response.done", seen)
+            metrics = await until(ws, "turn.metrics", seen)
+            return seen, done, metrics
+
+    seen, done, metrics = asyncio.run(run())
+    types = [m["type"] for m in seen]
+    for t in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "conversation.item.input_audio_transcription.completed",
+              "response.created", "response.output_audio_transcript.delta", "response.denoise.step", "response.output_audio.delta"):
+        assert t in types, f"no {t} in {types}"
+    assert types.index("input_audio_buffer.speech_started") < types.index("conversation.item.input_audio_transcription.completed") < types.index("response.output_audio.delta")
+    transcript = next(m["transcript"] for m in seen if m["type"].endswith("transcription.completed"))
+    assert "name" in transcript.lower()
+    assert all(m["turn"] == 1 for m in seen)
+    assert all(m["response_id"] == "resp_1" for m in seen if m["type"].startswith("response."))
+    reply = "".join(m["delta"] for m in seen if m["type"] == "response.output_audio_transcript.delta")
+    assert reply.strip() and done["response"]["output"][0]["content"][0]["transcript"] == reply and done["response"]["status"] == "completed"
+    assert types.index("response.created") < types.index("response.output_audio.delta") < types.index("response.output_audio.done") < types.index("response.done")
+    audio = [m for m in seen if m["type"] == "response.output_audio.delta"]
+    samples = np.concatenate([np.frombuffer(base64.b64decode(m["delta"]), dtype="<i2") for m in audio])
+    assert all(m["sample_rate"] == 16000 and m["text"] for m in audio)
+    assert audio[0]["audio_start_ms"] == 0 and len(samples) > 0.3 * 16000 and np.abs(samples).max() > 1000
+    assert metrics["timeline"]["turn"] == 1 and metrics["timeline"]["server_voice_to_voice_ms"] is not None
+
+
+def test_realtime_bad_input_gets_errors_and_the_session_goes_on(srv):
+    async def error_for(ws, payload) -> dict:
+        await ws.send(payload)
+        msg = await recv_json(ws)
+        assert msg["type"] == "error", msg
+        return msg["error"]
+
+    async def run():
+        async with connect(srv.url("/v1/realtime")) as ws:
+            await until(ws, "session.created")
+            assert (await error_for(ws, "{not json"))["code"] == "invalid_json"
+            assert (await error_for(ws, "[1, 2]"))["code"] == "invalid_event"
+            assert (await error_for(ws, json.dumps({"type": 7})))["code"] == "invalid_event"
+            err = await error_for(ws, json.dumps({"type": "input_audio_buffer.bogus"}))
+            assert err["code"] == "unknown_event" and err["event"] == "input_audio_buffer.bogus"
+            for bad in ({"input_audio_format": "mp3"}, {"output_sample_rate": 12345}, {"input_sample_rate": "16000"}, {"end_ms": "long"},
+                        {"block_size": 31.5}, {"threshold": 5.0}, {"colour": "blue"}, {"denoise_steps": 1}, {"speculation": "yes"}):
+                err = await error_for(ws, json.dumps({"type": "session.update", "session": bad}))
+                assert err["code"] == "invalid_value", (bad, err)
+            assert (await error_for(ws, json.dumps({"type": "session.update", "session": 3})))["code"] == "invalid_event"
+            assert (await error_for(ws, json.dumps({"type": "input_audio_buffer.append", "audio": "@@not base64@@"})))["code"] == "invalid_audio"
+            assert (await error_for(ws, json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x01\x02\x03").decode()})))["code"] == "invalid_audio"
+            assert (await error_for(ws, b"\x00\x01\x02"))["code"] == "invalid_audio"  # odd-length binary pcm16
+            assert (await error_for(ws, json.dumps({"type": "conversation.item.truncate", "turn": "one"})))["code"] == "invalid_value"
+            # Still a working session: a valid update applies, and nothing bad was applied before it.
+            await ws.send(json.dumps({"type": "session.update", "session": {"pause_ms": 250}}))
+            s = (await until(ws, "session.updated"))["session"]
+            assert s["pause_ms"] == 250 and s["output_sample_rate"] == 24000 and s["threshold"] == srv.agent.config.decode.threshold
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))  # silence only: no turn, no error
+            await ws.send(json.dumps({"type": "response.cancel"}))
+            await ws.send(json.dumps({"type": "response.audio.played", "turn": 0, "audio_end_ms": 0}))
+            await ws.send(json.dumps({"type": "session.update", "session": {}}))
+            assert (await recv_json(ws))["type"] == "session.updated"  # the three before it answered nothing
+
+        async with connect(srv.url("/v1/realtime"), max_size=None) as ws:
+            await until(ws, "session.created")
+            with suppress(ConnectionClosed):  # the server may close (1009) before the frame is all sent
+                await ws.send(b"\x00" * ((1 << 20) + 2))  # over max_frame_bytes
+            assert await close_code(ws) == 1009
+
+    asyncio.run(run())
+
+
+def test_the_readme_client_example(srv, piper_speech, tmp_path):
+    """examples/ws_client.py: a WAV without trailing silence, ended by input_audio_buffer.commit."""
+    with wave.open(str(tmp_path / "q.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm16(np.concatenate([silence(0.3, 16000), piper_speech("Hello, how are you?", 16000)])))
+    run = subprocess.run([sys.executable, "examples/ws_client.py", str(tmp_path / "q.wav"), "--out", str(tmp_path / "a.wav"), "--url", srv.url("/v1/realtime")],
+                         capture_output=True, text=True, timeout=WAIT, cwd=Path(__file__).parent.parent)
+    assert run.returncode == 0, run.stderr
+    assert "you:" in run.stdout and "agent:" in run.stdout
+    with wave.open(str(tmp_path / "a.wav")) as w:
+        assert w.getframerate() == 24000 and w.getnframes() > 0.3 * 24000

@@ -8,6 +8,7 @@ ignores its cancellation, and a client that stops reading under the default limi
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import threading
@@ -16,8 +17,10 @@ import pytest
 from websockets.asyncio.client import connect
 
 from agent import hub, live_settings
+from agent.session import Session
 from agent.transports import base, realtime
-from tests.servers import close_code, http, live, send_rt_audio, until
+from tests.helpers import silence
+from tests.servers import WAIT, close_code, http, live, media_msgs, send_rt_audio, twilio_call, until
 
 
 async def errors_then_alive(srv, messages: list[str]) -> list[dict]:
@@ -190,3 +193,71 @@ def test_a_client_that_stops_reading_is_closed_1008_under_the_default_limits(voi
         assert asyncio.run(run()) == 1008
         assert slow.idle()
 
+
+# ---- clients that vanish, stop reading, or come and go ---------------------------------------
+
+
+def test_abrupt_disconnects_mid_reply_leave_other_sessions_going(srv, question):
+    async def abort_mid_reply_realtime():
+        ws = await connect(srv.url("/v1/realtime"))
+        await until(ws, "session.created")
+        await send_rt_audio(ws, question("Where do you live?", 24000), 24000)
+        await until(ws, "response.output_audio.delta")
+        ws.transport.abort()  # no close frame: the TCP connection just dies
+
+    async def abort_mid_reply_twilio():
+        ws = await twilio_call(srv)
+        for m in media_msgs(question("What do you eat?", 8000)):
+            await ws.send(m)
+        while json.loads(await asyncio.wait_for(ws.recv(), WAIT))["event"] != "media":
+            pass
+        ws.transport.abort()
+
+    async def witness():
+        async with connect(srv.url("/v1/realtime")) as ws:
+            await until(ws, "session.created")
+            await asyncio.sleep(0.5)  # let the others get going first
+            await send_rt_audio(ws, question("Do you like dogs?", 24000), 24000)
+            seen: list[dict] = []
+            done = await until(ws, "response.done", seen)
+            assert any(m["type"] == "response.output_audio.delta" for m in seen)
+            return done["response"]["output"][0]["content"][0]["transcript"]
+
+    async def run():
+        _, _, text = await asyncio.gather(abort_mid_reply_realtime(), abort_mid_reply_twilio(), witness())
+        assert text.strip()
+        await srv.wait_idle()
+
+    asyncio.run(run())
+
+
+def test_connect_disconnect_cycles_leak_nothing(srv):
+    def server_tasks() -> int:
+        return len(asyncio.all_tasks(srv.loop))
+
+    async def cycle(k: int) -> None:
+        if k % 2:
+            ws = await connect(srv.url("/v1/realtime"))
+            await until(ws, "session.created")
+        else:
+            ws = await twilio_call(srv)
+            await ws.send(media_msgs(silence(0.1, 8000))[0])
+        if k % 3 == 0:
+            ws.transport.abort()
+        else:
+            await ws.close()
+
+    async def run():
+        await srv.wait_idle()
+        gc.collect()
+        tasks, threads = srv.in_loop(server_tasks), threading.active_count()
+        for k in range(50):
+            await cycle(k)
+        await srv.wait_idle()
+        await asyncio.sleep(0.2)
+        assert srv.in_loop(server_tasks) <= tasks
+        assert threading.active_count() <= threads
+
+    asyncio.run(run())
+    gc.collect()
+    assert [o for o in gc.get_objects() if type(o) is Session] == []

@@ -1,13 +1,20 @@
-"""Who may call: the token on the WebRTC offer (401) and the browser origin (403), HTTP Basic on /twiml."""
+"""Who may call: tokens (header or first message), browser origins, Twilio signatures and single-use
+stream tokens, the session limit; the token on the WebRTC offer (401) and the origin (403), HTTP
+Basic on /twiml."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import re
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
-from tests.servers import http, live
+from agent.security import twilio_signature
+from tests.servers import SID, close_code, http, live, recv_json, start_msg
 
 TOKEN = "s3cret"
 OFFER = json.dumps({"type": "offer", "sdp": "v=0 not checked before admission"}).encode()
@@ -47,3 +54,69 @@ def test_twiml_takes_the_token_as_http_basic(secured, headers, status):
         assert "unauthorized" in body
     else:
         assert '<Parameter name="token"' in body
+
+
+def test_tokens_origins_signatures_and_session_limit(voice_agent):
+    twilio_token = "tw-auth-token"
+    settings = dict(token="s3cret", twilio_auth_token=twilio_token, public_url="https://agent.example.com", allowed_origins=("https://app.example.com",), max_sessions=1, open_timeout_s=1.0)
+    with live(voice_agent, **settings) as sec:
+        bearer = {"Authorization": "Bearer s3cret"}
+
+        async def run():
+            url = sec.url("/v1/realtime")
+            with pytest.raises(InvalidStatus) as e:
+                await connect(url, additional_headers={"Authorization": "Bearer wrong"})
+            assert e.value.response.status_code == 401
+            with pytest.raises(InvalidStatus) as e:
+                await connect(url, additional_headers=bearer, origin="https://evil.example.com")
+            assert e.value.response.status_code == 403
+
+            async with connect(url) as ws:  # a browser: no header, nothing sent in time
+                assert await close_code(ws) == 1008
+            async with connect(url) as ws:
+                await ws.send(json.dumps({"type": "session.auth", "token": "nope"}))
+                assert await close_code(ws) == 1008
+
+            async with connect(url, origin="https://app.example.com") as ws:  # a browser with the first-message token
+                await ws.send(json.dumps({"type": "session.auth", "token": "s3cret"}))
+                assert (await recv_json(ws))["type"] == "session.created"
+                async with connect(url, additional_headers=bearer) as second:  # over max_sessions
+                    err = await recv_json(second)
+                    assert err["type"] == "error" and err["error"]["code"] == "session_limit"
+                    assert await close_code(second) == 1013
+                status, _, body = http(sec, "/twiml", data=b"CallSid=CA1", headers={"X-Twilio-Signature": twilio_signature(twilio_token, "https://agent.example.com/twiml", [("CallSid", "CA1")])})
+                assert status == 200 and '<Reject reason="busy"/>' in body
+
+            for origin in (f"http://127.0.0.1:{sec.port}", "https://agent.example.com"):  # same origin; the public one
+                async with connect(url, additional_headers=bearer, origin=origin) as ws:
+                    assert (await recv_json(ws))["type"] == "session.created"
+
+            # Twilio: the webhook is signed over the public URL + sorted form fields.
+            form = [("From", "+15550001"), ("CallSid", "CA0")]  # the call start_msg names
+            body = "&".join(f"{k}={v}" for k, v in form).replace("+", "%2B").encode()
+            assert http(sec, "/twiml", data=body)[0] == 403
+            assert http(sec, "/twiml", data=body, headers={"X-Twilio-Signature": twilio_signature("other", "https://agent.example.com/twiml", form)})[0] == 403
+            status, _, xml = http(sec, "/twiml", data=body, headers={"X-Twilio-Signature": twilio_signature(twilio_token, "https://agent.example.com/twiml", form)})
+            assert status == 200 and '<Stream url="wss://agent.example.com/twilio/stream">' in xml
+            token = re.search(r'<Parameter name="token" value="([^"]+)"/>', xml).group(1)
+
+            stream = sec.url("/twilio/stream")
+            sig = {"X-Twilio-Signature": twilio_signature(twilio_token, "wss://agent.example.com/twilio/stream")}
+            with pytest.raises(InvalidStatus) as e:
+                await connect(stream)
+            assert e.value.response.status_code == 403
+            async with connect(stream, additional_headers=sig) as ws:
+                await ws.send(start_msg("not-the-token"))
+                assert await close_code(ws) == 1008
+            async with connect(stream, additional_headers=sig) as ws:
+                await ws.send(start_msg(token))
+                await ws.send(json.dumps({"event": "stop", "streamSid": SID}))
+                assert await close_code(ws) == 1000
+            async with connect(stream, additional_headers=sig) as ws:  # single use
+                await ws.send(start_msg(token))
+                assert await close_code(ws) == 1008
+            async with connect(stream, additional_headers=sig) as ws:  # connected, then nothing
+                await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+                assert await close_code(ws) == 1008
+
+        asyncio.run(run())

@@ -95,6 +95,20 @@ def test_resume_continues_exactly_from_the_saved_step(tiny_chat, tmp_path):
     assert (tmp_path / "split" / "model" / "config.json").exists()  # exported when max_steps was reached
 
 
+def test_certainty_forcing_starts_at_its_step(tiny_chat, tmp_path):
+    """Before `certainty_from_step` the run is the plain objective's, bit for bit; from it, it is not."""
+    def weights(name: str, **overrides) -> dict:
+        cfg = tiny_train_config(tiny_chat, out_dir=str(tmp_path / name), max_steps=6, **overrides)
+        train(cfg, progress=False, log=lambda m: None)
+        return load_checkpoint(tmp_path / name / CHECKPOINT)["model"]
+
+    plain = weights("plain")
+    late = weights("late", certainty_weight=5.0, certainty_from_step=6)
+    early = weights("early", certainty_weight=5.0, certainty_from_step=3)
+    assert all(torch.equal(plain[n], late[n]) for n in plain)
+    assert not all(torch.equal(plain[n], early[n]) for n in plain)
+
+
 def test_existing_checkpoint_without_resume_is_refused(tiny_chat):
     ckpt = tiny_chat / "run" / CHECKPOINT
     before = _digest(ckpt)

@@ -33,7 +33,7 @@ def pipecat_features(audio: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def turn_model(voice_agent) -> TurnModel:
-    assert voice_agent.turn_model is not None  # loaded by default
+    assert voice_agent.turn_model is not None  # loaded by default (sessions turn it on)
     return voice_agent.turn_model
 
 
@@ -58,10 +58,12 @@ def test_the_end_of_turn_rule():
     assert end_of_turn_ms("Tell me a joke.", None, cfg) == 500  # the transcript alone, as before
     assert end_of_turn_ms("Tell me a joke.", 0.9, cfg) == 200  # both hear a finished turn: now
     assert end_of_turn_ms("What time is it?", 0.9, cfg) == 200
+    assert end_of_turn_ms("Tell me a joke.", 0.7, cfg) == 500  # finished, but not sure: the transcript's rule
     assert end_of_turn_ms(None, 0.9, cfg) == 500  # the voice alone never cuts a speaker off sooner
     assert end_of_turn_ms("My favorite food is", 0.9, cfg) == 1200  # ... nor against words that stop mid-phrase
     assert end_of_turn_ms("Tell me a joke.", 0.2, cfg) == 2000  # the voice is not done: keep listening
     assert end_of_turn_ms(None, 0.2, cfg) == 2000
+    assert end_of_turn_ms("What do you like to do on the weekend?", 0.05, cfg) == 500  # a question: they disagree
     assert end_of_turn_ms("What time is it?", 0.2, TurnConfig(incomplete_end_ms=0, question_end_ms=300)) == 300  # 0: off
     assert end_of_turn_ms("Tell me a joke.", 0.9, TurnConfig(complete_end_ms=0, end_ms=500)) == 500
 
@@ -144,7 +146,7 @@ async def test_real_speech_with_a_long_pause_mid_sentence_is_one_turn(voice_agen
 
 async def test_turn_metrics_report_the_verdict(voice_agent, piper_speech):
     speech = np.concatenate([silence(0.5), trim(piper_speech(FINISHED))])
-    got = await run_session(voice_agent, [speech, silence(0.3)], until=ev.TurnMetrics, speculation=True)
+    got = await run_session(voice_agent, [speech, silence(0.3)], until=ev.TurnMetrics, speculation=True, turns=TurnConfig(turn_model=True))
     verdict = [e for e in got if isinstance(e, ev.TurnMetrics)][-1].timeline["turn_model"]
     assert verdict["complete"] > 0.5 and verdict["ms"] > 0
 
@@ -159,6 +161,21 @@ def test_a_missing_or_corrupt_model_file_is_a_clear_error(tmp_path):
         TurnModel(tmp_path / "junk.onnx")
     with pytest.raises(TurnModelError, match="expected one input 'input_features'"):
         TurnModel(silero())
+
+
+def test_without_the_model_file_the_server_starts_unless_sessions_need_it(monkeypatch, tmp_path):
+    from agent.voice_agent import AgentConfig, load_turn_model
+    from audio import turn_model
+
+    def missing():
+        raise TurnModelError("the end-of-turn model ships in the pipecat-ai wheel")
+
+    monkeypatch.setattr(turn_model, "default_model_path", missing)
+    assert load_turn_model(AgentConfig()) is None  # optional: sessions simply cannot turn it on
+    with pytest.raises(TurnModelError, match="pipecat-ai"):
+        load_turn_model(AgentConfig(turns=TurnConfig(turn_model=True)))  # on for every session: required
+    with pytest.raises(TurnModelError, match="no such file"):
+        load_turn_model(AgentConfig(turn_model_path=tmp_path / "named.onnx"))  # named: required
 
 
 def test_a_server_without_the_model_refuses_to_turn_it_on(voice_agent):

@@ -99,6 +99,7 @@ class TrainConfig:
     # position the model already predicts right. Threshold decoding commits only what is >= tau
     # confident, so a model that is right but unsure still decodes one token per forward.
     certainty_weight: float = 0.0
+    certainty_from_step: int = 0  # a second stage: the plain objective first, certainty forcing from this step
     # Block-diffusion masking (see `diffusion_loss`): block sizes drawn per batch; [] = plain LLaDA SFT.
     block_sizes: list[int] = dataclasses.field(default_factory=list)
     # Fast-dLLM v2's complementary masks (block-causal models): a second noisy copy of each reply
@@ -159,6 +160,8 @@ class TrainConfig:
             raise ConfigError(f"eps must be in (0, 1), got {cfg.eps}")
         if not cfg.certainty_weight >= 0:
             raise ConfigError(f"certainty_weight must be >= 0, got {cfg.certainty_weight}")
+        if not isinstance(cfg.certainty_from_step, int) or cfg.certainty_from_step < 0:
+            raise ConfigError(f"certainty_from_step must be a whole number >= 0, got {cfg.certainty_from_step!r}")
         if cfg.loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {cfg.loss_weighting!r}")
         try:
