@@ -45,7 +45,7 @@ class RT:
 class LiveServer:
     """A VoiceServer on 127.0.0.1:<free port> in a thread with its own event loop."""
 
-    def __init__(self, agent, sndbuf: int | None = None, **settings) -> None:
+    def __init__(self, agent, sndbuf: int | None = None, ssl: tuple[str, str] | None = None, **settings) -> None:
         self.sock = socket.socket()
         if sndbuf:  # accepted sockets inherit it: a small kernel buffer lets backpressure reach the app
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
@@ -54,7 +54,8 @@ class LiveServer:
         self.agent = agent
         self.app = create_app(agent, ServerSettings(port=self.port, **settings))
         self.hub = self.app.state.hub
-        self.server = server_for(self.app, log_level="warning")
+        certfile, keyfile = ssl or (None, None)  # TLS: (certificate, key) PEM files
+        self.server = server_for(self.app, ssl_certfile=certfile, ssl_keyfile=keyfile, log_level="warning")
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread = threading.Thread(target=self._run, name=f"server-{self.port}", daemon=True)
 

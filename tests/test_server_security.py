@@ -11,10 +11,10 @@ import re
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import InvalidMessage, InvalidStatus
 
 from agent.security import twilio_signature
-from tests.servers import SID, close_code, http, live, recv_json, start_msg
+from tests.servers import SID, WAIT, close_code, http, live, recv_json, start_msg
 
 TOKEN = "s3cret"
 OFFER = json.dumps({"type": "offer", "sdp": "v=0 not checked before admission"}).encode()
@@ -118,5 +118,49 @@ def test_tokens_origins_signatures_and_session_limit(voice_agent):
             async with connect(stream, additional_headers=sig) as ws:  # connected, then nothing
                 await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
                 assert await close_code(ws) == 1008
+
+        asyncio.run(run())
+
+
+def self_signed(tmp_path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(certfile), str(keyfile)
+
+
+def test_tls_serves_https_and_wss_and_nothing_in_the_clear(voice_agent, tmp_path):
+    import ssl
+    import urllib.request
+
+    certfile, keyfile = self_signed(tmp_path)
+    trusted = ssl.create_default_context(cafile=certfile)
+    with live(voice_agent, ssl=(certfile, keyfile)) as srv:
+        with urllib.request.urlopen(srv.url("/health", "https"), context=trusted, timeout=WAIT) as r:
+            assert r.status == 200 and json.load(r)["status"] == "ok"
+
+        async def run():
+            async with connect(srv.url("/v1/realtime", "wss"), ssl=trusted) as ws:
+                assert (await recv_json(ws))["type"] == "session.created"
+            with pytest.raises(InvalidMessage):  # the clear-text handshake gets no HTTP answer
+                async with connect(srv.url("/v1/realtime", "ws"), open_timeout=WAIT):
+                    pass
 
         asyncio.run(run())
