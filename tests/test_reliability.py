@@ -198,11 +198,14 @@ def test_a_client_that_stops_reading_is_closed_1008_under_the_default_limits(voi
 
 
 def test_abrupt_disconnects_mid_reply_leave_other_sessions_going(srv, question):
+    replying = [asyncio.Event(), asyncio.Event()]  # each caller that will vanish is mid-reply
+
     async def abort_mid_reply_realtime():
         ws = await connect(srv.url("/v1/realtime"))
         await until(ws, "session.created")
         await send_rt_audio(ws, question("Where do you live?", 24000), 24000)
         await until(ws, "response.output_audio.delta")
+        replying[0].set()
         ws.transport.abort()  # no close frame: the TCP connection just dies
 
     async def abort_mid_reply_twilio():
@@ -211,12 +214,13 @@ def test_abrupt_disconnects_mid_reply_leave_other_sessions_going(srv, question):
             await ws.send(m)
         while json.loads(await asyncio.wait_for(ws.recv(), WAIT))["event"] != "media":
             pass
+        replying[1].set()
         ws.transport.abort()
 
     async def witness():
         async with connect(srv.url("/v1/realtime")) as ws:
             await until(ws, "session.created")
-            await asyncio.sleep(0.5)  # let the others get going first
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in replying)), WAIT)  # the others are mid-reply, then gone
             await send_rt_audio(ws, question("Do you like dogs?", 24000), 24000)
             seen: list[dict] = []
             done = await until(ws, "response.done", seen)
@@ -254,9 +258,11 @@ def test_connect_disconnect_cycles_leak_nothing(srv):
         for k in range(50):
             await cycle(k)
         await srv.wait_idle()
-        await asyncio.sleep(0.2)
-        assert srv.in_loop(server_tasks) <= tasks
-        assert threading.active_count() <= threads
+        await srv.wait_until(lambda: server_tasks() <= tasks, f"server tasks above the {tasks} at the start")
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while threading.active_count() > threads:  # a closing connection's thread may still be ending
+            assert asyncio.get_running_loop().time() < deadline, f"{threading.active_count()} threads, {threads} at the start"
+            await asyncio.sleep(0.05)
 
     asyncio.run(run())
     gc.collect()
