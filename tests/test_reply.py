@@ -61,3 +61,55 @@ def test_an_unconfirmed_or_interrupted_reply_is_never_audible():
     reply, _ = spoken_reply(ManualClock(), SENTENCES, [1.0, 1.0], done=False)
     reply.confirmed = False
     assert not reply.audible(echo_guard_ms=None)
+
+
+def test_a_sentence_sent_in_chunks_counts_as_one():
+    """Piper may cut a sentence into several chunks: they add up to one sentence's audio."""
+    import numpy as np
+
+    from agent import events as ev
+
+    reply, _ = spoken_reply(ManualClock(), [], [])
+    rate = 48000
+    for text, index, seconds in ((SENTENCES[0], 1, 0.04), (SENTENCES[0], 1, 0.06), (SENTENCES[1], 2, 0.1)):
+        reply.sent(ev.AgentAudio(1, np.full(round(seconds * rate), 0.1, np.float32), rate, text, index))
+    assert [(s.index, s.samples) for s in reply.spoken] == [(1, round(0.1 * rate)), (2, round(0.1 * rate))]
+    reply.played(0.05)
+    assert reply.heard_text() == "One two"  # half of the first sentence's two chunks
+    reply.played(0.15)
+    assert reply.heard_text() == "One two three four five. Six seven"
+
+
+def test_the_first_audio_is_marked_on_the_sessions_clock():
+    clock = ManualClock(start=5000.0)
+    reply, _ = spoken_reply(clock, SENTENCES, [0.1, 0.1])
+    assert reply.timeline.marks["first_audio_sent"] == 5000.0
+
+
+def test_the_guard_and_the_playback_end_are_exact():
+    """At exactly the guard the agent is audible again; at exactly its audio's end it is not."""
+    clock = ManualClock()
+    reply, _ = spoken_reply(clock, SENTENCES, [1.0, 1.0])
+    clock.advance(0.25)
+    assert reply.audible(echo_guard_ms=250)
+    clock.advance(0.75)
+    assert not reply.audible(echo_guard_ms=1001)  # 1000 ms in: a guard counts whole milliseconds
+    clock.advance(1.0)
+    assert not reply.audible(echo_guard_ms=0)
+
+
+@pytest.mark.parametrize("turn, user_text, confirmed, recorded", [
+    (1, "hi", True, True),
+    (0, "", True, True),  # the greeting has no user turn before it
+    (1, "", True, False),  # nothing was heard from the user: no exchange to record
+    (1, "hi", False, False),  # a speculation is recorded only once confirmed
+])
+def test_what_goes_into_the_history(turn, user_text, confirmed, recorded):
+    from agent.metrics import TurnTimeline
+    from agent.reply import Reply
+    from tests.helpers import ReplyHost
+
+    reply = Reply(turn, TurnTimeline(turn), ReplyHost(ManualClock()), confirmed=confirmed, user_text=user_text, sample_rate=48000)
+    reply.record()
+    reply.record()  # at most once
+    assert reply.host.dialogue.turns == ([{"role": "assistant", "content": ""}] if recorded else [])
