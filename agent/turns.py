@@ -18,7 +18,7 @@ class TurnConfig:
     unfinished_end_ms: int = 1200  # it stops mid-phrase ("I was thinking about", "my favorite food is")
     # The end-of-turn model (audio.turn_model), asked at each pause, moves the end too (0 disables either rule).
     # Off by default: on the project's speech sets it answers sooner at the median but misjudges some
-    # finished turns as unfinished, which costs their wait (README, Turn-taking).
+    # finished turns as unfinished, which costs their wait (README, Performance).
     turn_model: bool = False
     complete_end_ms: int = 200  # it hears a finished turn and the transcript reads as finished: answer now
     incomplete_end_ms: int = 2000  # it hears a speaker who is not done: keep listening this long
@@ -46,6 +46,10 @@ COMPLETE = 0.5  # the turn model's probability above which a turn is finished (P
 SURE = 0.8  # ... and above which it may end the turn sooner than the transcript's rule
 
 
+def reads_question(text: str) -> bool:
+    return text.strip().endswith("?")
+
+
 def reads_unfinished(text: str) -> bool:
     """The words stop mid-phrase: no final punctuation, or a last word a sentence rarely ends on."""
     text = text.strip()
@@ -55,7 +59,7 @@ def reads_unfinished(text: str) -> bool:
 
 def transcript_end_ms(text: str, config: TurnConfig) -> int:
     """The end-of-turn silence a pause transcript calls for (Whisper punctuates what it hears)."""
-    if text.strip().endswith("?") and config.question_end_ms:
+    if reads_question(text) and config.question_end_ms:
         return config.question_end_ms
     if config.unfinished_end_ms and reads_unfinished(text):
         return config.unfinished_end_ms
@@ -76,7 +80,7 @@ def end_of_turn_ms(text: str | None, complete: float | None, config: TurnConfig)
     rule = config.end_ms if text is None else transcript_end_ms(text, config)
     if complete is None:
         return rule
-    question = text is not None and text.strip().endswith("?")
+    question = text is not None and reads_question(text)
     if complete > COMPLETE:
         agreed = complete >= SURE and text is not None and (question or not reads_unfinished(text)) and config.complete_end_ms
         return min(rule, config.complete_end_ms) if agreed else rule

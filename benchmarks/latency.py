@@ -62,6 +62,7 @@ from tqdm import tqdm
 
 from agent import events as ev
 from agent import live_settings
+from agent.turns import COMPLETE
 from audio.codec import AudioError, resample, to_float32, trim
 from dllm_engine.options import positive_int
 
@@ -396,7 +397,7 @@ def summarize(results: list[TurnResult], wall_s: float, cpu_s: float) -> dict:
         out["server_stages_p50_ms"] = {k: pct(np.array([s[k] for s in stages if s[k] is not None]), 50) for k in stages[0]}
     verdicts = [r.server["turn_model"] for r in results if r.server and r.server.get("turn_model")]
     decision = np.array([v["ms"] for v in verdicts])
-    out["turn_model"] = {"decisions": len(verdicts), "complete": sum(v["complete"] > 0.5 for v in verdicts), "p50_ms": pct(decision, 50), "p90_ms": pct(decision, 90)}
+    out["turn_model"] = {"decisions": len(verdicts), "complete": sum(v["complete"] > COMPLETE for v in verdicts), "p50_ms": pct(decision, 50), "p90_ms": pct(decision, 90)}
     return out
 
 

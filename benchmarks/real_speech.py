@@ -88,6 +88,12 @@ def one_sentence(text: str) -> bool:
     return len(re.findall(r"[.!?]", text.rstrip(".!? "))) == 0
 
 
+def longest_inner_pause(p: Prompt) -> tuple[int, int] | None:
+    """Its longest pause after the first 0.6 s (past the first words, not a breath at the start)."""
+    gaps = [g for g in p.gaps() if g[0] > 0.6 * p.rate]
+    return max(gaps, key=lambda g: g[1] - g[0]) if gaps else None
+
+
 def stretch(p: Prompt, gap: tuple[int, int], seconds: float) -> np.ndarray:
     """The prompt with the pause `gap` made `seconds` long out of its own background."""
     start, end = gap
@@ -103,12 +109,8 @@ def build(out: Path, plain: int = 60, paused: int = 24, pause_s: float = 1.5, wo
     out.mkdir(parents=True, exist_ok=True)
     by_text = {p.text.lower().strip(".!? "): p for p in reversed(load_prompts()) if words[0] <= len(p.text.split()) <= words[1]}
     prompts = sorted(by_text.values(), key=lambda p: p.name)
-    # Paused: one sentence, with a pause inside it after at least two words (not a breath at the start).
-    candidates = []
-    for p in prompts:
-        gaps = [g for g in p.gaps() if g[0] > 0.6 * p.rate]
-        if one_sentence(p.text) and gaps:
-            candidates.append((p, max(gaps, key=lambda g: g[1] - g[0])))
+    # Paused: one sentence, with a pause inside it.
+    candidates = [(p, gap) for p in prompts if one_sentence(p.text) and (gap := longest_inner_pause(p))]
     chosen = candidates[:paused]
     rest = [p for p in prompts if p.name not in {c.name for c, _ in chosen}][:plain]
     lines = ["# Asterisk core English prompts (Allison Smith, CC-BY-SA-3.0); `paused`: a pause inside the sentence stretched to "

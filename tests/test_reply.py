@@ -34,24 +34,22 @@ def test_audio_sent_after_a_played_report_does_not_count_as_heard():
     assert reply.recorded["content"] == SENTENCES[0]
 
 
-def test_the_echo_guard_runs_on_the_clock():
+@pytest.mark.parametrize("done, seconds, guard_ms, audible", [
+    (False, 0.0, 300, False),  # the echo guard runs on the clock
+    (False, 0.299, 300, False),
+    (False, 0.301, 300, True),
+    (False, 0.301, None, True),
+    (True, 0.25, 250, True),  # at exactly the guard the agent is audible again
+    (True, 1.0, 1001, False),  # 1000 ms in: a guard counts whole milliseconds
+    (True, 1.999, 0, True),  # a finished reply is audible until its audio has played ...
+    (True, 2.0, 0, False),  # ... exactly
+    (True, 2.001, 0, False),
+])
+def test_audible_follows_the_clock(done, seconds, guard_ms, audible):
     clock = ManualClock()
-    reply, _ = spoken_reply(clock, SENTENCES, [1.0, 1.0], done=False)
-    assert not reply.audible(echo_guard_ms=300)
-    clock.advance(0.299)
-    assert not reply.audible(echo_guard_ms=300)
-    clock.advance(0.002)
-    assert reply.audible(echo_guard_ms=300)
-    assert reply.audible(echo_guard_ms=None)
-
-
-def test_a_finished_reply_is_audible_until_its_audio_has_played():
-    clock = ManualClock()
-    reply, _ = spoken_reply(clock, SENTENCES, [1.0, 1.0])
-    clock.advance(1.999)
-    assert reply.audible(echo_guard_ms=0)
-    clock.advance(0.002)
-    assert not reply.audible(echo_guard_ms=0)
+    reply, _ = spoken_reply(clock, SENTENCES, [1.0, 1.0], done=done)
+    clock.advance(seconds)
+    assert reply.audible(echo_guard_ms=guard_ms) is audible
 
 
 def test_an_unconfirmed_or_interrupted_reply_is_never_audible():
@@ -84,18 +82,6 @@ def test_the_first_audio_is_marked_on_the_sessions_clock():
     clock = ManualClock(start=5000.0)
     reply, _ = spoken_reply(clock, SENTENCES, [0.1, 0.1])
     assert reply.timeline.marks["first_audio_sent"] == 5000.0
-
-
-def test_the_guard_and_the_playback_end_are_exact():
-    """At exactly the guard the agent is audible again; at exactly its audio's end it is not."""
-    clock = ManualClock()
-    reply, _ = spoken_reply(clock, SENTENCES, [1.0, 1.0])
-    clock.advance(0.25)
-    assert reply.audible(echo_guard_ms=250)
-    clock.advance(0.75)
-    assert not reply.audible(echo_guard_ms=1001)  # 1000 ms in: a guard counts whole milliseconds
-    clock.advance(1.0)
-    assert not reply.audible(echo_guard_ms=0)
 
 
 @pytest.mark.parametrize("turn, user_text, confirmed, recorded", [

@@ -129,13 +129,21 @@ async def test_a_mid_phrase_pause_keeps_the_turn_open_when_the_model_hears_more_
     assert bool(stopped(got)) is not turn_model
 
 
-async def test_real_speech_with_a_long_pause_mid_sentence_is_one_turn(voice_agent):
-    """A real speaker (Asterisk's prompts) with a 1.5 s pause inside the sentence, the model on and off."""
-    from benchmarks.real_speech import load_prompts, stretch
+@pytest.fixture(scope="module")
+def pin_prompt():
+    """A real speaker (Asterisk's prompts): "Please enter your personal identification number followed by
+    the pound, or hash key." (8 kHz)."""
+    from benchmarks.real_speech import load_prompts
 
-    # "Please enter your personal identification number followed by the pound, [1.5 s] or hash key."
-    prompt = next(p for p in load_prompts() if p.name == "confbridge-pin")
-    gap = max((g for g in prompt.gaps() if g[0] > 0.6 * prompt.rate), key=lambda g: g[1] - g[0])
+    return next(p for p in load_prompts() if p.name == "confbridge-pin")
+
+
+async def test_real_speech_with_a_long_pause_mid_sentence_is_one_turn(voice_agent, pin_prompt):
+    """A real speaker (Asterisk's prompts) with a 1.5 s pause inside the sentence, the model on and off."""
+    from benchmarks.real_speech import longest_inner_pause, stretch
+
+    prompt = pin_prompt  # "…followed by the pound, [1.5 s] or hash key."
+    gap = longest_inner_pause(prompt)
     spoken = stretch(prompt, gap, 1.5).astype(np.float32) / 32768
     cut = gap[0] + int(0.5 * prompt.rate)  # the first part, and 500 ms of its pause: judged and transcribed
     parts = [np.concatenate([silence(0.5, 8000), spoken[:cut]]), spoken[cut:], silence(1.0, 8000)]
@@ -192,10 +200,8 @@ def test_a_server_without_the_model_refuses_to_turn_it_on(voice_agent):
             pool.shutdown()
 
 
-def test_resampled_real_speech_is_what_the_model_hears(turn_model):
+def test_resampled_real_speech_is_what_the_model_hears(turn_model, pin_prompt):
     """8 kHz phone audio reaches the model at its 16 kHz (the session resamples before anything else)."""
-    from benchmarks.real_speech import load_prompts
-
-    prompt = next(p for p in load_prompts() if p.name == "confbridge-pin")
+    prompt = pin_prompt
     audio = resample(prompt.audio.astype(np.float32) / 32768, prompt.rate, SAMPLE_RATE)
     assert turn_model(np.concatenate([silence(0.2), audio, silence(0.2)])) > 0.5
