@@ -48,7 +48,7 @@ TURNS = {
 }
 SESSION = {
     "echo_guard_ms": Live(int, 0, 10_000, "no barge-in during the first ms of agent speech"),
-    "barge_in_ms": Live(int, 0, 10_000, "user speech this long while the agent talks interrupts it"),
+    "barge_in_ms": Live(int, 0, 10_000, "user speech this long over the agent's voice interrupts it; shorter is dropped"),
     "speculation": Live(bool, doc="start ASR and the reply at a short pause"),
 }
 SETTINGS: dict[str, Live] = {**DECODE, **TURNS, **SESSION}

@@ -5,9 +5,11 @@
   and asks the end-of-turn model whether the speaker is done; its verdict and the pause's
   transcript move the end of the turn (`turns.end_of_turn_ms`); speech that resumes discards the
   speculation; the end of turn confirms it (or starts the reply then);
-- user speech of `barge_in_ms` while the agent talks (after the echo guard) interrupts the reply:
-  an explicit `Interrupted` event, after which none of that turn's audio leaves the session, and
-  the history keeps only what the listener heard.
+- speech that starts while the agent's voice is playing is not a turn until it interrupts: after
+  the echo guard, `barge_in_ms` of it is a barge-in, an explicit `Interrupted` event after which
+  none of that reply's audio leaves the session and the history keeps only what the listener
+  heard; speech that stops short of that (a backchannel, a cough, the agent's own echo) is
+  dropped, and the agent talks on. Speech that outlasts the reply's playback is a turn.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Session:
         self._pause = 0  # counts pauses, resumes and turn ends: a verdict for an older pause is stale
         self._pause_text: str | None = None  # this pause's transcript (speculative ASR)
         self._verdict: TurnVerdict | None = None  # this pause's end-of-turn model verdict
+        self._over_reply: int | None = None  # media ms where speech began over the agent's voice, until it is a turn
         self._judging: set[asyncio.Task] = set()
         self._audio_lock = asyncio.Lock()
         self._request_ids = itertools.count()
@@ -165,10 +168,11 @@ class Session:
         if h.signal in (Signal.SPEECH_START, Signal.PAUSE, Signal.RESUME):  # a new pause, or none
             self._pause += 1
             self._pause_text = self._verdict = None
+        if self._talked_over(h):
+            self._check_limits(h)
+            return
         if h.signal is Signal.SPEECH_START:
-            self._turn += 1
-            self.stats["turns"] += 1
-            self.emit(ev.SpeechStarted(self._turn, h.media_ms))
+            self._open_turn(h.media_ms)
         elif h.signal is Signal.PAUSE:
             if self.config.turns.turn_model and self.agent.turn_model is not None and h.audio is not None:
                 task = asyncio.get_running_loop().create_task(self._judge(h.audio, self._pause))
@@ -184,8 +188,36 @@ class Session:
             self._end_of_turn(h.audio)
         r = self._reply
         if h.in_speech and r is not None and r.audible(self.config.echo_guard_ms) and h.speech_ms >= self.config.barge_in_ms:
-            self._interrupt()
+            self._interrupt()  # a reply that began playing while the user was already talking
         self._check_limits(h)
+
+    def _talked_over(self, h: Heard) -> bool:
+        """Whether `h` belongs to speech over the agent's voice that is not (yet) a turn.
+
+        It becomes one at a barge-in (which interrupts the reply) or once the reply has finished
+        playing; if it stops first, the listener's pause or end of it is dropped: nothing starts."""
+        r = self._reply
+        if h.signal is Signal.SPEECH_START and r is not None and r.audible(echo_guard_ms=None):
+            self._over_reply = h.media_ms
+        if self._over_reply is None:
+            return False
+        barge_in = h.in_speech and r.audible(self.config.echo_guard_ms) and h.speech_ms >= self.config.barge_in_ms
+        if barge_in or not r.audible(echo_guard_ms=None):
+            start, self._over_reply = self._over_reply, None
+            self._open_turn(start)
+            if barge_in:
+                self._interrupt()
+            return h.signal is Signal.SPEECH_START  # any other signal is the new turn's
+        if h.signal in (Signal.END_OF_TURN, Signal.CAPPED):
+            self._over_reply = None
+            self.stats["talked_over"] += 1
+            log.debug("speech over the reply ended short of a barge-in: dropped")
+        return True
+
+    def _open_turn(self, media_ms: int) -> None:
+        self._turn += 1
+        self.stats["turns"] += 1
+        self.emit(ev.SpeechStarted(self._turn, media_ms))
 
     async def _judge(self, audio: np.ndarray, pause: int) -> None:
         """Ask the end-of-turn model about this pause (off the event loop); its verdict moves the end."""

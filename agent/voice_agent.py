@@ -61,7 +61,7 @@ class AgentConfig:
     # with full recompute `dllm bench` reports.
     reuse_prefix: bool | None = None
     speculation: bool = True  # start ASR + reply at a short pause, keep it if the turn really ended
-    barge_in_ms: int = 300  # user speech this long while the agent talks interrupts it (backchannels are shorter)
+    barge_in_ms: int = 500  # user speech this long over the agent's voice interrupts it; shorter speech over it is dropped
     echo_guard_ms: int = 500  # no barge-in during the first ms of agent speech (its own echo)
     system_prompt: str | None = None
     max_history_tokens: int = 384  # or the model's trained prompt length, if shorter (Dialogue.for_engine)

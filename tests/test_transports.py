@@ -7,6 +7,7 @@ The connections are the real classes; only the socket and the session are stand-
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
 import numpy as np
@@ -14,8 +15,9 @@ import pytest
 
 from agent import events as ev
 from agent.hub import ServerSettings
-from agent.transports.twilio import FRAME_S, LEAD_S, RATE, TwilioConnection
+from agent.transports.twilio import FRAME_S, LEAD_S, RATE, ULAW_SILENCE, TwilioConnection
 from agent.transports.webrtc import FRAME as RTC_FRAME, ReplyTrack
+from audio.codec import to_int16, ulaw_encode
 from tests.helpers import ManualClock, spoken_reply
 from tests.servers import SID
 
@@ -100,13 +102,23 @@ async def test_twilio_pacing_stays_at_most_100_ms_ahead_and_never_runs_dry(call)
 
 async def test_twilio_marks_are_named_turn_dot_n_and_follow_their_sentence(call):
     conn, ws, _, clock = call
-    conn.on_event(sentence(3, 1, 0.1))
-    conn.on_event(sentence(3, 2, 0.1))
-    await play(clock, 0.3)
+    for index in range(3):
+        conn.on_event(sentence(3, index, 0.1))
+    await play(clock, 0.4)
     events = [m["event"] for m in ws.sent]
-    assert events == ["media"] * 5 + ["mark"] + ["media"] * 5 + ["mark"]
-    assert [m["mark"]["name"] for m in ws.sent if m["event"] == "mark"] == ["3.0", "3.1"]
+    assert events == (["media"] * 5 + ["mark"]) * 3
+    assert [m["mark"]["name"] for m in ws.sent if m["event"] == "mark"] == ["3.0", "3.1", "3.2"]
     assert all(m["streamSid"] == SID for m in ws.sent)
+
+
+async def test_twilio_media_is_the_reply_in_mulaw_in_whole_20_ms_frames(call):
+    conn, ws, _, clock = call
+    samples = np.sin(np.arange(450) / 7).astype(np.float32) * 0.5  # 56 ms: the last frame is part silence
+    conn.on_event(ev.AgentAudio(1, samples, RATE, "Hi.", 0))
+    await play(clock, 0.1)
+    payloads = [base64.b64decode(m["media"]["payload"]) for m in ws.sent if m["event"] == "media"]
+    assert [len(p) for p in payloads] == [160, 160, 160]
+    assert b"".join(payloads) == ulaw_encode(to_int16(samples)) + ULAW_SILENCE * 30
 
 
 async def test_twilio_heard_is_what_was_sent_minus_what_is_still_ahead_of_real_time(call):
@@ -130,6 +142,26 @@ async def test_twilio_an_echoed_mark_confirms_its_sentence_was_played(call):
     [first_mark] = [m["mark"] for m in ws.sent if m["event"] == "mark"]
     await conn.on_text(json.dumps({"event": "mark", "streamSid": SID, "mark": first_mark}))
     assert conn.heard(1) == pytest.approx(0.2)  # the clock says 0.1; the mark says the whole first sentence
+    assert conn.heard(2) == 0.0  # another turn's marks say nothing of this one
+    await conn.on_text(json.dumps({"event": "mark", "streamSid": SID, "mark": {"name": "1.1"}}))
+    assert conn.heard(1) == pytest.approx(1.2)  # the second mark: both sentences
+
+
+async def test_twilio_dtmf_after_the_reply_has_played_out_clears_nothing(call):
+    conn, ws, session, clock = call
+    conn.on_event(sentence(1, 1, 0.1))
+    await play(clock, 0.3)
+    await conn.on_text(json.dumps({"event": "dtmf", "streamSid": SID, "dtmf": {"digit": "1"}}))
+    await settle()
+    assert "clear" not in [m["event"] for m in ws.sent] and session.played_reports == []
+
+
+async def test_twilio_clear_goes_out_before_anything_already_queued(call):
+    conn, ws, _, clock = call
+    conn.on_event(sentence(1, 1, 1.0))
+    conn.on_event(ev.HangUp(1, "max_duration"))  # queued behind the reply
+    conn.on_event(ev.Interrupted(1))
+    assert json.loads(conn.outbox._items[0].text)["event"] == "clear"
 
 
 async def test_twilio_marks_echoed_after_a_clear_do_not_count(call):

@@ -10,6 +10,7 @@ import time
 from contextlib import suppress
 
 import numpy as np
+import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -113,31 +114,29 @@ async def _eventually(pred, timeout: float = WAIT) -> bool:
     return True
 
 
-def test_twilio_protocol_violations_get_close_codes(srv):
-    async def code_after(*messages) -> int:
+CONNECTED = json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+MEDIA = media_msgs(silence(0.02, 8000))[0]
+# Each rule has its fast case in tests/test_twilio_protocol.py; these show the codes reach a real client.
+CLOSES = {
+    "binary after start": ([CONNECTED, start_msg(), b"\x7f" * 160], 1003),
+    "media before start": ([CONNECTED, MEDIA], 1008),
+    "not JSON": (["{not json"], 1007),
+    "bigger than any Twilio message": ([json.dumps({"event": "connected", "pad": "x" * (20 << 10)})], 1009),
+    "dtmf then stop": ([CONNECTED, start_msg(), MEDIA, json.dumps({"event": "dtmf", "streamSid": SID, "dtmf": {"digit": "5"}}),
+                        json.dumps({"event": "stop", "streamSid": SID})], 1000),
+}
+
+
+@pytest.mark.parametrize("case", CLOSES)
+def test_twilio_protocol_violations_get_close_codes(srv, case):
+    messages, code = CLOSES[case]
+
+    async def code_after() -> int:
         async with connect(srv.url("/twilio/stream")) as ws:
             with suppress(ConnectionClosed):  # the server may close before the last frame is all sent
                 for m in messages:
                     await ws.send(m)
             return await close_code(ws)
 
-    connected = json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
-    media = media_msgs(silence(0.02, 8000))[0]
-
-    async def run():
-        assert await code_after(connected, b"\x7f" * 160) == 1003  # binary frame
-        assert await code_after(connected, start_msg(), b"\x7f" * 160) == 1003  # binary after start too
-        assert await code_after(connected, media) == 1008  # media before start
-        assert await code_after(connected, json.dumps({"event": "mark", "mark": {"name": "x"}})) == 1008
-        assert await code_after(start_msg(fmt={"encoding": "audio/x-l16", "sampleRate": 16000, "channels": 1})) == 1003
-        assert await code_after(start_msg(fmt={"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 2})) == 1003
-        assert await code_after("{not json") == 1007
-        assert await code_after(json.dumps({"no": "event"})) == 1007
-        assert await code_after(start_msg(), json.dumps({"event": "media", "streamSid": SID, "media": {"payload": "%%%"}})) == 1007
-        assert await code_after(start_msg(), start_msg()) == 1008  # a second start
-        assert await code_after(json.dumps({"event": "connected", "pad": "x" * (20 << 10)})) == 1009  # no Twilio message is this big
-        assert await code_after(connected, start_msg(), media, json.dumps({"event": "dtmf", "streamSid": SID, "dtmf": {"digit": "5"}}),
-                                json.dumps({"event": "stop", "streamSid": SID})) == 1000
-
-    asyncio.run(run())
+    assert asyncio.run(code_after()) == code
     assert asyncio.run(_eventually(srv.idle))

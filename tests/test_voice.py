@@ -13,6 +13,7 @@ import pytest
 from agent import events as ev
 from agent.sentences import SentenceSplitter
 from agent.turns import Endpointer, Signal, TurnConfig, transcript_end_ms
+from audio.codec import resample
 from tests.helpers import ManualClock, espeak, heard_prefix, silence, similarity, trim
 
 QUESTION = "Hello, how are you today?"
@@ -185,12 +186,50 @@ async def test_the_echo_guard_holds_barge_in_off_until_it_has_passed(voice_agent
     assert of(after, ev.Interrupted) and s.stats["barge_ins"] == 1
 
 
-async def test_speech_shorter_than_barge_in_ms_does_not_interrupt(voice_agent, piper_speech):
-    """A cough or a 'mm-hm' over the reply is not a barge-in: only barge_in_ms of speech is."""
-    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=3000, speculation=False) as s:
-        await a_reply_playing(s, piper_speech, ManualClock())
-        got = await converse(s, then_mark(np.concatenate([trim(piper_speech("Okay.")), silence(0.2)])), until=ev.Error)
+@pytest.mark.parametrize("speculation", [False, True])
+async def test_speech_over_the_reply_shorter_than_barge_in_ms_is_dropped(voice_agent, piper_speech, speculation):
+    """A cough or an 'okay' over the reply is not a barge-in, and not a turn either: after it ends
+    (its pause, its end-of-turn silence) the agent talks on and nothing is answered."""
+    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=3000, speculation=speculation) as s:
+        first = await a_reply_playing(s, piper_speech, ManualClock())
+        history = [dict(t) for t in s.dialogue.turns]
+        got = await converse(s, then_mark(np.concatenate([trim(piper_speech("Okay.")), silence(1.5)])), until=ev.Error)
+        assert s._reply.turn == first.turn and s._reply.audible(echo_guard_ms=None)  # still playing
     assert not of(got, ev.Interrupted) and s.stats["barge_ins"] == 0
+    assert not of(got, ev.SpeechStarted) and not of(got, ev.Speculation) and not of(got, ev.Transcript)
+    assert {e.turn for e in got} == {first.turn}
+    assert s.stats["talked_over"] == 1 and s.stats["turns"] == 1
+    assert [t for t in s.dialogue.turns if t["role"] == "user"] == [t for t in history if t["role"] == "user"]
+
+
+@pytest.mark.parametrize("prompt,interrupts", [("added", False), ("vm-and", False), ("pls-hold-while-try", True), ("conf-onlyperson", True)])
+async def test_real_speech_over_the_reply_at_the_default_settings(voice_agent, prompt, interrupts):
+    """A real speaker (the Asterisk prompts) over a playing reply, past the echo guard, as the
+    barge-in benchmark plays it: a sentence interrupts and is a turn; a short word is dropped."""
+    from benchmarks.barge_in import trial
+    from benchmarks.real_speech import load_prompts
+
+    [p] = [p for p in load_prompts() if p.name == prompt]
+    got = await trial(voice_agent, p.name, "", resample(p.audio.astype(np.float32) / 32768, p.rate, 16000), voice_agent.config.barge_in_ms)
+    assert (got.interrupted, got.answered) == (interrupts, interrupts)
+
+
+async def test_speech_that_outlasts_the_reply_is_a_turn(voice_agent, piper_speech):
+    """Talking over the reply's last words without interrupting it: once the reply has played out,
+    the speech is the next turn, and it is answered."""
+    clock = ManualClock()
+    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=3000, speculation=False) as s:
+        first = await a_reply_playing(s, piper_speech, clock)
+        half = then_mark(trim(piper_speech("Thanks, and what about")))
+        got = await converse(s, half, until=ev.Error)
+        assert not of(got, ev.SpeechStarted)
+        clock.advance(60)  # the reply has played out while the user was talking
+        got = await converse(s, np.concatenate([silence(0.3), piper_speech("tomorrow morning?"), silence(1.2)]))
+    [started] = of(got, ev.SpeechStarted)
+    assert started.turn == first.turn + 1 and not of(got, ev.Interrupted)
+    [transcript] = of(got, ev.Transcript)
+    assert similarity(transcript.text, "Thanks, and what about tomorrow morning?") >= 0.7, transcript.text
+    assert of(got, ev.ResponseDone)[-1].turn == first.turn + 1
 
 
 async def test_two_sessions_at_once_keep_their_own_state(voice_agent, piper_speech):

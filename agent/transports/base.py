@@ -82,7 +82,7 @@ class Outbox:
             self._ready.clear()
             await self._ready.wait()
         item = self._items.popleft()
-        self.audio_s -= item.audio_s
+        self.audio_s = self.audio_s - item.audio_s if self._items else 0.0  # no float residue once empty: 'nothing queued' is exact
         return item
 
 

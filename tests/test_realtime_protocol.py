@@ -1,0 +1,336 @@
+"""The Realtime WebSocket protocol, message by message, on the real `RealtimeConnection`: what a client
+message does to the session, which mistakes get which error (and the session goes on), and the order
+and shape of the events a reply becomes.
+
+Only the socket and the session are stand-ins that record, so each case runs in milliseconds
+(tests/test_realtime.py runs whole conversations over a live server, with the official client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import types
+
+import numpy as np
+import pytest
+
+from agent import events as ev
+from agent.hub import ServerSettings
+from agent.session import Session as RealSession
+from agent.transports.base import Close
+from agent.transports.realtime import RealtimeConnection
+from agent.voice_agent import AgentConfig
+
+PCM = (np.arange(2400, dtype=np.int16) % 200 - 100).tobytes()  # 0.1 s of 24 kHz pcm16
+
+
+class Socket:
+    def __init__(self, messages: list[str | bytes] = ()) -> None:
+        self.messages = list(messages)
+
+    async def receive(self) -> dict:
+        if not self.messages:
+            await asyncio.Future()
+        m = self.messages.pop(0)
+        return {"type": "websocket.receive", **({"bytes": m} if isinstance(m, bytes) else {"text": m})}
+
+
+class Session:
+    """What a Realtime connection calls on its session, recorded."""
+
+    def __init__(self) -> None:
+        self.audio: list[tuple[np.ndarray, int]] = []
+        self.calls: list[tuple] = []
+        self.instructions = "Be brief."
+        self.config = AgentConfig()
+        decode = types.SimpleNamespace(max_new_tokens=48)
+        self.agent = types.SimpleNamespace(model_names=lambda: {"llm": "llm-x", "tts": "tts-y"}, config=types.SimpleNamespace(decode=decode))
+
+    async def send_audio(self, samples: np.ndarray, rate: int) -> None:
+        self.audio.append((samples, rate))
+
+    async def commit(self, rate: int) -> None:
+        self.calls.append(("commit", rate))
+
+    def flush(self) -> None:
+        self.calls.append(("flush",))
+
+    def played(self, turn: int, seconds: float) -> None:
+        self.calls.append(("played", turn, seconds))
+
+    def update(self, instructions: str | None = None, **live: object) -> None:
+        self.calls.append(("update", instructions, live))
+
+    live_settings = RealSession.live_settings  # it reads only `config`
+
+
+@dataclasses.dataclass
+class Hub:
+    settings: ServerSettings = dataclasses.field(default_factory=ServerSettings)
+    agent_sample_rate: int = 22050
+
+
+def connect(authed: bool = True, beta: bool = False, messages: list[str | bytes] = (), settings: ServerSettings | None = None) -> RealtimeConnection:
+    async def make() -> RealtimeConnection:
+        conn = RealtimeConnection(Socket(messages), Hub(settings or ServerSettings()), authed=authed, beta=beta)
+        conn.session = Session()
+        return conn
+
+    return asyncio.run(make())
+
+
+def sent(conn: RealtimeConnection) -> list[dict]:
+    """Every message queued for the client so far (and taken off the queue)."""
+    out = [json.loads(i.text) for i in conn.outbox._items if i.text]
+    conn.outbox._items.clear()
+    conn.outbox.audio_s = 0.0
+    return out
+
+
+def handle(conn: RealtimeConnection, *messages: dict | str | bytes) -> list[dict]:
+    async def run() -> None:
+        for m in messages:
+            if isinstance(m, bytes):
+                await conn.on_bytes(m)
+            else:
+                await conn.on_text(m if isinstance(m, str) else json.dumps(m))
+
+    asyncio.run(run())
+    return sent(conn)
+
+
+# ---- the token as a first message ------------------------------------------------------------
+
+SECURED = ServerSettings(token="s3cret")
+
+
+def test_an_unauthenticated_connection_opens_on_a_session_auth_with_the_token():
+    conn = connect(authed=False, messages=[json.dumps({"type": "session.auth", "token": "s3cret"})], settings=SECURED)
+    asyncio.run(conn.open())
+
+
+@pytest.mark.parametrize("first", [
+    json.dumps({"type": "session.auth", "token": "wrong"}),
+    json.dumps({"type": "session.update", "token": "s3cret"}),
+    json.dumps({"token": "s3cret"}),
+    "null",
+    "{",
+    b"s3cret",
+])
+def test_any_other_first_message_is_refused(first):
+    conn = connect(authed=False, messages=[first], settings=SECURED)
+    with pytest.raises(Close) as e:
+        asyncio.run(conn.open())
+    assert (e.value.code, e.value.error) == (1008, "unauthorized")
+
+
+def test_no_first_message_in_time_is_refused():
+    conn = connect(authed=False, settings=dataclasses.replace(SECURED, open_timeout_s=0.01))
+    with pytest.raises(Close) as e:
+        asyncio.run(conn.open())
+    assert (e.value.code, e.value.error) == (1008, "unauthorized")
+
+
+def test_an_authenticated_connection_reads_nothing_before_the_session():
+    conn = connect(messages=["{"])
+    asyncio.run(conn.open())
+    assert conn.ws.messages == ["{"]
+
+
+# ---- client → session --------------------------------------------------------------------------
+
+def test_appended_audio_reaches_the_session_in_quarter_second_slices():
+    conn = connect()
+    assert handle(conn, {"type": "input_audio_buffer.append", "audio": base64.b64encode(PCM * 4).decode()}) == []
+    assert [(len(s), rate) for s, rate in conn.session.audio] == [(6000, 24000), (3600, 24000)]
+    np.testing.assert_array_equal(np.concatenate([s for s, _ in conn.session.audio])[:2400], np.frombuffer(PCM, np.int16))
+
+
+def test_binary_frames_are_audio_too():
+    conn = connect()
+    handle(conn, PCM)
+    assert sum(len(s) for s, _ in conn.session.audio) == 2400
+
+
+@pytest.mark.parametrize("message,call", [
+    ({"type": "input_audio_buffer.commit"}, ("commit", 24000)),
+    ({"type": "response.cancel"}, ("flush",)),
+    ({"type": "response.audio.played", "turn": 2, "audio_end_ms": 1500}, ("played", 2, 1.5)),
+    ({"type": "conversation.item.truncate", "item_id": "item_3_agent", "content_index": 0, "audio_end_ms": 250}, ("played", 3, 0.25)),
+    ({"type": "session.update", "session": {"instructions": "Speak French."}}, ("update", "Speak French.", {})),
+])
+def test_a_client_message_calls_its_session_method(message, call):
+    conn = connect()
+    handle(conn, message)
+    assert conn.session.calls == [call]
+
+
+def test_truncate_is_answered_with_truncated():
+    conn = connect()
+    [msg] = handle(conn, {"type": "conversation.item.truncate", "item_id": "item_3_agent", "content_index": 0, "audio_end_ms": 250})
+    assert msg["type"] == "conversation.item.truncated"
+    assert (msg["turn"], msg["item_id"], msg["audio_end_ms"]) == (3, "item_3_agent", 250)
+
+
+def test_response_create_and_a_repeated_auth_change_nothing():
+    conn = connect()
+    assert handle(conn, {"type": "response.create"}, {"type": "session.auth", "token": "x"}) == []
+    assert conn.session.calls == []
+
+
+MISTAKES = {
+    "not JSON": ("{", "invalid_json", None),
+    "nested past the parser": ("[" * 10_000, "invalid_json", None),
+    "not an object": (json.dumps(["session.update"]), "invalid_event", None),
+    "no type": (json.dumps({"event_id": "e1"}), "invalid_event", None),
+    "type not a string": (json.dumps({"type": 1}), "invalid_event", None),
+    "unknown type": (json.dumps({"type": "response.dance", "event_id": "e7"}), "unknown_event", "response.dance"),
+    "audio not base64": (json.dumps({"type": "input_audio_buffer.append", "audio": "%%%", "event_id": "e2"}), "invalid_audio", "input_audio_buffer.append"),
+    "audio not a string": (json.dumps({"type": "input_audio_buffer.append", "audio": 5}), "invalid_audio", "input_audio_buffer.append"),
+    "audio not ASCII": (json.dumps({"type": "input_audio_buffer.append", "audio": "ÿÿÿÿ"}), "invalid_audio", "input_audio_buffer.append"),
+    "half a sample": (json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x01\x02\x03").decode()}), "invalid_audio", None),
+    "played without turn": (json.dumps({"type": "response.audio.played", "audio_end_ms": 5}), "invalid_value", "response.audio.played"),
+    "played turn not int": (json.dumps({"type": "response.audio.played", "turn": True, "audio_end_ms": 5}), "invalid_value", "response.audio.played"),
+    "played negative": (json.dumps({"type": "response.audio.played", "turn": 1, "audio_end_ms": -1}), "invalid_value", "response.audio.played"),
+    "played not finite": ('{"type": "response.audio.played", "turn": 1, "audio_end_ms": Infinity}', "invalid_value", "response.audio.played"),
+    "played not a number": (json.dumps({"type": "response.audio.played", "turn": 1, "audio_end_ms": "5"}), "invalid_value", "response.audio.played"),
+    "truncate of a user item": (json.dumps({"type": "conversation.item.truncate", "item_id": "item_3_user", "audio_end_ms": 5}), "invalid_value", "conversation.item.truncate"),
+    "truncate of no item": (json.dumps({"type": "conversation.item.truncate", "item_id": 3, "audio_end_ms": 5}), "invalid_value", "conversation.item.truncate"),
+    "update without session": (json.dumps({"type": "session.update", "session": "fast"}), "invalid_event", "session.update"),
+    "update of an unknown key": (json.dumps({"type": "session.update", "session": {"volume": 11}}), "invalid_value", "session.update"),
+}
+
+
+@pytest.mark.parametrize("name", MISTAKES)
+def test_a_mistake_gets_its_error_naming_the_event_and_changes_nothing(name):
+    text, code, event = MISTAKES[name]
+    msg_type = json.loads(text).get("type") if text.startswith("{") and code != "invalid_json" else None
+    conn = connect()
+    [msg] = handle(conn, text)
+    assert msg["type"] == "error" and msg["turn"] is None
+    error = msg["error"]
+    assert (error["type"], error["code"], error["event"]) == ("invalid_request_error", code, event)
+    # the client's event_id is named once the message has a type to name it by
+    assert error["event_id"] == (json.loads(text).get("event_id") if isinstance(msg_type, str) else None)
+    assert error["message"]
+    assert conn.session.calls == [] and conn.session.audio == []
+
+
+def test_an_error_names_the_event_id_of_its_own_message_only():
+    conn = connect()
+    handle(conn, {"type": "response.create", "event_id": "e1"})
+    [msg] = handle(conn, {"type": "response.dance"})
+    assert msg["error"]["event_id"] is None
+
+
+# ---- session → client --------------------------------------------------------------------------
+
+def audio(turn: int, seconds: float = 0.1, rate: int = 24000) -> ev.AgentAudio:
+    return ev.AgentAudio(turn, np.full(int(seconds * rate), 0.1, np.float32), rate, "Hi there.", 0)
+
+
+def emit(conn: RealtimeConnection, *events: ev.Event) -> list[dict]:
+    for e in events:
+        conn.on_event(e)
+    return sent(conn)
+
+
+def test_a_reply_opens_its_response_before_the_first_delta_and_closes_it_after_the_last():
+    conn = connect()
+    msgs = emit(conn, ev.AgentText(4, "Hi there."), audio(4), audio(4, 0.2), ev.ResponseDone(4, "Hi there."))
+    assert [m["type"] for m in msgs] == [
+        "response.created", "response.output_item.added", "conversation.item.added", "response.content_part.added",
+        "response.output_audio_transcript.delta", "response.output_audio.delta", "response.output_audio.delta",
+        "response.output_audio.done", "response.output_audio_transcript.done", "response.content_part.done",
+        "response.output_item.done", "conversation.item.done", "response.done",
+    ]
+    assert all(m["turn"] == 4 for m in msgs)
+    assert [m["event_id"] for m in msgs] == [f"event_{i}" for i in range(1, len(msgs) + 1)]
+    deltas = [m for m in msgs if m["type"] == "response.output_audio.delta"]
+    assert [d["audio_start_ms"] for d in deltas] == [0, 100]
+    assert [len(base64.b64decode(d["delta"])) for d in deltas] == [4800, 9600]
+    assert all((d["response_id"], d["item_id"]) == ("resp_4", "item_4_agent") for d in deltas)
+    done = msgs[-1]["response"]
+    assert (done["id"], done["status"], done["status_details"]) == ("resp_4", "completed", None)
+    assert done["output"][0]["content"] == [{"type": "output_audio", "transcript": "Hi there."}]
+    assert msgs[2]["previous_item_id"] == "item_4_user"
+
+
+def test_an_interrupted_reply_is_cancelled_and_its_unsent_audio_dropped():
+    conn = connect()
+    conn.on_event(audio(2))
+    conn.on_event(ev.Interrupted(2))
+    assert conn.session.calls == [("played", 2, 0.0)]  # nothing written to the socket: nothing heard
+    msgs = sent(conn)
+    assert "response.output_audio.delta" not in [m["type"] for m in msgs]
+    assert msgs[-1]["type"] == "response.interrupted"
+    [done] = emit(conn, ev.ResponseDone(2, "Hi", interrupted=True))[-1:]
+    assert done["response"]["status"] == "cancelled" and done["response"]["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
+    assert done["response"]["output"][0]["status"] == "incomplete"
+
+
+def test_text_only_sends_text_deltas_and_no_audio():
+    conn = connect()
+    conn.text_only = True
+    msgs = emit(conn, ev.AgentText(1, "Hi."), audio(1), ev.ResponseDone(1, "Hi."))
+    types_ = [m["type"] for m in msgs]
+    assert "response.output_text.delta" in types_ and "response.output_text.done" in types_
+    assert not any("audio" in t for t in types_)
+    assert msgs[-1]["response"]["output_modalities"] == ["text"]
+
+
+def test_beta_clients_get_beta_names():
+    conn = connect(beta=True)
+    msgs = emit(conn, ev.AgentText(1, "Hi."), audio(1), ev.ResponseDone(1, "Hi."))
+    types_ = [m["type"] for m in msgs]
+    assert "response.audio.delta" in types_ and "response.audio_transcript.delta" in types_ and "conversation.item.created" in types_
+    assert "response.output_audio.delta" not in types_
+    assert msgs[-1]["response"]["output"][0]["content"][0]["type"] == "audio"
+
+
+def test_denoise_steps_are_opt_in():
+    step = ev.DenoiseStep(1, 0, 0, 4, [0, 1], ["Hi", "."], 2)
+    conn = connect()
+    assert emit(conn, step) == []
+    conn.denoise_steps = True
+    msgs = emit(conn, step)
+    assert msgs[-1]["type"] == "response.denoise.step" and msgs[-1]["tokens"] == ["Hi", "."] and msgs[-1]["response_id"] == "resp_1"
+
+
+def test_user_speech_becomes_the_user_item():
+    conn = connect()
+    msgs = emit(conn, ev.SpeechStarted(5, 1200), ev.SpeechStopped(5, 2400), ev.Transcript(5, "hello"))
+    assert [m["type"] for m in msgs] == [
+        "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+        "conversation.item.added", "conversation.item.done", "conversation.item.input_audio_transcription.completed",
+    ]
+    assert (msgs[0]["audio_start_ms"], msgs[1]["audio_end_ms"]) == (1200, 2400)
+    assert {m.get("item_id") or m["item"]["id"] for m in msgs} == {"item_5_user"}
+    assert msgs[-1]["transcript"] == "hello"
+
+
+def test_a_server_error_and_a_hangup():
+    conn = connect()
+    [err] = emit(conn, ev.Error(None, "engine_busy", "try again"))
+    assert err["error"]["type"] == "server_error" and err["error"]["code"] == "engine_busy"
+    conn.on_event(ev.HangUp(None, "idle"))
+    *said, last = list(conn.outbox._items)
+    assert json.loads(said[-1].text)["type"] == "session.hangup" and json.loads(said[-1].text)["reason"] == "idle"
+    assert last.close is not None and last.close.code == 1000
+
+
+def test_farewell_is_an_error_event_naming_the_close():
+    class Recorder(Socket):
+        async def send_text(self, text: str) -> None:
+            self.sent = json.loads(text)
+
+    async def run() -> dict:
+        conn = RealtimeConnection(Recorder(), Hub(), authed=True)
+        await conn.farewell(Close(1008, "client is not reading", "queue_full"))
+        return conn.ws.sent
+
+    msg = asyncio.run(run())
+    assert msg["type"] == "error" and msg["error"]["code"] == "queue_full" and msg["error"]["message"] == "client is not reading"
