@@ -239,16 +239,18 @@ def test_binary_during_the_call_closes_1003():
     assert (c.code, c.error) == (1003, "binary_frame")
 
 
-def test_marks_that_name_nothing_sent_are_ignored():
+@pytest.mark.parametrize("pending", [False, True])
+def test_marks_that_name_nothing_sent_are_ignored(pending):
     async def run() -> TwilioConnection:
         conn = await opened(start_msg())
-        conn.on_event(ev.AgentAudio(1, np.full(800, 0.1, np.float32), 8000, "Hello.", 0))  # mark "1.0" pending
+        if pending:
+            conn.on_event(ev.AgentAudio(1, np.full(800, 0.1, np.float32), 8000, "Hello.", 0))  # mark "1.0" waits
         for mark in [{"name": "9.9"}, "1.0", None, {"name": {"turn": 1}}, {"name": ["1.0"]}]:
             await conn.on_text(msg("mark", mark=mark))
         return conn
 
     conn = asyncio.run(run())
-    assert conn._marked == (None, 0.0) and list(conn._marks) == ["1.0"]
+    assert conn._marked == (None, 0.0) and list(conn._marks) == (["1.0"] if pending else [])
 
 
 def test_dtmf_interrupts_a_reply_being_generated():
