@@ -42,6 +42,7 @@ class Speculation(Event):
 class Transcript(Event):
     type: ClassVar[str] = "conversation.item.input_audio_transcription.completed"
     text: str
+    audio_s: float  # the speech transcribed
 
 
 @dataclasses.dataclass

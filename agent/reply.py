@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from audio.asr import SAMPLE_RATE as ASR_RATE
+
 from . import events as ev
 from .clock import Clock
 from .dialogue import Dialogue
@@ -169,7 +171,7 @@ class Reply:
             if fixed_text is None:
                 self.user_text = await asyncio.get_running_loop().run_in_executor(agent.asr_pool, agent.asr.transcribe, audio)
                 self.timeline.mark("asr_final")
-                self._emit(ev.Transcript(self.turn, self.user_text))
+                self._emit(ev.Transcript(self.turn, self.user_text, len(audio) / ASR_RATE))
                 self.host.transcribed(self)
                 if not self.user_text:
                     self.done = True

@@ -118,7 +118,7 @@ def decode_realtime(msg: dict) -> ev.Event | None:
     if kind == "input_audio_buffer.speech_stopped":
         return ev.SpeechStopped(turn, msg["audio_end_ms"])
     if kind == "conversation.item.input_audio_transcription.completed":
-        return ev.Transcript(turn, msg["transcript"])
+        return ev.Transcript(turn, msg["transcript"], (msg.get("usage") or {}).get("seconds", 0.0))
     if kind == "response.output_audio.delta":
         pcm = np.frombuffer(base64.b64decode(msg["delta"]), dtype="<i2").astype(np.int16)
         return ev.AgentAudio(turn, to_float32(pcm, msg["sample_rate"]), msg["sample_rate"], msg.get("text", ""), msg.get("sentence", 0))

@@ -302,7 +302,7 @@ def test_denoise_steps_are_opt_in():
 
 def test_user_speech_becomes_the_user_item():
     conn = connect()
-    msgs = emit(conn, ev.SpeechStarted(5, 1200), ev.SpeechStopped(5, 2400), ev.Transcript(5, "hello"))
+    msgs = emit(conn, ev.SpeechStarted(5, 1200), ev.SpeechStopped(5, 2400), ev.Transcript(5, "hello", 1.2))
     assert [m["type"] for m in msgs] == [
         "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
         "conversation.item.added", "conversation.item.done", "conversation.item.input_audio_transcription.completed",
@@ -334,3 +334,33 @@ def test_farewell_is_an_error_event_naming_the_close():
 
     msg = asyncio.run(run())
     assert msg["type"] == "error" and msg["error"]["code"] == "queue_full" and msg["error"]["message"] == "client is not reading"
+
+
+# ---- against the official SDK's types ----------------------------------------------------------
+
+EXTENSIONS = {"turn.metrics", "turn.speculation", "response.denoise.step", "response.interrupted", "session.hangup"}
+
+
+@pytest.mark.parametrize("text_only", [False, True])
+def test_every_server_event_validates_as_the_official_sdks_type(text_only):
+    """What a stock client parses: each event the connection sends validates against the `openai`
+    package's RealtimeServerEvent (required fields, types, literal values); extensions are the project's."""
+    pydantic = pytest.importorskip("pydantic")
+    from openai.types.realtime import RealtimeServerEvent
+
+    adapter = pydantic.TypeAdapter(RealtimeServerEvent)
+    conn = connect()
+    conn.text_only = text_only
+    conn.started()
+    msgs = sent(conn)
+    msgs += emit(conn, ev.SpeechStarted(1, 500), ev.SpeechStopped(1, 2000), ev.Transcript(1, "hello", 1.5), ev.AgentText(1, "Hi there."),
+                 audio(1), ev.ResponseDone(1, "Hi there."), ev.TurnMetrics(1, {}), ev.AgentText(2, "Well"), audio(2),
+                 ev.Interrupted(2), ev.ResponseDone(2, "Well", interrupted=True), ev.Error(2, "engine_busy", "try again"))
+    msgs += handle(conn, {"type": "conversation.item.truncate", "item_id": "item_1_agent", "content_index": 0, "audio_end_ms": 300},
+                   {"type": "session.update", "session": {"instructions": "Be brief."}}, {"type": "response.dance"})
+    checked = [m for m in msgs if m["type"] not in EXTENSIONS]
+    assert {m["type"] for m in checked} >= {"session.created", "session.updated", "response.created", "response.done", "error",
+                                           "conversation.item.truncated", "input_audio_buffer.speech_started"}
+    for m in checked:
+        parsed = adapter.validate_python(m)
+        assert parsed.type == m["type"] and parsed.event_id == m["event_id"]

@@ -299,7 +299,7 @@ def test_a_hangup_queues_a_normal_close_after_what_is_queued():
     assert last.close is not None and last.close.code == 1000 and "goodbye" in last.close.reason
 
 
-@pytest.mark.parametrize("event", [ev.Error(1, "x", "y"), ev.Transcript(1, "hi"), ev.TurnMetrics(1, {}), ev.AgentText(1, "Hi."), ev.ResponseDone(1, "Hi.")])
+@pytest.mark.parametrize("event", [ev.Error(1, "x", "y"), ev.Transcript(1, "hi", 0.5), ev.TurnMetrics(1, {}), ev.AgentText(1, "Hi."), ev.ResponseDone(1, "Hi.")])
 def test_events_with_nothing_for_twilio_send_nothing(event):
     conn = asyncio.run(opened(start_msg()))
     conn.on_event(event)

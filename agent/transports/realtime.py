@@ -239,7 +239,8 @@ class RealtimeConnection(Connection):
                 {"type": "conversation.item.done", "turn": turn, "item": item, "previous_item_id": None},
             ]
         if isinstance(e, ev.Transcript):
-            return [{"type": e.type, "turn": turn, "item_id": user_item(turn), "content_index": 0, "transcript": e.text}]
+            return [{"type": e.type, "turn": turn, "item_id": user_item(turn), "content_index": 0, "transcript": e.text,
+                     "usage": {"type": "duration", "seconds": round(e.audio_s, 3)}}]
         if isinstance(e, ev.AgentText):
             kind = "response.output_text.delta" if self.text_only else "response.output_audio_transcript.delta"
             return [{"type": kind, **self._part_ids(turn), "delta": e.text}]
@@ -264,17 +265,20 @@ class RealtimeConnection(Connection):
         return {"id": response_id(turn), "object": "realtime.response", "status": status, "status_details": details, "output": output,
                 "output_modalities": ["text"] if self.text_only else ["audio"], "conversation_id": self.id, "usage": None}
 
+    def _part(self, text: str) -> dict:
+        """A content part as response.content_part.* carry it (the item's own parts say output_audio / output_text)."""
+        return {"type": "text", "text": text} if self.text_only else {"type": "audio", "transcript": text}
+
     def _begin(self, turn: int) -> None:
         """response.created and the items around the first delta of a reply."""
         self._replies[turn] = Reply(turn)
         item = self._item(turn, "in_progress", None)
         previous = user_item(turn) if turn else None
-        part = {"type": "text", "text": ""} if self.text_only else {"type": "audio", "transcript": ""}
         for body in (
             {"type": "response.created", "turn": turn, "response_id": response_id(turn), "response": self._response(turn, "in_progress", [])},
             {"type": "response.output_item.added", "turn": turn, "response_id": response_id(turn), "output_index": 0, "item": item},
             {"type": "conversation.item.added", "turn": turn, "item": item, "previous_item_id": previous},
-            {"type": "response.content_part.added", **self._part_ids(turn), "part": part},
+            {"type": "response.content_part.added", **self._part_ids(turn), "part": self._part("")},
         ):
             self.post(body)
 
@@ -291,7 +295,7 @@ class RealtimeConnection(Connection):
         details = {"type": "cancelled", "reason": "turn_detected"} if e.interrupted else None
         return [
             *parts,
-            {"type": "response.content_part.done", **ids, "part": item["content"][0]},
+            {"type": "response.content_part.done", **ids, "part": self._part(e.text)},
             {"type": "response.output_item.done", "turn": e.turn, "response_id": response_id(e.turn), "output_index": 0, "item": item},
             {"type": "conversation.item.done", "turn": e.turn, "item": item, "previous_item_id": user_item(e.turn) if e.turn else None},
             {"type": "response.done", "turn": e.turn, "response_id": response_id(e.turn),
