@@ -54,6 +54,11 @@ class TwilioCaller:
         return self.ws.close_code
 
 
+def playing_past_guard(session) -> bool:
+    reply = session and session._reply
+    return bool(reply and reply.audible(session.config.echo_guard_ms))
+
+
 def test_twilio_calls_get_paced_media_marks_and_clear(srv, piper_speech):
     """A reply plays to its mark; talking over a reply gets `clear`; so does a key press (DTMF)."""
     _, _, twiml = http(srv, "/twiml", data=b"CallSid=CA1")
@@ -77,7 +82,7 @@ def test_twilio_calls_get_paced_media_marks_and_clear(srv, piper_speech):
         interruption = piper_speech("Do you like dogs?", 8000)
         await c.say("Tell me a joke.")
         await c.wait_for("media")
-        await asyncio.sleep(0.6)  # past the echo guard, while the reply plays
+        await srv.wait_until(lambda: any(playing_past_guard(c.session) for c in srv.hub.connections), "the reply playing past its echo guard")
         await c.say(interruption, 0.2)
         await c.wait_for("clear")
 
