@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -491,3 +492,45 @@ def hf_checkpoint(path: str | Path, arch: str, config_edits: dict[str, Any] | No
     if config_edits:
         edit_json(path / "config.json", **config_edits)
     return path, model
+
+
+class ScriptedSocket:
+    """Starlette's WebSocket as a connection reads it: hands out the queued client messages, then the
+    client hangs up (or, `silent`, says nothing more)."""
+
+    def __init__(self, messages: Iterable[str | bytes] = (), silent: bool = False) -> None:
+        self.messages, self.silent = list(messages), silent
+
+    async def receive(self) -> dict:
+        if not self.messages:
+            if self.silent:
+                await asyncio.Future()
+            return {"type": "websocket.disconnect", "code": 1000}
+        m = self.messages.pop(0)
+        return {"type": "websocket.receive", **({"bytes": m} if isinstance(m, bytes) else {"text": m})}
+
+
+class RecordingSession:
+    """What a transport calls on its session, recorded: caller audio in `audio`, every other call in `calls`.
+    Blank instructions are refused, as the real session refuses bad ones."""
+
+    def __init__(self) -> None:
+        self.audio: list[tuple] = []
+        self.calls: list[tuple] = []
+
+    async def send_audio(self, samples, rate: int) -> None:  # noqa: ANN001
+        self.audio.append((samples, rate))
+
+    async def commit(self, rate: int) -> None:
+        self.calls.append(("commit", rate))
+
+    def flush(self) -> None:
+        self.calls.append(("flush",))
+
+    def played(self, turn: int, seconds: float) -> None:
+        self.calls.append(("played", turn, seconds))
+
+    def update(self, instructions: str | None = None, **live: object) -> None:
+        if instructions is not None and not instructions.strip():
+            raise ValueError("instructions must not be blank")
+        self.calls.append(("update", instructions, live))

@@ -23,48 +23,22 @@ from agent.session import Session as RealSession
 from agent.transports.base import Close
 from agent.transports.realtime import RealtimeConnection
 from agent.voice_agent import AgentConfig
+from tests.helpers import RecordingSession, ScriptedSocket
 
 PCM = (np.arange(2400, dtype=np.int16) % 200 - 100).tobytes()  # 0.1 s of 24 kHz pcm16
 
 
-class Socket:
-    def __init__(self, messages: list[str | bytes] = ()) -> None:
-        self.messages = list(messages)
+class Session(RecordingSession):
+    """What a Realtime connection reads of its session besides the calls it makes."""
 
-    async def receive(self) -> dict:
-        if not self.messages:
-            await asyncio.Future()
-        m = self.messages.pop(0)
-        return {"type": "websocket.receive", **({"bytes": m} if isinstance(m, bytes) else {"text": m})}
-
-
-class Session:
-    """What a Realtime connection calls on its session, recorded."""
+    live_settings = RealSession.live_settings  # it reads only `config`
 
     def __init__(self) -> None:
-        self.audio: list[tuple[np.ndarray, int]] = []
-        self.calls: list[tuple] = []
+        super().__init__()
         self.instructions = "Be brief."
         self.config = AgentConfig()
         decode = types.SimpleNamespace(max_new_tokens=48)
         self.agent = types.SimpleNamespace(model_names=lambda: {"llm": "llm-x", "tts": "tts-y"}, config=types.SimpleNamespace(decode=decode))
-
-    async def send_audio(self, samples: np.ndarray, rate: int) -> None:
-        self.audio.append((samples, rate))
-
-    async def commit(self, rate: int) -> None:
-        self.calls.append(("commit", rate))
-
-    def flush(self) -> None:
-        self.calls.append(("flush",))
-
-    def played(self, turn: int, seconds: float) -> None:
-        self.calls.append(("played", turn, seconds))
-
-    def update(self, instructions: str | None = None, **live: object) -> None:
-        self.calls.append(("update", instructions, live))
-
-    live_settings = RealSession.live_settings  # it reads only `config`
 
 
 @dataclasses.dataclass
@@ -75,7 +49,7 @@ class Hub:
 
 def connect(authed: bool = True, beta: bool = False, messages: list[str | bytes] = (), settings: ServerSettings | None = None) -> RealtimeConnection:
     async def make() -> RealtimeConnection:
-        conn = RealtimeConnection(Socket(messages), Hub(settings or ServerSettings()), authed=authed, beta=beta)
+        conn = RealtimeConnection(ScriptedSocket(messages, silent=True), Hub(settings or ServerSettings()), authed=authed, beta=beta)
         conn.session = Session()
         return conn
 
@@ -323,7 +297,7 @@ def test_a_server_error_and_a_hangup():
 
 
 def test_farewell_is_an_error_event_naming_the_close():
-    class Recorder(Socket):
+    class Recorder(ScriptedSocket):
         async def send_text(self, text: str) -> None:
             self.sent = json.loads(text)
 

@@ -21,6 +21,7 @@ from agent.security import StreamTokens
 from agent.transports.base import Close
 from agent.transports.twilio import TwilioConnection
 from audio.codec import ulaw_decode
+from tests.helpers import RecordingSession, ScriptedSocket
 from tests.servers import MULAW, SID, start_msg
 
 CALL = "CA0"  # start_msg's callSid
@@ -36,44 +37,6 @@ def media(payload: str = base64.b64encode(ULAW).decode(), **fields: object) -> s
     return msg("media", media={"payload": payload, **fields})
 
 
-class Socket:
-    """Starlette's WebSocket as a connection reads it: hands out the queued client messages, then the
-    client hangs up (or, `silent`, says nothing more)."""
-
-    def __init__(self, messages: list[str | bytes], silent: bool = False) -> None:
-        self.messages, self.silent = list(messages), silent
-
-    async def receive(self) -> dict:
-        if not self.messages:
-            if self.silent:
-                await asyncio.Future()
-            return {"type": "websocket.disconnect", "code": 1000}
-        m = self.messages.pop(0)
-        return {"type": "websocket.receive", **({"bytes": m} if isinstance(m, bytes) else {"text": m})}
-
-
-class Session:
-    """What a Twilio connection calls on its session, recorded."""
-
-    def __init__(self) -> None:
-        self.audio: list[tuple[np.ndarray, int]] = []
-        self.calls: list[tuple] = []
-
-    async def send_audio(self, samples: np.ndarray, rate: int) -> None:
-        self.audio.append((samples, rate))
-
-    def flush(self) -> None:
-        self.calls.append(("flush",))
-
-    def played(self, turn: int, seconds: float) -> None:
-        self.calls.append(("played", turn, seconds))
-
-    def update(self, instructions: str) -> None:
-        if not instructions.strip():
-            raise ValueError("instructions must not be empty")
-        self.calls.append(("update", instructions))
-
-
 @dataclasses.dataclass
 class Hub:
     settings: ServerSettings = dataclasses.field(default_factory=ServerSettings)
@@ -82,8 +45,8 @@ class Hub:
 
 async def opened(*before_start: str | bytes, hub: Hub | None = None, silent: bool = False) -> TwilioConnection:
     """A connection that has read `before_start` and then Twilio's `start` (or raised what they cause)."""
-    conn = TwilioConnection(Socket([*before_start], silent), hub or Hub())
-    conn.session = Session()
+    conn = TwilioConnection(ScriptedSocket(before_start, silent), hub or Hub())
+    conn.session = RecordingSession()
     await conn.open()
     return conn
 
@@ -172,7 +135,7 @@ def test_with_auth_a_start_without_its_calls_token_is_refused(secured, token):
 def test_instructions_reach_the_session_and_bad_ones_do_not_end_the_call():
     conn = asyncio.run(opened(start_msg(instructions="Speak French.")))
     conn.started()
-    assert conn.session.calls == [("update", "Speak French.")]
+    assert conn.session.calls == [("update", "Speak French.", {})]
     conn = asyncio.run(opened(start_msg(instructions=" ")))
     conn.started()  # logged: the operator's webhook is at fault, not the caller
     conn = asyncio.run(opened(start_msg()))
