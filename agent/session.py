@@ -195,14 +195,16 @@ class Session:
         """Whether `h` belongs to speech over the agent's voice that is not (yet) a turn.
 
         It becomes one at a barge-in (which interrupts the reply) or once the reply has finished
-        playing; if it stops first, the listener's pause or end of it is dropped: nothing starts."""
+        playing; if it stops first, the listener's pause or end of it is dropped: nothing starts.
+        In push-to-talk the user's commit says what is a turn: speech is never dropped."""
         r = self._reply
-        if h.signal is Signal.SPEECH_START and r is not None and r.audible(echo_guard_ms=None):
+        talking = r is not None and r.audible(echo_guard_ms=None)
+        if h.signal is Signal.SPEECH_START and talking and not self.config.turns.push_to_talk:
             self._over_reply = h.media_ms
         if self._over_reply is None:
             return False
         barge_in = h.in_speech and r.audible(self.config.echo_guard_ms) and h.speech_ms >= self.config.barge_in_ms
-        if barge_in or not r.audible(echo_guard_ms=None):
+        if barge_in or not talking:
             start, self._over_reply = self._over_reply, None
             self._open_turn(start)
             if barge_in:

@@ -214,6 +214,19 @@ async def test_real_speech_over_the_reply_at_the_default_settings(voice_agent, p
     assert (got.interrupted, got.answered) == (interrupts, interrupts)
 
 
+async def test_in_push_to_talk_speech_over_the_reply_is_a_turn_at_the_commit(voice_agent, piper_speech):
+    """The user's commit says what a turn is: short speech over the reply is not dropped."""
+    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=3000, speculation=False) as s:
+        first = await a_reply_playing(s, piper_speech, ManualClock())
+        s.update(push_to_talk=True)
+        got = await converse(s, then_mark(trim(piper_speech("Okay."))), until=ev.Error)
+        await s.commit(16000)
+        got += await converse(s, np.zeros(0, np.float32), until=ev.Transcript)
+    [started] = of(got, ev.SpeechStarted)
+    assert started.turn == first.turn + 1 and of(got, ev.Interrupted)[0].turn == first.turn
+    assert of(got, ev.Transcript)[0].text.strip()
+
+
 async def test_speech_that_outlasts_the_reply_is_a_turn(voice_agent, piper_speech):
     """Talking over the reply's last words without interrupting it: once the reply has played out,
     the speech is the next turn, and it is answered."""
