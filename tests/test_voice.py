@@ -190,15 +190,19 @@ async def test_the_echo_guard_holds_barge_in_off_until_it_has_passed(voice_agent
 async def test_speech_over_the_reply_shorter_than_barge_in_ms_is_dropped(voice_agent, piper_speech, speculation):
     """A cough or an 'okay' over the reply is not a barge-in, and not a turn either: after it ends
     (its pause, its end-of-turn silence) the agent talks on and nothing is answered."""
+    clock = ManualClock()
+    okay = np.concatenate([trim(piper_speech("Okay.")), silence(1.5)])
     async with voice_agent.session(echo_guard_ms=0, barge_in_ms=3000, speculation=speculation) as s:
-        first = await a_reply_playing(s, piper_speech, ManualClock())
+        first = await a_reply_playing(s, piper_speech, clock)
         history = [dict(t) for t in s.dialogue.turns]
-        got = await converse(s, then_mark(np.concatenate([trim(piper_speech("Okay.")), silence(1.5)])), until=ev.Error)
+        got = await converse(s, then_mark(np.concatenate([okay, okay])), until=ev.Error)
         assert s._reply.turn == first.turn and s._reply.audible(echo_guard_ms=None)  # still playing
+        clock.advance(60)  # the reply plays out over silence: still nothing to answer
+        got += await converse(s, then_mark(silence(0.5)), until=ev.Error)
     assert not of(got, ev.Interrupted) and s.stats["barge_ins"] == 0
     assert not of(got, ev.SpeechStarted) and not of(got, ev.Speculation) and not of(got, ev.Transcript)
     assert {e.turn for e in got} == {first.turn}
-    assert s.stats["talked_over"] == 1 and s.stats["turns"] == 1
+    assert s.stats["talked_over"] == 2 and s.stats["turns"] == 1
     assert [t for t in s.dialogue.turns if t["role"] == "user"] == [t for t in history if t["role"] == "user"]
 
 
@@ -225,6 +229,29 @@ async def test_in_push_to_talk_speech_over_the_reply_is_a_turn_at_the_commit(voi
     [started] = of(got, ev.SpeechStarted)
     assert started.turn == first.turn + 1 and of(got, ev.Interrupted)[0].turn == first.turn
     assert of(got, ev.Transcript)[0].text.strip()
+
+
+@pytest.mark.parametrize("barge_in_ms", [0, 320])
+async def test_a_barge_in_opens_one_turn_where_the_speech_began_once_it_is_barge_in_ms_long(voice_agent, piper_speech, barge_in_ms):
+    """The turn's speech start is where the speech began (not where it became a barge-in), and the
+    interruption comes at the 32 ms frame where the run of speech reaches barge_in_ms (at the
+    speech start itself when that is already long enough)."""
+    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=barge_in_ms, speculation=False) as s:
+        first = await a_reply_playing(s, piper_speech, ManualClock())
+        before_ms = s.listener.media_ms
+        speech = np.concatenate([silence(0.1), trim(piper_speech("Wait a moment please."))])
+        interrupted_at = None
+        for i in range(0, len(speech), 320):
+            await s.send_audio(speech[i : i + 320], 16000)
+            if interrupted_at is None and s.stats["barge_ins"]:
+                interrupted_at = s.listener.media_ms
+        got = await converse(s, then_mark(silence(0.1)), until=ev.Error)
+    [started] = of(got, ev.SpeechStarted)
+    assert started.turn == first.turn + 1 and [e.turn for e in of(got, ev.Interrupted)] == [first.turn]
+    min_speech_ms = s.config.turns.min_speech_ms
+    began_ms = started.audio_ms - min_speech_ms  # the start is confirmed after min_speech_ms of speech
+    assert before_ms + 100 - 32 <= began_ms <= before_ms + 100 + 100  # after the 0.1 s of silence, at the words
+    assert interrupted_at - started.audio_ms == max(barge_in_ms - min_speech_ms, 0)  # 320: a whole number of frames
 
 
 async def test_speech_that_outlasts_the_reply_is_a_turn(voice_agent, piper_speech):
