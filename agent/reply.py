@@ -134,14 +134,16 @@ class Reply:
                 break
         return " ".join(words)
 
-    def audible(self, echo_guard_ms: float | None) -> bool:
-        """Its audio went out and, as far as we know, is still playing (after the echo guard, if given)."""
+    def audible(self, echo_guard_ms: float | None, while_generating: bool = True) -> bool:
+        """Its audio went out and, as far as we know, is still playing (after the echo guard, if given).
+        A reply still being generated counts as playing unless `while_generating` is False: then only
+        audio produced and not yet played does (between sentences the agent may be silent)."""
         if not self.confirmed or self.first_sent_at is None or self.timeline.interrupted:
             return False
         now = self.host.clock.monotonic()
         if echo_guard_ms is not None and (now - self.first_sent_at) * 1000 < echo_guard_ms:
             return False
-        return not self.done or now < self.first_sent_at + self.audio_samples / max(self.sample_rate, 1)
+        return (while_generating and not self.done) or now < self.first_sent_at + self.audio_samples / max(self.sample_rate, 1)
 
     def record(self) -> None:
         """Put the reply in the history as heard (kept up to date by later `sent` / `played`)."""

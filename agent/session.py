@@ -198,7 +198,7 @@ class Session:
         playing; if it stops first, the listener's pause or end of it is dropped: nothing starts.
         In push-to-talk the user's commit says what is a turn: speech is never dropped."""
         r = self._reply
-        talking = r is not None and r.audible(echo_guard_ms=None)
+        talking = r is not None and r.audible(echo_guard_ms=None, while_generating=False)  # its voice sounds now
         if h.signal is Signal.SPEECH_START and talking and not self.config.turns.push_to_talk:
             self._over_reply = h.media_ms
         if self._over_reply is None:
