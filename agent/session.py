@@ -55,6 +55,7 @@ class Session:
         self._pause_text: str | None = None  # this pause's transcript (speculative ASR)
         self._verdict: TurnVerdict | None = None  # this pause's end-of-turn model verdict
         self._over_reply: int | None = None  # media ms where speech began over the agent's voice, until it is a turn
+        self._over_reply_long = False  # that speech has had a run as long as a barge-in (the echo guard held it off)
         self._judging: set[asyncio.Task] = set()
         self._audio_lock = asyncio.Lock()
         self._request_ids = itertools.count()
@@ -194,20 +195,24 @@ class Session:
     def _talked_over(self, h: Heard) -> bool:
         """Whether `h` belongs to speech over the agent's voice that is not (yet) a turn.
 
-        It becomes one at a barge-in (which interrupts the reply) or once the reply has finished
-        playing; if it stops first, the listener's pause or end of it is dropped: nothing starts.
-        In push-to-talk the user's commit says what is a turn: speech is never dropped."""
+        It becomes one at a barge-in (which interrupts the reply), at its end if it was as long as a
+        barge-in but the echo guard held that off (a client sending faster than real time), or once
+        the reply has finished playing; shorter speech that ends first is dropped: nothing starts. In push-to-talk the user's
+        commit says what is a turn: speech is never dropped."""
         r = self._reply
         talking = r is not None and r.audible(echo_guard_ms=None, while_generating=False)  # its voice sounds now
         if h.signal is Signal.SPEECH_START and talking and not self.config.turns.push_to_talk:
-            self._over_reply = h.media_ms
+            self._over_reply, self._over_reply_long = h.media_ms, False
         if self._over_reply is None:
             return False
-        barge_in = h.in_speech and r.audible(self.config.echo_guard_ms) and h.speech_ms >= self.config.barge_in_ms
-        if barge_in or not talking:
+        long_enough = h.in_speech and h.speech_ms >= self.config.barge_in_ms
+        self._over_reply_long |= long_enough
+        barge_in = long_enough and r.audible(self.config.echo_guard_ms)
+        held_off = self._over_reply_long and h.signal in (Signal.END_OF_TURN, Signal.CAPPED)
+        if barge_in or held_off or not talking:
             start, self._over_reply = self._over_reply, None
             self._open_turn(start)
-            if barge_in:
+            if barge_in or held_off:
                 self._interrupt()
             return h.signal is Signal.SPEECH_START  # any other signal is the new turn's
         if h.signal in (Signal.END_OF_TURN, Signal.CAPPED):
