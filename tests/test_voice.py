@@ -254,6 +254,17 @@ async def test_a_barge_in_opens_one_turn_where_the_speech_began_once_it_is_barge
     assert interrupted_at - started.audio_ms == max(barge_in_ms - min_speech_ms, 0)  # 320: a whole number of frames
 
 
+async def test_speech_as_long_as_a_barge_in_inside_the_echo_guard_is_a_turn_at_its_end(voice_agent, piper_speech):
+    """A client that sends audio faster than real time asks its next question while the reply's echo
+    guard still runs: too long for a backchannel, it is answered once it ends."""
+    async with voice_agent.session(echo_guard_ms=60_000, barge_in_ms=200, speculation=False) as s:
+        first = await a_reply_playing(s, piper_speech, ManualClock())
+        got = await converse(s, utterance(piper_speech("What time is it in Paris?")), until=ev.Transcript)
+    [started] = of(got, ev.SpeechStarted)
+    assert started.turn == first.turn + 1 and [e.turn for e in of(got, ev.Interrupted)] == [first.turn]
+    assert similarity(of(got, ev.Transcript)[0].text, "What time is it in Paris?") >= 0.7
+
+
 async def test_speech_that_outlasts_the_reply_is_a_turn(voice_agent, piper_speech):
     """Talking over the reply's last words without interrupting it: once the reply has played out,
     the speech is the next turn, and it is answered."""
