@@ -187,35 +187,37 @@ class Session:
             if h.signal is Signal.CAPPED:
                 self.emit(ev.Error(self._turn, "turn_too_long", f"turn cut at {self.config.turns.max_turn_s:g} s of speech"))
             self._end_of_turn(h.audio)
-        r = self._reply
-        if h.in_speech and r is not None and r.audible(self.config.echo_guard_ms) and h.speech_ms >= self.config.barge_in_ms:
+        if self._reply is not None and self._barges_in(h):
             self._interrupt()  # a reply that began playing while the user was already talking
         self._check_limits(h)
+
+    def _barges_in(self, h: Heard) -> bool:
+        """`barge_in_ms` of speech while the reply plays, past its echo guard."""
+        return h.in_speech and h.speech_ms >= self.config.barge_in_ms and self._reply.audible(self.config.echo_guard_ms)
 
     def _talked_over(self, h: Heard) -> bool:
         """Whether `h` belongs to speech over the agent's voice that is not (yet) a turn.
 
         It becomes one at a barge-in (which interrupts the reply), at its end if it was as long as a
         barge-in but the echo guard held that off (a client sending faster than real time), or once
-        the reply has finished playing; shorter speech that ends first is dropped: nothing starts. In push-to-talk the user's
-        commit says what is a turn: speech is never dropped."""
+        the reply has finished playing; shorter speech that ends first is dropped: nothing starts.
+        In push-to-talk the user's commit says what is a turn: speech is never dropped."""
         r = self._reply
         talking = r is not None and r.audible(echo_guard_ms=None, while_generating=False)  # its voice sounds now
         if h.signal is Signal.SPEECH_START and talking and not self.config.turns.push_to_talk:
             self._over_reply, self._over_reply_long = h.media_ms, False
         if self._over_reply is None:
             return False
-        long_enough = h.in_speech and h.speech_ms >= self.config.barge_in_ms
-        self._over_reply_long |= long_enough
-        barge_in = long_enough and r.audible(self.config.echo_guard_ms)
-        held_off = self._over_reply_long and h.signal in (Signal.END_OF_TURN, Signal.CAPPED)
-        if barge_in or held_off or not talking:
+        self._over_reply_long |= h.in_speech and h.speech_ms >= self.config.barge_in_ms
+        ended = h.signal in (Signal.END_OF_TURN, Signal.CAPPED)
+        interrupts = self._barges_in(h) or (ended and self._over_reply_long)
+        if interrupts or not talking:
             start, self._over_reply = self._over_reply, None
             self._open_turn(start)
-            if barge_in or held_off:
+            if interrupts:
                 self._interrupt()
             return h.signal is Signal.SPEECH_START  # any other signal is the new turn's
-        if h.signal in (Signal.END_OF_TURN, Signal.CAPPED):
+        if ended:
             self._over_reply = None
             self.stats["talked_over"] += 1
             log.debug("speech over the reply ended short of a barge-in: dropped")
