@@ -6,6 +6,7 @@ Audio is fed faster than real time: endpointing counts media time, so decisions 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -281,6 +282,33 @@ async def test_speech_that_outlasts_the_reply_is_a_turn(voice_agent, piper_speec
     [transcript] = of(got, ev.Transcript)
     assert similarity(transcript.text, "Thanks, and what about tomorrow morning?") >= 0.7, transcript.text
     assert of(got, ev.ResponseDone)[-1].turn == first.turn + 1
+
+
+async def test_speech_while_a_reply_is_silent_between_sentences_is_a_turn(voice_agent, piper_speech, monkeypatch):
+    """A reply still being produced whose audio has all played is silent: speech then is the user's
+    turn, however short, not talk over the agent's voice (which would be dropped)."""
+    gate = threading.Event()  # holds the reply's second sentence in TTS
+    synthesize = voice_agent.tts.synthesize
+
+    def held(text, *args, **kwargs):
+        if text.startswith("Second"):
+            gate.wait(60)
+        yield from synthesize(text, *args, **kwargs)
+
+    monkeypatch.setattr(voice_agent.tts, "synthesize", held)
+    clock = ManualClock()
+    try:
+        async with voice_agent.session(greeting="First, a sentence. Second, another one.", echo_guard_ms=0, barge_in_ms=3000, speculation=False) as s:
+            s.clock = clock
+            await converse(s, silence(0.1), until=ev.AgentAudio)
+            clock.advance(60)  # the first sentence has played; the second is not produced yet
+            assert not s._reply.done and not s._reply.audible(echo_guard_ms=None, while_generating=False)
+            got = await converse(s, np.concatenate([silence(0.3), trim(piper_speech("Okay.")), silence(1.5)]), until=ev.Transcript)
+    finally:
+        gate.set()
+    [started] = of(got, ev.SpeechStarted)
+    assert started.turn == 1 and s.stats["talked_over"] == 0
+    assert similarity(of(got, ev.Transcript)[0].text, "Okay.") >= 0.7
 
 
 async def test_two_sessions_at_once_keep_their_own_state(voice_agent, piper_speech):
