@@ -196,6 +196,30 @@ def test_prefix_reuse_loads_the_common_prefix_and_never_recomputes_it(engine):
     asyncio.run(main())
 
 
+def test_generate_reuses_a_conversations_prefix_as_stream_does(engine):
+    params = DecodeParams(cache="dual", threshold=0.3, block_size=8, max_new_tokens=16, early_stop=False)
+    turn1 = chat("hello there")
+
+    async def main():
+        text, first = await engine.generate(turn1, params, conversation="g")
+        turn2 = turn1 + [{"role": "assistant", "content": text}, {"role": "user", "content": "and you?"}]
+        _, second = await engine.generate(turn2, params, conversation="g")
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first.stats.reused_tokens == 0 and second.stats.reused_tokens >= len(engine.encode_prompt(turn1))
+
+
+def test_a_closed_engine_refuses_requests_and_its_thread_ends(random_model):
+    model, tok = random_model
+    engine = Engine(model, tok, max_batch=1, max_len=256)
+    engine.close()
+    assert not engine._thread.is_alive()
+    with pytest.raises(RequestError, match="the engine is closed"):
+        asyncio.run(collect(engine, chat("hi"), DecodeParams(block_size=8, max_new_tokens=8)))
+    engine.close()  # a second close is harmless
+
+
 def test_a_conversation_forgotten_while_it_decodes_keeps_nothing(engine):
     async def main():
         stream = engine.stream(chat("hello"), LONG, conversation="gone")
@@ -255,6 +279,15 @@ def test_an_open_max_new_tokens_is_the_models_reply_length_from_its_generation_c
     (d / "generation_config.json").write_text("[12]")
     with pytest.raises(ConfigError, match="generation_config.json: not a JSON object"):
         Engine.from_pretrained(d, dtype="float32")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_pretrained_loads_the_weights_in_the_dtype_asked_for(random_model_dir, dtype):
+    eng = Engine.from_pretrained(random_model_dir, dtype=str(dtype).removeprefix("torch."), max_batch=1)
+    try:
+        assert {p.dtype for p in eng.model.parameters()} == {dtype}
+    finally:
+        eng.close()
 
 
 def test_early_stop_only_skips_forwards_after_the_reply(tiny_chat):
