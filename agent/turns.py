@@ -15,7 +15,7 @@ class TurnConfig:
     end_ms: int = 500  # silence this long: end of turn (no transcript yet, or one that reads as a statement)
     # With speculation, the transcript taken at the pause moves the end (0 disables either rule):
     question_end_ms: int = 300  # it ends in "?": the user asked and is waiting
-    unfinished_end_ms: int = 1200  # it stops mid-phrase ("I was thinking about", "my favorite food is")
+    unfinished_end_ms: int = 2000  # it stops mid-phrase ("I was thinking about", "my favorite food is"): a thinking pause
     # The end-of-turn model (audio.turn_model), asked at each pause, moves the end too (0 disables either rule).
     # Off by default: on the project's speech sets it answers sooner at the median but misjudges some
     # finished turns as unfinished, which costs their wait (README, Performance).
@@ -50,11 +50,16 @@ def reads_question(text: str) -> bool:
     return text.strip().endswith("?")
 
 
-def reads_unfinished(text: str) -> bool:
-    """The words stop mid-phrase: no final punctuation, or a last word a sentence rarely ends on."""
+def ends_mid_phrase(text: str) -> bool:
+    """The last word is one a sentence rarely ends on, or the words trail off in a comma, colon or dash."""
     text = text.strip()
     words = re.findall(r"[\w']+", text.lower())
-    return not words or not re.search(r"[.!?]$", text) or words[-1] in _CONTINUES
+    return not words or words[-1] in _CONTINUES or bool(re.search(r"[,;:\-]$", text))
+
+
+def reads_unfinished(text: str) -> bool:
+    """The words stop mid-phrase, or Whisper gave them no final punctuation."""
+    return ends_mid_phrase(text) or not re.search(r"[.!?]$", text.strip())
 
 
 def transcript_end_ms(text: str, config: TurnConfig) -> int:
@@ -74,15 +79,16 @@ def end_of_turn_ms(text: str | None, complete: float | None, config: TurnConfig)
     The model hears what words cannot (a voice that stays up, a drawn-out "and…"): when it hears a
     speaker who is not done, the end moves later, unless the words are a question (Whisper's "?" is
     strong evidence, and the model misjudges some questions): then the plain `end_ms`. It ends a turn
-    sooner than the transcript's rule only when the transcript agrees (it reads as finished): alone, a
-    falling voice at a phrase boundary ("I would like to know") would cut the speaker off.
+    sooner than the transcript's rule only when the words do not stop mid-phrase: alone, a falling
+    voice at a phrase boundary ("I would like to know") would cut the speaker off. Punctuation missing
+    from the words does not hold a sure model back: Whisper leaves some finished sentences bare.
     """
     rule = config.end_ms if text is None else transcript_end_ms(text, config)
     if complete is None:
         return rule
     question = text is not None and reads_question(text)
     if complete > COMPLETE:
-        agreed = complete >= SURE and text is not None and (question or not reads_unfinished(text)) and config.complete_end_ms
+        agreed = complete >= SURE and text is not None and (question or not ends_mid_phrase(text)) and config.complete_end_ms
         return min(rule, config.complete_end_ms) if agreed else rule
     if question and config.incomplete_end_ms:
         return max(rule, config.end_ms)  # a question heard as unfinished: they disagree, the plain end

@@ -25,9 +25,10 @@ Against --url the baseline is set per session with session.update (speculation o
 threshold 1.0 = one token per step; the server's KV-cache mode cannot be changed remotely).
 
 Speech (--speech-dir DIR): WAV files, 16-bit PCM, mono, 8000-48000 Hz, plus DIR/transcripts.tsv
-with one line per WAV:   FILE.wav<TAB>what is said[<TAB>paused]
-`paused` marks an utterance with a pause inside it (it counts towards the premature-
-endpoint rate); blank lines and lines starting with # are ignored. Leading and trailing audio
+with one line per WAV:   FILE.wav<TAB>what is said[<TAB>KIND]
+KIND (a lower-case word, e.g. `paused`) marks an utterance with a pause inside it: it counts towards
+the premature-endpoint rate, which is also reported per kind; blank lines and lines starting with #
+are ignored. Leading and trailing audio
 below -40 dBFS is trimmed: the last sample above it is the true end of speech. Without
 --speech-dir, the question set is synthesized with the agent's piper voice before the run.
 
@@ -110,14 +111,14 @@ PAUSED = [
 class Utterance:
     text: str
     audio: np.ndarray  # 16 kHz float32, trimmed: speech starts at 0 and ends at the last sample
-    paused: bool = False
+    paused: str = ""  # the kind of pause inside it ("" for none)
 
 
 @dataclasses.dataclass
 class TurnResult:
     caller: int
     text: str
-    paused: bool
+    paused: str
     server_turn: int | None = None
     transcript: str | None = None
     caller_v2v_ms: float | None = None
@@ -141,7 +142,7 @@ def prepare_speech(tts, seed: int = 0) -> list[Utterance]:  # noqa: ANN001 (audi
     paused = []
     for a, b in PAUSED:
         gap = np.zeros(int(rng.uniform(0.3, 0.7) * RATE), dtype=np.float32)
-        paused.append(Utterance(f"{a} {b}", np.concatenate([say(a), gap, say(b)]), paused=True))
+        paused.append(Utterance(f"{a} {b}", np.concatenate([say(a), gap, say(b)]), paused="paused"))
     return [u for pair in zip(plain, paused + paused) for u in pair] + plain[len(paused) * 2 :]
 
 
@@ -151,7 +152,7 @@ def load_speech(folder: Path) -> list[Utterance]:
         raise BenchError(f"--speech-dir {folder}: not a directory")
     index = folder / TRANSCRIPTS
     if not index.is_file():
-        raise BenchError(f"{index} is missing: --speech-dir needs one line per WAV: FILE.wav<TAB>transcript[<TAB>paused]")
+        raise BenchError(f"{index} is missing: --speech-dir needs one line per WAV: FILE.wav<TAB>transcript[<TAB>KIND of pause]")
     entries = _read_transcripts(index)
     wavs = sorted(p.name for p in folder.glob("*.wav"))
     if not wavs:
@@ -163,15 +164,15 @@ def load_speech(folder: Path) -> list[Utterance]:
     return [Utterance(text, trim(read_wav(folder / name), AUDIBLE), paused) for name, (text, paused) in entries.items()]
 
 
-def _read_transcripts(path: Path) -> dict[str, tuple[str, bool]]:
+def _read_transcripts(path: Path) -> dict[str, tuple[str, str]]:
     out = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         cols = [c.strip() for c in line.split("\t")]
-        if len(cols) not in (2, 3) or not cols[1] or cols[2:] not in ([], ["paused"]):
-            raise BenchError(f"{path}:{n}: expected FILE.wav<TAB>transcript[<TAB>paused], got {line!r}")
-        out[cols[0]] = (cols[1], cols[2:] == ["paused"])
+        if len(cols) not in (2, 3) or not cols[1] or not all(re.fullmatch(r"[a-z][a-z-]*", c) for c in cols[2:]):
+            raise BenchError(f"{path}:{n}: expected FILE.wav<TAB>transcript[<TAB>KIND of pause, a lower-case word], got {line!r}")
+        out[cols[0]] = (cols[1], "".join(cols[2:]))
     return out
 
 
@@ -387,6 +388,7 @@ def summarize(results: list[TurnResult], wall_s: float, cpu_s: float) -> dict:
         "server_v2v_ms": {"p50": pct(server, 50), "p90": pct(server, 90)},
         "premature_endpoint_rate": None if not paused else round(sum(r.premature for r in paused) / len(paused), 3),
         "paused_utterances": len(paused),
+        "premature_by_pause": {k: {"premature": sum(r.premature for r in paused if r.paused == k), "utterances": sum(r.paused == k for r in paused)} for k in sorted({r.paused for r in paused})},
         "premature_all_rate": None if not results else round(sum(r.premature for r in results) / len(results), 3),
         "asr_wer": None if not heard else round(word_error_rate([r.text for r in heard], [r.transcript for r in heard]), 3),
         "cpu_util": round(cpu_s / wall_s / (os.cpu_count() or 1), 3),
@@ -503,6 +505,9 @@ def print_table(runs: list[dict]) -> None:
             f"{r['premature_all_rate'] if r['premature_all_rate'] is not None else float('nan'):>5.2f} "
             f"{r['asr_wer'] if r['asr_wer'] is not None else float('nan'):>6.3f} {r['cpu_util']:>5.2f} {_turn_ms(r.get('turn_model')):>15}"
         )
+    for r in runs:
+        if len(kinds := r.get("premature_by_pause") or {}) > 1:
+            print(f"{r['config']:<10} {r['callers']:>2} premature by kind of pause: " + ", ".join(f"{k} {v['premature']}/{v['utterances']}" for k, v in kinds.items()))
 
 
 def _turn_ms(t: dict | None) -> str:

@@ -79,6 +79,7 @@ def test_short_run_over_websocket(steady_agent, tmp_path: Path) -> None:
     assert set(run["caller_v2v_ms"]) == {"p50", "p90"}  # p99 only with >= 100 turns
     assert {"server_v2v_ms", "premature_endpoint_rate", "asr_wer", "cpu_util", "failed"} <= set(run)
     assert run["paused_utterances"] == 1  # the synthesized pool alternates plain and paused questions
+    assert run["premature_by_pause"] == {"paused": {"premature": int(run["premature_endpoint_rate"]), "utterances": 1}}
     assert len(run["results"]) == 2 and run["failed"] == 0, [{k: v for k, v in t.items() if k != "server"} for t in run["results"]]
     for turn in run["results"]:  # answered: the caller heard it, and the server's timeline is paired with it
         assert turn["failed"] is None and turn["caller_v2v_ms"] is not None
@@ -200,5 +201,9 @@ def test_missing_transcripts_are_named(tmp_path: Path) -> None:
         bench.main(["--speech-dir", str(tmp_path)])
     (tmp_path / "transcripts.tsv").write_text("a.wav\thello there\tpaused\nb.wav\tgood bye\n")
     speech = bench.load_speech(tmp_path)
-    assert [(u.text, u.paused) for u in speech] == [("hello there", True), ("good bye", False)]
+    assert [(u.text, u.paused) for u in speech] == [("hello there", "paused"), ("good bye", "")]
     assert all(u.audio.dtype == np.float32 and len(u.audio) > 0 for u in speech)
+    for bad in ("hello there\tPaused!", "hello there\tpaused\textra", "\tpaused"):
+        (tmp_path / "transcripts.tsv").write_text(f"a.wav\t{bad}\nb.wav\tgood bye\n")
+        with pytest.raises(bench.BenchError, match=r"transcripts.tsv:1: expected FILE.wav<TAB>transcript\[<TAB>KIND of pause"):
+            bench.load_speech(tmp_path)

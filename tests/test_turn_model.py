@@ -61,6 +61,9 @@ def test_the_end_of_turn_rule():
     assert end_of_turn_ms("Tell me a joke.", 0.7, cfg) == 500  # finished, but not sure: the transcript's rule
     assert end_of_turn_ms(None, 0.9, cfg) == 500  # the voice alone never cuts a speaker off sooner
     assert end_of_turn_ms("My favorite food is", 0.9, cfg) == 1200  # ... nor against words that stop mid-phrase
+    assert end_of_turn_ms("I would like to know,", 0.9, cfg) == 1200
+    assert end_of_turn_ms("You have left the conference", 0.9, cfg) == 200  # sure, and only the full stop is missing
+    assert end_of_turn_ms("You have left the conference", 0.7, cfg) == 1200  # not sure: the transcript's rule
     assert end_of_turn_ms("Tell me a joke.", 0.2, cfg) == 2000  # the voice is not done: keep listening
     assert end_of_turn_ms(None, 0.2, cfg) == 2000
     assert end_of_turn_ms("What do you like to do on the weekend?", 0.05, cfg) == 500  # a question: they disagree
