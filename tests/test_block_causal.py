@@ -232,6 +232,30 @@ def test_a_turn_blocks_model_reuses_earlier_turns_exactly_across_a_conversation(
         engine.close()
 
 
+def test_a_token_causal_prompt_keeps_only_its_prompt_and_reuses_it_exactly(tmp_path):
+    """A converted AR model's prompt is token-causal: its keys never see the reply, so a conversation
+    keeps the prompt's (not the reply's, which saw the blocks) and the next turn reuses them exactly."""
+    model, tok = load_model(make_model_dir(tmp_path, {"block_causal": True, "causal_prompt": True}), dtype="float32")
+    engine = Engine(model, tok, max_batch=2, max_len=512)
+    params = DecodeParams(threshold=0.3, block_size=8, max_new_tokens=16)
+    assert engine.exact_prefix_reuse
+
+    async def main():
+        messages: list[dict[str, str]] = []
+        for i, user in enumerate(["hello there, how are you today?", "tell me about your weekend."]):
+            messages.append({"role": "user", "content": user})
+            reused_ids, stats = await reused_as_recomputed(engine, messages, params)
+            prompt = engine.encode_prompt(messages)
+            assert engine._prefixes["kept"].ids == prompt
+            assert (stats.reused_tokens > 0) == (i > 0)
+            messages.append({"role": "assistant", "content": tok.decode(reused_ids).strip() or "ok."})
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
 def test_turn_blocks_need_a_block_causal_model():
     with pytest.raises(ConfigError, match="turn_blocks needs block_causal"):
         tiny_config(turn_blocks=True)

@@ -281,11 +281,15 @@ def test_an_open_max_new_tokens_is_the_models_reply_length_from_its_generation_c
         Engine.from_pretrained(d, dtype="float32")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, None])
 def test_from_pretrained_loads_the_weights_in_the_dtype_asked_for(random_model_dir, dtype):
-    eng = Engine.from_pretrained(random_model_dir, dtype=str(dtype).removeprefix("torch."), max_batch=1)
+    """None: the default, "auto" (bf16 where the CPU has it)."""
+    from dllm_engine.loading import resolve_dtype
+
+    kw = {} if dtype is None else {"dtype": str(dtype).removeprefix("torch.")}
+    eng = Engine.from_pretrained(random_model_dir, max_batch=1, **kw)
     try:
-        assert {p.dtype for p in eng.model.parameters()} == {dtype}
+        assert {p.dtype for p in eng.model.parameters()} == {dtype or resolve_dtype("auto", torch.device("cpu"))}
     finally:
         eng.close()
 
