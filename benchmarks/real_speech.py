@@ -62,11 +62,15 @@ class Prompt:
     audio: np.ndarray  # int16, 8 kHz
     rate: int
 
+    def frame_energy(self) -> np.ndarray:
+        """Mean square of each FRAME_S frame."""
+        hop = int(self.rate * FRAME_S)
+        return np.mean(self.audio[: len(self.audio) // hop * hop].astype(np.float32).reshape(-1, hop) ** 2, axis=1)
+
     def gaps(self) -> list[tuple[int, int]]:
         """Pauses between its first and last sound, as (start, end) sample indices."""
         hop = int(self.rate * FRAME_S)
-        frames = self.audio[: len(self.audio) // hop * hop].astype(np.float32).reshape(-1, hop)
-        db = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-9)
+        db = 10 * np.log10(self.frame_energy() + 1e-9)
         loud = np.flatnonzero(db > db.max() + QUIET_DB)
         quiet = np.ones(len(db), dtype=bool)
         quiet[loud] = False
@@ -135,14 +139,14 @@ def hesitation_point(p: Prompt, words: list[tuple[str, float, float]], transcrib
 
     `words` are Whisper's (word, start s, end s), trusted only when they are the prompt's own words;
     its word timings are rough (often inside the next word), so the cut is the quiet 10 ms frame near
-    the word's end after which `transcribe` (16 kHz audio → text) hears the sentence end on that word."""
+    the word's end after which `transcribe` (16 kHz audio → text) hears the sentence end on that word.
+    Both come from greedy decoding at temperature 0 (Whisper's fallback samples): the set is rebuilt
+    the same every time."""
     text = words_of(p.text)
     if difflib.SequenceMatcher(None, text, [w for w, _, _ in words]).ratio() < 0.9:
         return None
     middle = (words[0][1] + words[-1][2]) / 2
-    hop = int(p.rate * FRAME_S)
-    frames = p.audio[: len(p.audio) // hop * hop].astype(np.float32).reshape(-1, hop)
-    energy = np.mean(frames**2, axis=1)
+    hop, energy = int(p.rate * FRAME_S), p.frame_energy()
     for i in sorted((i for i in range(1, len(words) - 2) if words[i][0] in HESITATE_AFTER), key=lambda i: abs(words[i][2] - middle)):
         lo, hi = int(words[i][1] / FRAME_S), min(int(words[i + 1][2] / FRAME_S), len(energy) - 1)
         dips = [f for f in range(lo + 1, hi) if energy[f] <= energy[f - 1] and energy[f] <= energy[f + 1]]
@@ -165,7 +169,7 @@ def insert_pause(p: Prompt, at: int, seconds: float) -> np.ndarray:
 
 def whisper_words(p: Prompt, model) -> list[tuple[str, float, float]]:  # noqa: ANN001 (faster_whisper.WhisperModel)
     audio = resample(p.audio.astype(np.float32) / 32768, p.rate, 16000)
-    segments, _ = model.transcribe(audio, language="en", beam_size=1, word_timestamps=True, condition_on_previous_text=False)
+    segments, _ = model.transcribe(audio, language="en", beam_size=1, temperature=0.0, word_timestamps=True, condition_on_previous_text=False)
     return [(w, word.start, word.end) for s in segments for word in s.words for w in words_of(word.word)[:1]]
 
 
@@ -190,7 +194,7 @@ def build(out: Path, plain: int = 60, paused: int = 24, hesitation: int = 24, pa
 
         def transcribe(audio: np.ndarray) -> str:
             tail = np.zeros(16000 // 2, np.float32)  # the pause the agent would have heard
-            return " ".join(s.text for s in model.transcribe(np.concatenate([audio, tail]), language="en", beam_size=1, condition_on_previous_text=False)[0])
+            return " ".join(s.text for s in model.transcribe(np.concatenate([audio, tail]), language="en", beam_size=1, temperature=0.0, condition_on_previous_text=False)[0])
 
         for p in tqdm([p for p in prompts if p.name not in used and one_sentence(p.text)], desc="hesitations", unit="prompt"):
             if len(hesitant) == hesitation:

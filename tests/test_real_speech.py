@@ -50,7 +50,7 @@ def test_a_hesitation_goes_right_after_a_function_word_mid_phrase(leave_message,
     p = leave_message
 
     def transcribe(audio: np.ndarray) -> str:
-        return " ".join(s.text for s in whisper.transcribe(np.concatenate([audio, np.zeros(8000, np.float32)]), language="en", beam_size=1)[0])
+        return " ".join(s.text for s in whisper.transcribe(np.concatenate([audio, np.zeros(8000, np.float32)]), language="en", beam_size=1, temperature=0.0)[0])
 
     at = hesitation_point(p, whisper_words(p, whisper), transcribe)
     assert at is not None
