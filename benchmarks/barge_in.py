@@ -67,15 +67,13 @@ class Trial:
 
 def single_words(limit: int) -> list[tuple[str, np.ndarray]]:
     """One-word prompts, one per word, spelled letters left out (the VAD does not hear most of them)."""
-    from audio.codec import resample
-
     seen, out = set(), []
     for p in load_prompts():
         word = p.text.strip(".!? ").lower()
         if len(word.split()) != 1 or p.name.startswith(("letters/", "phonetic/")) or word in seen:
             continue
         seen.add(word)
-        out.append((p.name, resample(p.audio.astype(np.float32) / 32768, p.rate, RATE)))
+        out.append((p.name, p.at(RATE)))
     return out[:limit]
 
 

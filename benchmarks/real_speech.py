@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import gzip
 import logging
 import re
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from audio.codec import resample
+from audio.codec import resample, to_float32
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class Prompt:
     text: str
     audio: np.ndarray  # int16, 8 kHz
     rate: int
+
+    def at(self, rate: int, part: slice = slice(None)) -> np.ndarray:
+        """Float32 audio resampled to `rate` (of the samples `part`): what the agent's models take."""
+        return resample(to_float32(self.audio[part], self.rate), self.rate, rate)
 
     def frame_energy(self) -> np.ndarray:
         """Mean square of each FRAME_S frame."""
@@ -152,7 +157,7 @@ def hesitation_point(p: Prompt, words: list[tuple[str, float, float]], transcrib
         dips = [f for f in range(lo + 1, hi) if energy[f] <= energy[f - 1] and energy[f] <= energy[f + 1]]
         for f in sorted(dips, key=lambda f: abs(f * FRAME_S - words[i][2]))[:6]:
             at = f * hop + hop // 2
-            heard = words_of(transcribe(resample(p.audio[:at].astype(np.float32) / 32768, p.rate, 16000)))
+            heard = words_of(transcribe(p.at(16000, slice(None, at))))
             if heard and heard[-1] == words[i][0] and difflib.SequenceMatcher(None, heard, [w for w, _, _ in words[: i + 1]]).ratio() >= 0.8:
                 return at
     return None
@@ -168,9 +173,14 @@ def insert_pause(p: Prompt, at: int, seconds: float) -> np.ndarray:
 
 
 def whisper_words(p: Prompt, model) -> list[tuple[str, float, float]]:  # noqa: ANN001 (faster_whisper.WhisperModel)
-    audio = resample(p.audio.astype(np.float32) / 32768, p.rate, 16000)
-    segments, _ = model.transcribe(audio, language="en", beam_size=1, temperature=0.0, word_timestamps=True, condition_on_previous_text=False)
+    segments, _ = model.transcribe(p.at(16000), language="en", beam_size=1, temperature=0.0, word_timestamps=True, condition_on_previous_text=False)
     return [(w, word.start, word.end) for s in segments for word in s.words for w in words_of(word.word)[:1]]
+
+
+def transcribe_before_pause(model, audio: np.ndarray) -> str:  # noqa: ANN001 (faster_whisper.WhisperModel)
+    """What Whisper hears of 16 kHz `audio` followed by the half second of pause the agent would hear."""
+    segments, _ = model.transcribe(np.concatenate([audio, np.zeros(16000 // 2, np.float32)]), language="en", beam_size=1, temperature=0.0, condition_on_previous_text=False)
+    return " ".join(s.text for s in segments)
 
 
 def build(out: Path, plain: int = 60, paused: int = 24, hesitation: int = 24, pause_s: float = 1.5, words: tuple[int, int] = (4, 20)) -> tuple[int, int, int]:
@@ -191,15 +201,10 @@ def build(out: Path, plain: int = 60, paused: int = 24, hesitation: int = 24, pa
         from audio.asr import default_model_path
 
         model = WhisperModel(str(default_model_path()), device="cpu", compute_type="int8")
-
-        def transcribe(audio: np.ndarray) -> str:
-            tail = np.zeros(16000 // 2, np.float32)  # the pause the agent would have heard
-            return " ".join(s.text for s in model.transcribe(np.concatenate([audio, tail]), language="en", beam_size=1, temperature=0.0, condition_on_previous_text=False)[0])
-
         for p in tqdm([p for p in prompts if p.name not in used and one_sentence(p.text)], desc="hesitations", unit="prompt"):
             if len(hesitant) == hesitation:
                 break
-            if (at := hesitation_point(p, whisper_words(p, model), transcribe)) is not None:
+            if (at := hesitation_point(p, whisper_words(p, model), functools.partial(transcribe_before_pause, model))) is not None:
                 hesitant.append((p, at))
     lines = ["# Asterisk core English prompts (Allison Smith, CC-BY-SA-3.0); a pause inside the sentence, "
              f"{pause_s:g} s: `paused` (its longest pause stretched), `hesitation` (inserted after a function word) (python -m benchmarks.real_speech)"]

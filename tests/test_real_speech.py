@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import latency
-from benchmarks.real_speech import build, hesitation_point, insert_pause, load_prompts, whisper_words, words_of
+from benchmarks.real_speech import build, hesitation_point, insert_pause, load_prompts, transcribe_before_pause, whisper_words, words_of
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +45,12 @@ def test_a_pause_inserted_is_the_prompts_own_quiet_and_nothing_else_moves(leave_
 def test_a_hesitation_goes_right_after_a_function_word_mid_phrase(leave_message, whisper, asr):
     """The words before the cut end on "to" (heard by the agent's own transcriber, not the one that
     placed the cut), and the phrase goes on after it."""
-    from audio.codec import resample
-
     p = leave_message
-
-    def transcribe(audio: np.ndarray) -> str:
-        return " ".join(s.text for s in whisper.transcribe(np.concatenate([audio, np.zeros(8000, np.float32)]), language="en", beam_size=1, temperature=0.0)[0])
-
-    at = hesitation_point(p, whisper_words(p, whisper), transcribe)
+    at = hesitation_point(p, whisper_words(p, whisper), lambda audio: transcribe_before_pause(whisper, audio))
     assert at is not None
-    before = words_of(asr.transcribe(np.concatenate([resample(p.audio[:at].astype(np.float32) / 32768, p.rate, 16000), np.zeros(3200, np.float32)])))
+    before = words_of(asr.transcribe(np.concatenate([p.at(16000, slice(None, at)), np.zeros(3200, np.float32)])))
     assert before[-1] == "to", before
-    after = words_of(asr.transcribe(resample(p.audio[at:].astype(np.float32) / 32768, p.rate, 16000)))
+    after = words_of(asr.transcribe(p.at(16000, slice(at, None))))
     assert "message" in after, after
 
 

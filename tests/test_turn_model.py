@@ -12,7 +12,6 @@ import pytest
 
 from agent import events as ev
 from agent.turns import TurnConfig, end_of_turn_ms
-from audio.codec import resample
 from audio.turn_model import SAMPLE_RATE, WINDOW_S, TurnModel, TurnModelError, default_model_path
 from tests.helpers import WAIT, silence, trim
 
@@ -206,5 +205,5 @@ def test_a_server_without_the_model_refuses_to_turn_it_on(voice_agent):
 def test_resampled_real_speech_is_what_the_model_hears(turn_model, pin_prompt):
     """8 kHz phone audio reaches the model at its 16 kHz (the session resamples before anything else)."""
     prompt = pin_prompt
-    audio = resample(prompt.audio.astype(np.float32) / 32768, prompt.rate, SAMPLE_RATE)
+    audio = prompt.at(SAMPLE_RATE)
     assert turn_model(np.concatenate([silence(0.2), audio, silence(0.2)])) > 0.5

@@ -14,7 +14,6 @@ import pytest
 from agent import events as ev
 from agent.sentences import SentenceSplitter
 from agent.turns import Endpointer, Signal, TurnConfig, transcript_end_ms
-from audio.codec import resample
 from tests.helpers import ManualClock, espeak, heard_prefix, silence, similarity, trim
 
 QUESTION = "Hello, how are you today?"
@@ -215,7 +214,7 @@ async def test_real_speech_over_the_reply_at_the_default_settings(voice_agent, p
     from benchmarks.real_speech import load_prompts
 
     [p] = [p for p in load_prompts() if p.name == prompt]
-    got = await trial(voice_agent, p.name, "", resample(p.audio.astype(np.float32) / 32768, p.rate, 16000), voice_agent.config.barge_in_ms)
+    got = await trial(voice_agent, p.name, "", p.at(16000), voice_agent.config.barge_in_ms)
     assert (got.interrupted, got.answered) == (interrupts, interrupts)
 
 
