@@ -100,6 +100,7 @@ class Engine:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="dllm-engine", daemon=True)
         self._closed = False
+        self._stopped: str | None = None  # why the engine thread ended, under _lock
         self._thread.start()
 
     @classmethod
@@ -207,8 +208,6 @@ class Engine:
         log.info("compiled in %.1f s", time.perf_counter() - t0)
 
     def _submit(self, prompt: Prompt, params: DecodeParams, request_id: str | None, step_events: bool, conversation: str | None) -> _Request:
-        if self._closed:
-            raise RequestError("the engine is closed")
         if not isinstance(params, DecodeParams):
             raise RequestError(f"params must be DecodeParams, got {type(params).__name__}")
         ids = self.encode_prompt(prompt)
@@ -228,6 +227,8 @@ class Engine:
         seq = Sequence.for_model(request_id, ids, params, self.tokenizer, self.device, cfg)
         req = _Request(seq, asyncio.get_running_loop(), step_events, conversation)
         with self._lock:
+            if self._closed or self._stopped:
+                raise RequestError(self._stopped or "the engine is closed")
             if request_id in self._requests:
                 raise RequestError(f"request id {request_id!r} is already running")
             self._requests[request_id] = req
@@ -235,6 +236,21 @@ class Engine:
         return req
 
     def _loop(self) -> None:
+        """The engine thread. However it ends, no request is left waiting for an output."""
+        try:
+            self._serve()
+            reason = "the engine is closed"
+        except BaseException as e:  # a bug outside a step: every caller gets it, none hangs
+            log.exception("the engine thread failed")
+            reason = f"the engine stopped ({type(e).__name__}: {e})"
+        with self._lock:
+            self._stopped = reason
+            pending = list(self._requests.values())
+            self._requests.clear()
+        for req in pending:
+            req.post(Output(req.seq.id, finished=True, finish_reason="error", error=reason))
+
+    def _serve(self) -> None:
         sched = self._scheduler
         while not self._closed:
             try:

@@ -220,6 +220,39 @@ def test_a_closed_engine_refuses_requests_and_its_thread_ends(random_model):
     engine.close()  # a second close is harmless
 
 
+def test_closing_the_engine_ends_the_requests_it_was_serving_with_an_error(random_model):
+    model, tok = random_model
+    engine = Engine(model, tok, max_batch=1, max_len=512)
+
+    async def main():
+        stream = engine.stream(chat("hello"), LONG)
+        await anext(stream)  # the request is running
+        await asyncio.to_thread(engine.close)
+        with pytest.raises(RequestError, match="the engine is closed"):
+            async for _ in stream:
+                pass
+
+    asyncio.run(main())
+
+
+def test_an_engine_thread_that_fails_fails_its_requests_and_refuses_more(random_model):
+    """A bug outside a decoding step ends the thread: callers get the error instead of waiting forever."""
+    model, tok = random_model
+    engine = Engine(model, tok, max_batch=1, max_len=256)
+
+    def broken(req):
+        raise RuntimeError("boom")
+
+    engine._load_prefix = broken
+    params = DecodeParams(block_size=8, max_new_tokens=8)
+    with pytest.raises(RequestError, match=r"the engine stopped \(RuntimeError: boom\)"):
+        asyncio.run(collect(engine, chat("hi"), params))
+    engine._thread.join(timeout=10)
+    assert not engine._thread.is_alive() and engine.active_requests == 0
+    with pytest.raises(RequestError, match="the engine stopped"):
+        asyncio.run(collect(engine, chat("hi"), params))
+
+
 def test_a_conversation_forgotten_while_it_decodes_keeps_nothing(engine):
     async def main():
         stream = engine.stream(chat("hello"), LONG, conversation="gone")
