@@ -22,6 +22,7 @@ from agent.hub import ServerSettings
 from agent.session import Session as RealSession
 from agent.transports.base import Close
 from agent.transports.realtime import RealtimeConnection
+from agent.transports.realtime_config import AudioFormat
 from agent.voice_agent import AgentConfig
 from tests.helpers import RecordingSession, ScriptedSocket
 
@@ -233,6 +234,143 @@ def test_a_reply_opens_its_response_before_the_first_delta_and_closes_it_after_t
     assert msgs[2]["previous_item_id"] == "item_4_user"
 
 
+def without_ids(msgs: list[dict]) -> list[dict]:
+    assert [m.pop("event_id") for m in msgs] == [f"event_{i}" for i in range(1, len(msgs) + 1)]
+    return msgs
+
+
+def agent_item(status: str, content: list[dict]) -> dict:
+    return {"id": "item_3_agent", "object": "realtime.item", "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def response(status: str, output: list[dict], details: dict | None = None, modalities: tuple[str, ...] = ("audio",)) -> dict:
+    return {"id": "resp_3", "object": "realtime.response", "status": status, "status_details": details, "output": output,
+            "output_modalities": list(modalities), "conversation_id": "sess_1", "usage": None}
+
+
+IDS = {"turn": 3, "response_id": "resp_3", "item_id": "item_3_agent", "output_index": 0, "content_index": 0}
+
+
+def test_a_turn_field_by_field():
+    """Every field of a whole turn's events as the Realtime API reference gives them (a stock client reads them)."""
+    conn = connect()
+    conn.id = "sess_1"
+    msgs = without_ids(emit(conn, ev.SpeechStarted(3, 1200), ev.SpeechStopped(3, 2400), ev.Transcript(3, "hello", 1.2004),
+                            ev.AgentText(3, "Hi there."), ev.ResponseDone(3, "Hi there."), ev.TurnMetrics(3, {"v2v_ms": 500})))
+    user = {"id": "item_3_user", "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+            "content": [{"type": "input_audio", "transcript": None}]}
+    said = agent_item("completed", [{"type": "output_audio", "transcript": "Hi there."}])
+    assert msgs == [
+        {"type": "input_audio_buffer.speech_started", "turn": 3, "audio_start_ms": 1200, "item_id": "item_3_user"},
+        {"type": "input_audio_buffer.speech_stopped", "turn": 3, "audio_end_ms": 2400, "item_id": "item_3_user"},
+        {"type": "input_audio_buffer.committed", "turn": 3, "item_id": "item_3_user", "previous_item_id": None},
+        {"type": "conversation.item.added", "turn": 3, "item": user, "previous_item_id": None},
+        {"type": "conversation.item.done", "turn": 3, "item": user, "previous_item_id": None},
+        {"type": "conversation.item.input_audio_transcription.completed", "turn": 3, "item_id": "item_3_user", "content_index": 0,
+         "transcript": "hello", "usage": {"type": "duration", "seconds": 1.2}},
+        {"type": "response.created", "turn": 3, "response_id": "resp_3", "response": response("in_progress", [])},
+        {"type": "response.output_item.added", "turn": 3, "response_id": "resp_3", "output_index": 0, "item": agent_item("in_progress", [])},
+        {"type": "conversation.item.added", "turn": 3, "item": agent_item("in_progress", []), "previous_item_id": "item_3_user"},
+        {"type": "response.content_part.added", **IDS, "part": {"type": "audio", "transcript": ""}},
+        {"type": "response.output_audio_transcript.delta", **IDS, "delta": "Hi there."},
+        {"type": "response.output_audio.done", **IDS},
+        {"type": "response.output_audio_transcript.done", **IDS, "transcript": "Hi there."},
+        {"type": "response.content_part.done", **IDS, "part": {"type": "audio", "transcript": "Hi there."}},
+        {"type": "response.output_item.done", "turn": 3, "response_id": "resp_3", "output_index": 0, "item": said},
+        {"type": "conversation.item.done", "turn": 3, "item": said, "previous_item_id": "item_3_user"},
+        {"type": "response.done", "turn": 3, "response_id": "resp_3", "response": response("completed", [said])},
+        {"type": "turn.metrics", "turn": 3, "timeline": {"v2v_ms": 500}, "response_id": "resp_3"},
+    ]
+
+
+def test_an_audio_delta_field_by_field():
+    conn = connect()
+    conn.output = AudioFormat("pcm16", 16000)
+    emit(conn, ev.AgentText(3, "Hi."))
+    conn.on_event(ev.AgentAudio(3, np.full(1600, 0.5, np.float32), 16000, "Hi.", 2))
+    conn.on_event(ev.AgentAudio(3, np.full(800, 0.5, np.float32), 16000, "Hi.", 2))
+    first, second = [json.loads(i.text) for i in conn.outbox._items if i.text][-2:]
+    pcm = np.frombuffer(base64.b64decode(first.pop("delta")), "<i2")
+    assert len(pcm) == 1600 and np.all(np.abs(pcm - 0.5 * 32767) <= 1)
+    assert first == {"type": "response.output_audio.delta", **IDS, "sample_rate": 16000, "audio_start_ms": 0, "text": "Hi.", "sentence": 2,
+                     "event_id": first["event_id"]}
+    assert second["audio_start_ms"] == 100 and len(base64.b64decode(second["delta"])) == 1600
+    assert [(i.audio_s, i.turn) for i in conn.outbox._items if i.playback] == [(0.1, 3), (0.05, 3)]
+
+
+def test_a_g711_delta_is_one_byte_a_sample_at_8khz():
+    conn = connect()
+    conn.output = AudioFormat("pcmu", 8000)
+    conn.on_event(ev.AgentAudio(3, np.full(2400, 0.5, np.float32), 24000, "Hi.", 0))
+    conn.on_event(ev.AgentAudio(3, np.full(2400, 0.5, np.float32), 24000, "Hi.", 0))
+    deltas = [json.loads(i.text) for i in conn.outbox._items if i.playback]
+    assert [len(base64.b64decode(d["delta"])) for d in deltas] == [800, 800]
+    assert [d["audio_start_ms"] for d in deltas] == [0, 100] and deltas[0]["sample_rate"] == 8000
+
+
+def test_a_text_only_reply_field_by_field():
+    conn = connect()
+    conn.id, conn.text_only = "sess_1", True
+    msgs = without_ids(emit(conn, ev.AgentText(3, "Hi."), ev.ResponseDone(3, "Hi.")))
+    said = agent_item("completed", [{"type": "output_text", "text": "Hi."}])
+    text = ("text",)
+    assert msgs == [
+        {"type": "response.created", "turn": 3, "response_id": "resp_3", "response": response("in_progress", [], modalities=text)},
+        {"type": "response.output_item.added", "turn": 3, "response_id": "resp_3", "output_index": 0, "item": agent_item("in_progress", [])},
+        {"type": "conversation.item.added", "turn": 3, "item": agent_item("in_progress", []), "previous_item_id": "item_3_user"},
+        {"type": "response.content_part.added", **IDS, "part": {"type": "text", "text": ""}},
+        {"type": "response.output_text.delta", **IDS, "delta": "Hi."},
+        {"type": "response.output_text.done", **IDS, "text": "Hi."},
+        {"type": "response.content_part.done", **IDS, "part": {"type": "text", "text": "Hi."}},
+        {"type": "response.output_item.done", "turn": 3, "response_id": "resp_3", "output_index": 0, "item": said},
+        {"type": "conversation.item.done", "turn": 3, "item": said, "previous_item_id": "item_3_user"},
+        {"type": "response.done", "turn": 3, "response_id": "resp_3", "response": response("completed", [said], modalities=text)},
+    ]
+
+
+def test_an_interrupted_reply_field_by_field():
+    conn = connect()
+    conn.id = "sess_1"
+    msgs = without_ids(emit(conn, ev.AgentText(3, "Well"), ev.Interrupted(3), ev.ResponseDone(3, "Well", interrupted=True)))
+    cut = agent_item("incomplete", [{"type": "output_audio", "transcript": "Well"}])
+    assert msgs[5:] == [
+        {"type": "response.interrupted", "turn": 3, "response_id": "resp_3"},
+        {"type": "response.output_audio.done", **IDS},
+        {"type": "response.output_audio_transcript.done", **IDS, "transcript": "Well"},
+        {"type": "response.content_part.done", **IDS, "part": {"type": "audio", "transcript": "Well"}},
+        {"type": "response.output_item.done", "turn": 3, "response_id": "resp_3", "output_index": 0, "item": cut},
+        {"type": "conversation.item.done", "turn": 3, "item": cut, "previous_item_id": "item_3_user"},
+        {"type": "response.done", "turn": 3, "response_id": "resp_3",
+         "response": response("cancelled", [cut], {"type": "cancelled", "reason": "turn_detected"})},
+    ]
+
+
+def test_the_greeting_follows_no_user_item_and_beta_items_say_audio():
+    conn = connect(beta=True)
+    msgs = emit(conn, ev.AgentText(0, "Hello."), ev.ResponseDone(0, "Hello."))
+    assert [m["previous_item_id"] for m in msgs if "previous_item_id" in m] == [None, None]
+    assert msgs[-1]["response"]["output"][0]["content"] == [{"type": "audio", "transcript": "Hello."}]
+    conn.text_only = True
+    msgs = emit(conn, ev.AgentText(1, "Hi."), ev.ResponseDone(1, "Hi."))
+    assert msgs[-1]["response"]["output"][0]["content"] == [{"type": "text", "text": "Hi."}]
+    assert [m["type"] for m in msgs][4:6] == ["response.text.delta", "response.text.done"]
+
+
+def test_the_projects_events_field_by_field():
+    conn = connect()
+    conn.denoise_steps = True
+    msgs = without_ids(emit(conn, ev.Speculation(2, "started"), ev.DenoiseStep(2, 1, 3, 4, [0, 2], ["Hi", "."], 5),
+                            ev.Error(2, "engine_busy", "try again"), ev.HangUp(None, "idle")))
+    assert msgs[0] == {"type": "turn.speculation", "turn": 2, "action": "started"}
+    assert msgs[5] == {"type": "response.denoise.step", "turn": 2, "block": 1, "step": 3, "block_size": 4, "positions": [0, 2],
+                       "tokens": ["Hi", "."], "masked_left": 5, "response_id": "resp_2"}
+    assert msgs[6:] == [
+        {"type": "error", "turn": 2, "error": {"type": "server_error", "code": "engine_busy", "message": "try again", "param": None,
+                                               "event_id": None, "event": None}},
+        {"type": "session.hangup", "turn": None, "reason": "idle"},
+    ]
+
+
 def test_an_interrupted_reply_is_cancelled_and_its_unsent_audio_dropped():
     conn = connect()
     conn.on_event(audio(2))
@@ -319,7 +457,7 @@ EXTENSIONS = {"turn.metrics", "turn.speculation", "response.denoise.step", "resp
 def test_every_server_event_validates_as_the_official_sdks_type(text_only):
     """What a stock client parses: each event the connection sends validates against the `openai`
     package's RealtimeServerEvent (required fields, types, literal values); extensions are the project's."""
-    pydantic = pytest.importorskip("pydantic")
+    import pydantic
     from openai.types.realtime import RealtimeServerEvent
 
     adapter = pydantic.TypeAdapter(RealtimeServerEvent)

@@ -83,23 +83,28 @@ def test_ctrl_c_on_voice_agent_serve_closes_sessions_with_1001(tiny_chat):
            "--block-size", "32", "--max-new-tokens", "32", "--port", str(port), "--max-sessions", "2"]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"127.0.0.1:{port}"
-    try:
+
+    def wait_for_sessions(active: int) -> None:
         deadline = time.monotonic() + 3 * WAIT
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "no /health"
             try:
                 with urllib.request.urlopen(f"http://{base}/health", timeout=5) as r:
-                    assert json.load(r)["sessions"] == {"active": 0, "max": 2}
-                    break
+                    if json.load(r)["sessions"] == {"active": active, "max": 2}:
+                        return
             except OSError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
+
+    try:
+        wait_for_sessions(0)
 
         async def run():
             rt = await connect(f"ws://{base}/v1/realtime")
             await until(rt, "session.created")
             tw = await connect(f"ws://{base}/twilio/stream")
             await tw.send(start_msg())
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(wait_for_sessions, 2)  # both sessions open before the signal
             proc.send_signal(signal.SIGINT)
             last = None
             try:

@@ -127,7 +127,8 @@ def translate(cfg: dict, ctx: Context) -> Update:
     elif "type" in cfg or cfg.keys() & BETA_KEYS:
         u.beta = "type" not in cfg
     known = CURRENT_KEYS | BETA_KEYS | PROJECT_KEYS
-    u.live.update({k: v for k, v in cfg.items() if k not in known and not shaped})  # live settings, or typos refused by check
+    # the live settings in any shape; beside Realtime keys, other keys are the API's (ignored), alone they are typos (refused)
+    u.live.update({k: v for k, v in cfg.items() if k not in known and (k in live_settings.SETTINGS or not shaped)})
     u.live = live_settings.check(u.live)
     return u
 
