@@ -7,13 +7,17 @@ so the global RNG is neither consumed nor relied on, and the BPE is trained on f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import types
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from agent import events as ev
 from dllm_engine.config import LLaDAConfig
 from dllm_engine.decoding import Runner, Sequence
 from dllm_engine.loading import save_model
@@ -248,8 +252,6 @@ def tiny_train_config(tmp: Path, **overrides: Any) -> TrainConfig:
 
 
 def silence(seconds: float, rate: int = 16000):
-    import numpy as np
-
     return np.zeros(int(seconds * rate), dtype=np.float32)
 
 
@@ -259,8 +261,6 @@ def espeak(text: str, rate: int = 16000):
     import shutil
     import subprocess
     import wave
-
-    import numpy as np
 
     from audio.codec import resample
 
@@ -423,9 +423,6 @@ class ReplyHost:
 def spoken_reply(clock: ManualClock, sentences: list[str], seconds: list[float], rate: int = 48000, done: bool = True):
     """A confirmed reply to turn 1 whose sentences (`seconds` of audio each) have all gone out, recorded in
     its host's history as heard; returns (reply, its AgentAudio events)."""
-    import numpy as np
-
-    from agent import events as ev
     from agent.metrics import TurnTimeline
     from agent.reply import Reply
 
@@ -495,11 +492,23 @@ def hf_checkpoint(path: str | Path, arch: str, config_edits: dict[str, Any] | No
 
 
 class ScriptedSocket:
-    """Starlette's WebSocket as a connection reads it: hands out the queued client messages, then the
-    client hangs up (or, `silent`, says nothing more)."""
+    """Starlette's WebSocket as a connection uses it: hands out the queued client messages, then the
+    client hangs up (or, `silent`, says nothing more); keeps what the server sent and how it closed."""
 
     def __init__(self, messages: Iterable[str | bytes] = (), silent: bool = False) -> None:
         self.messages, self.silent = list(messages), silent
+        self.accepted = False
+        self.sent: list[dict] = []
+        self.closed: tuple[int, str] | None = None
+
+    async def accept(self) -> None:
+        self.accepted = True
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
 
     async def receive(self) -> dict:
         if not self.messages:
@@ -534,3 +543,91 @@ class RecordingSession:
         if instructions is not None and not instructions.strip():
             raise ValueError("instructions must not be blank")
         self.calls.append(("update", instructions, live))
+
+
+async def settle() -> None:
+    """Let every ready task run until it waits again (on a manual clock, a queue or a socket)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+class StubAgent:
+    """The one thing a Hub asks of its agent: sessions (RealtimeSession, recorded), and the voice's sample rate."""
+
+    tts = types.SimpleNamespace(sample_rate=22050)
+
+    def __init__(self) -> None:
+        self.sessions: list[RealtimeSession] = []
+
+    @contextlib.asynccontextmanager
+    async def session(self):  # noqa: ANN201
+        s = RealtimeSession()
+        self.sessions.append(s)
+        yield s
+
+
+def stub_hub(**settings: object):  # noqa: ANN201
+    """A real `agent.hub.Hub` (slots, connections, limits) over a StubAgent: no models."""
+    from agent.hub import Hub, ServerSettings
+
+    return Hub(StubAgent(), ServerSettings(**settings))
+
+
+class RealtimeSession(RecordingSession):
+    """What a Realtime connection reads of its session besides the calls it makes; `events` yields
+    what the test puts in `outgoing` (an exception there is raised, as a failing session would)."""
+
+    def __init__(self) -> None:
+        from agent.voice_agent import AgentConfig
+
+        super().__init__()
+        self.instructions = "Be brief."
+        self.config = AgentConfig()
+        decode = types.SimpleNamespace(max_new_tokens=48)
+        self.agent = types.SimpleNamespace(model_names=lambda: {"llm": "llm-x", "tts": "tts-y"}, config=types.SimpleNamespace(decode=decode))
+        self.outgoing: asyncio.Queue = asyncio.Queue()
+
+    def live_settings(self) -> dict:
+        from agent.session import Session
+
+        return Session.live_settings(self)  # it reads only `config`
+
+    async def events(self):  # noqa: ANN201
+        while True:
+            e = await self.outgoing.get()
+            if isinstance(e, Exception):
+                raise e
+            yield e
+
+
+# ---- conversations with a voice session -----------------------------------------------------
+
+
+async def converse(session, audio: np.ndarray, rate: int = 16000, chunk_ms: int = 20, until=ev.TurnMetrics, timeout: float = 60.0) -> list[ev.Event]:
+    """Feed `audio` in chunks, then collect events until one of type `until` (or a hang-up) arrives."""
+    got: list[ev.Event] = []
+
+    async def collect() -> None:
+        async for e in session.events():
+            got.append(e)
+            if isinstance(e, (until, ev.HangUp)):
+                return
+
+    reader = asyncio.create_task(collect())
+    step = rate * chunk_ms // 1000
+    for i in range(0, len(audio), step):
+        await session.send_audio(audio[i : i + step], rate)
+        await asyncio.sleep(0)
+    try:
+        await asyncio.wait_for(reader, timeout)
+    except TimeoutError:
+        raise AssertionError(f"no {until.__name__} within {timeout} s; got {got}") from None
+    return got
+
+
+def of(events: list[ev.Event], kind: type) -> list:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def utterance(speech: np.ndarray, rate: int = 16000) -> np.ndarray:
+    return np.concatenate([silence(0.5, rate), speech, silence(1.2, rate)])

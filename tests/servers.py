@@ -23,6 +23,8 @@ from websockets.exceptions import ConnectionClosed
 
 from agent.hub import ServerSettings
 from agent.server import create_app, server_for
+from dllm_engine.engine import Engine
+from serving.openai_api import ApiSettings, create_app as create_api_app, server_for as api_server_for
 from audio.codec import to_int16, ulaw_encode
 
 from tests.helpers import WAIT  # noqa: E402  (re-exported: every server test bounds its waits by it)
@@ -215,3 +217,12 @@ def free_socket() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     return sock
+
+
+@contextmanager
+def api_server(engine: Engine, **settings):
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    app = create_api_app(engine, ApiSettings(port=port, model_name="tiny", **settings))
+    with serving(api_server_for(app, drain_s=5, log_level="warning"), sock):
+        yield f"http://127.0.0.1:{port}/v1", app.state.api

@@ -6,27 +6,16 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from contextlib import contextmanager
 
 import openai
 import pytest
 
 from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
-from serving.openai_api import ApiSettings, create_app, server_for
-from tests.servers import WAIT, free_socket, serving
+from tests.servers import WAIT, api_server
 
 QUESTION, ANSWER = "hello, how are you?", "I am fine, thank you."
 KNOBS = {"block_size": 32, "threshold": 0.9, "policy": "threshold", "cache": "dual"}
-
-
-@contextmanager
-def api_server(engine: Engine, **settings):
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    app = create_app(engine, ApiSettings(port=port, model_name="tiny", **settings))
-    with serving(server_for(app, drain_s=5, log_level="warning"), sock):
-        yield f"http://127.0.0.1:{port}/v1", app.state.api
 
 
 @pytest.fixture(scope="module")

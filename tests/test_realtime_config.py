@@ -7,6 +7,7 @@ applies them, tests/test_realtime.py a live server with the official client.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from agent.transports.realtime_config import AudioFormat, Context, Effective, Update, describe, translate
@@ -168,3 +169,26 @@ def test_a_text_only_push_to_talk_session_described():
     assert d["audio"]["input"]["format"] == {"type": "audio/pcma"} and d["input_audio_format"] == "g711_alaw"
     assert d["audio"]["output"]["format"] == {"type": "audio/pcm", "rate": 24000} and d["output_audio_format"] == "pcm16"
     assert (d["event_names"], d["denoise_steps"], d["push_to_talk"]) == ("beta", True, True)
+
+
+@pytest.mark.parametrize("cfg,where", [
+    ({"input_audio_format": ["pcm16"]}, 'input_audio_format must be "pcm16", "g711_ulaw" or "g711_alaw"'),  # unhashable, still a clear refusal
+    ({"input_sample_rate": 16000.0}, f"input_sample_rate must be one of {RATES}"),  # a rate is a whole number, not a float equal to one
+])
+def test_values_of_the_wrong_type_are_refused_too(cfg, where):
+    with pytest.raises(ValueError) as refused:
+        translate(cfg, CTX)
+    assert str(refused.value) == where
+
+
+def test_audio_formats_decode_and_encode_g711_and_pcm16():
+    """Known G.711 code points (ITU-T G.711 tables): μ-law 0xFF is 0 and 0x00 is -32124; A-law 0xD5 is +8 and 0x55 is -8."""
+    assert AudioFormat("pcmu", 8000).decode(bytes([0xFF, 0x00])).tolist() == [0, -32124]
+    assert AudioFormat("pcma", 8000).decode(bytes([0xD5, 0x55])).tolist() == [8, -8]
+    assert AudioFormat("pcm16", 16000).decode(b"\x01\x00\xff\xff").tolist() == [1, -1]
+    with pytest.raises(ValueError, match=r"^pcm16 audio has an even number of bytes, got 5$"):
+        AudioFormat().decode(b"\x00" * 5)
+    silence = np.zeros(80, np.float32)
+    assert AudioFormat("pcmu", 8000).encode(silence, 8000) == b"\xff" * 80
+    assert AudioFormat("pcma", 8000).encode(silence, 8000) == b"\xd5" * 80
+    assert AudioFormat("pcm16", 8000).encode(np.array([1.0, -1.0, 2.0], np.float32), 8000) == np.array([32767, -32767, 32767], "<i2").tobytes()

@@ -12,34 +12,19 @@ import asyncio
 import base64
 import dataclasses
 import json
-import types
+import re
 
 import numpy as np
 import pytest
 
 from agent import events as ev
 from agent.hub import ServerSettings
-from agent.session import Session as RealSession
 from agent.transports.base import Close
 from agent.transports.realtime import RealtimeConnection
-from agent.transports.realtime_config import AudioFormat
-from agent.voice_agent import AgentConfig
-from tests.helpers import RecordingSession, ScriptedSocket
+from agent.transports.realtime_config import AudioFormat, Effective, describe
+from tests.helpers import RealtimeSession, ScriptedSocket
 
 PCM = (np.arange(2400, dtype=np.int16) % 200 - 100).tobytes()  # 0.1 s of 24 kHz pcm16
-
-
-class Session(RecordingSession):
-    """What a Realtime connection reads of its session besides the calls it makes."""
-
-    live_settings = RealSession.live_settings  # it reads only `config`
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.instructions = "Be brief."
-        self.config = AgentConfig()
-        decode = types.SimpleNamespace(max_new_tokens=48)
-        self.agent = types.SimpleNamespace(model_names=lambda: {"llm": "llm-x", "tts": "tts-y"}, config=types.SimpleNamespace(decode=decode))
 
 
 @dataclasses.dataclass
@@ -51,7 +36,7 @@ class Hub:
 def connect(authed: bool = True, beta: bool = False, messages: list[str | bytes] = (), settings: ServerSettings | None = None) -> RealtimeConnection:
     async def make() -> RealtimeConnection:
         conn = RealtimeConnection(ScriptedSocket(messages, silent=True), Hub(settings or ServerSettings()), authed=authed, beta=beta)
-        conn.session = Session()
+        conn.session = RealtimeSession()
         return conn
 
     return asyncio.run(make())
@@ -94,19 +79,21 @@ def test_an_unauthenticated_connection_opens_on_a_session_auth_with_the_token():
     "null",
     "{",
     b"s3cret",
+    json.dumps({"type": "session.auth", "token": "s3cret"}).encode(),  # the right auth, but as a binary frame
 ])
 def test_any_other_first_message_is_refused(first):
     conn = connect(authed=False, messages=[first], settings=SECURED)
     with pytest.raises(Close) as e:
         asyncio.run(conn.open())
     assert (e.value.code, e.value.error) == (1008, "unauthorized")
+    assert e.value.reason == "unauthorized: send Authorization: Bearer TOKEN or a first message {type: session.auth, token}"
 
 
 def test_no_first_message_in_time_is_refused():
     conn = connect(authed=False, settings=dataclasses.replace(SECURED, open_timeout_s=0.01))
     with pytest.raises(Close) as e:
         asyncio.run(conn.open())
-    assert (e.value.code, e.value.error) == (1008, "unauthorized")
+    assert (e.value.code, e.value.error, e.value.reason) == (1008, "unauthorized", "unauthorized: no session.auth message in time")
 
 
 def test_an_authenticated_connection_reads_nothing_before_the_session():
@@ -146,8 +133,47 @@ def test_a_client_message_calls_its_session_method(message, call):
 def test_truncate_is_answered_with_truncated():
     conn = connect()
     [msg] = handle(conn, {"type": "conversation.item.truncate", "item_id": "item_3_agent", "content_index": 0, "audio_end_ms": 250})
-    assert msg["type"] == "conversation.item.truncated"
-    assert (msg["turn"], msg["item_id"], msg["audio_end_ms"]) == (3, "item_3_agent", 250)
+    assert msg == {"type": "conversation.item.truncated", "turn": 3, "item_id": "item_3_agent", "content_index": 0, "audio_end_ms": 250,
+                   "event_id": "event_1"}
+
+
+def test_played_takes_its_turn_before_an_item_and_accepts_nothing_heard():
+    conn = connect()
+    handle(conn, {"type": "response.audio.played", "turn": 2, "item_id": "item_5_agent", "audio_end_ms": 0})
+    assert conn.session.calls == [("played", 2, 0.0)]
+
+
+def test_a_connection_speaks_the_current_api_unless_told_otherwise():
+    async def make() -> RealtimeConnection:
+        return RealtimeConnection(ScriptedSocket(), Hub(), authed=True)
+
+    assert asyncio.run(make()).beta is False
+
+
+def test_session_created_field_by_field():
+    conn = connect()
+    conn.started()
+    [created] = sent(conn)
+    sid = created["session"]["id"]
+    assert re.fullmatch(r"sess_[0-9a-f]{16}", sid)
+    live = conn.session.live_settings()
+    assert created == {"type": "session.created", "turn": None, "event_id": "event_1", "session": describe(Effective(
+        sid, "llm-x", "tts-y", "Be brief.", AudioFormat(), AudioFormat(), text_only=False, beta=False, denoise_steps=False,
+        agent_sample_rate=22050, live=live))}
+
+
+def test_session_update_applies_what_it_says_and_answers_session_updated():
+    conn = connect()
+    conn.input, conn.output = AudioFormat("pcm16", 16000), AudioFormat("pcm16", 48000)
+    [updated] = handle(conn, {"type": "session.update", "session": {
+        "input_audio_format": "pcm16", "output_audio_format": "pcm16", "modalities": ["text"], "max_response_output_tokens": "inf",
+        "voice": "tts-y", "event_names": "current", "barge_in_ms": 300}})
+    assert conn.session.calls == [("update", None, {"max_new_tokens": 48, "barge_in_ms": 300})]
+    assert (conn.input, conn.output, conn.text_only, conn.beta) == (AudioFormat("pcm16", 16000), AudioFormat("pcm16", 48000), True, False)
+    assert (updated["type"], updated["turn"], updated["event_id"]) == ("session.updated", None, "event_1")
+    assert updated["session"]["output_modalities"] == ["text"] and updated["session"]["output_sample_rate"] == 48000
+    handle(conn, {"type": "session.update", "session": {"input_audio_format": "g711_ulaw", "denoise_steps": True}})
+    assert (conn.input, conn.output, conn.text_only, conn.denoise_steps) == (AudioFormat("pcmu", 8000), AudioFormat("pcm16", 48000), True, True)
 
 
 def test_response_create_and_a_repeated_auth_change_nothing():
@@ -156,32 +182,37 @@ def test_response_create_and_a_repeated_auth_change_nothing():
     assert conn.session.calls == []
 
 
-MISTAKES = {
-    "not JSON": ("{", "invalid_json", None),
-    "nested past the parser": ("[" * 10_000, "invalid_json", None),
-    "not an object": (json.dumps(["session.update"]), "invalid_event", None),
-    "no type": (json.dumps({"event_id": "e1"}), "invalid_event", None),
-    "type not a string": (json.dumps({"type": 1}), "invalid_event", None),
-    "unknown type": (json.dumps({"type": "response.dance", "event_id": "e7"}), "unknown_event", "response.dance"),
-    "audio not base64": (json.dumps({"type": "input_audio_buffer.append", "audio": "%%%", "event_id": "e2"}), "invalid_audio", "input_audio_buffer.append"),
-    "audio not a string": (json.dumps({"type": "input_audio_buffer.append", "audio": 5}), "invalid_audio", "input_audio_buffer.append"),
-    "audio not ASCII": (json.dumps({"type": "input_audio_buffer.append", "audio": "ÿÿÿÿ"}), "invalid_audio", "input_audio_buffer.append"),
-    "half a sample": (json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x01\x02\x03").decode()}), "invalid_audio", None),
-    "played without turn": (json.dumps({"type": "response.audio.played", "audio_end_ms": 5}), "invalid_value", "response.audio.played"),
-    "played turn not int": (json.dumps({"type": "response.audio.played", "turn": True, "audio_end_ms": 5}), "invalid_value", "response.audio.played"),
-    "played negative": (json.dumps({"type": "response.audio.played", "turn": 1, "audio_end_ms": -1}), "invalid_value", "response.audio.played"),
-    "played not finite": ('{"type": "response.audio.played", "turn": 1, "audio_end_ms": Infinity}', "invalid_value", "response.audio.played"),
-    "played not a number": (json.dumps({"type": "response.audio.played", "turn": 1, "audio_end_ms": "5"}), "invalid_value", "response.audio.played"),
-    "truncate of a user item": (json.dumps({"type": "conversation.item.truncate", "item_id": "item_3_user", "audio_end_ms": 5}), "invalid_value", "conversation.item.truncate"),
-    "truncate of no item": (json.dumps({"type": "conversation.item.truncate", "item_id": 3, "audio_end_ms": 5}), "invalid_value", "conversation.item.truncate"),
-    "update without session": (json.dumps({"type": "session.update", "session": "fast"}), "invalid_event", "session.update"),
-    "update of an unknown key": (json.dumps({"type": "session.update", "session": {"volume": 11}}), "invalid_value", "session.update"),
+MISTAKES = {  # the message, its error code, the event it names, the error's message (a prefix where it ends in "...")
+    "not JSON": ("{", "invalid_json", None, "the message is not valid JSON"),
+    "nested past the parser": ("[" * 10_000, "invalid_json", None, "the message is not valid JSON"),
+    "not an object": (json.dumps(["session.update"]), "invalid_event", None, "a message must be a JSON object with a string 'type'"),
+    "no type": (json.dumps({"event_id": "e1"}), "invalid_event", None, "a message must be a JSON object with a string 'type'"),
+    "type not a string": (json.dumps({"type": 1}), "invalid_event", None, "a message must be a JSON object with a string 'type'"),
+    "unknown type": (json.dumps({"type": "response.dance", "event_id": "e7"}), "unknown_event", "response.dance", "unknown event type 'response.dance'"),
+    "audio not base64": (json.dumps({"type": "input_audio_buffer.append", "audio": "%%%", "event_id": "e2"}), "invalid_audio", "input_audio_buffer.append", "'audio' must be base64-encoded audio in the session's input format"),
+    "audio not a string": (json.dumps({"type": "input_audio_buffer.append", "audio": 5}), "invalid_audio", "input_audio_buffer.append", "'audio' must be base64-encoded audio in the session's input format"),
+    "audio not ASCII": (json.dumps({"type": "input_audio_buffer.append", "audio": "ÿÿÿÿ"}), "invalid_audio", "input_audio_buffer.append", "'audio' must be base64-encoded audio in the session's input format"),
+    "half a sample": (json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\x01\x02\x03").decode()}), "invalid_audio", None,
+                      "pcm16 audio has an even number of bytes, got 3"),
+    "played without turn": (json.dumps({"type": "response.audio.played", "audio_end_ms": 5}), "invalid_value", "response.audio.played", "needs 'item_id' (an agent item) or 'turn' (int), and 'audio_end_ms' (a finite number >= 0)"),
+    "played turn not int": (json.dumps({"type": "response.audio.played", "turn": True, "audio_end_ms": 5}), "invalid_value", "response.audio.played", "needs 'item_id' (an agent item) or 'turn' (int), and 'audio_end_ms' (a finite number >= 0)"),
+    "played negative": (json.dumps({"type": "response.audio.played", "turn": 1, "audio_end_ms": -1}), "invalid_value", "response.audio.played", "needs 'item_id' (an agent item) or 'turn' (int), and 'audio_end_ms' (a finite number >= 0)"),
+    "played not finite": ('{"type": "response.audio.played", "turn": 1, "audio_end_ms": Infinity}', "invalid_value", "response.audio.played", "needs 'item_id' (an agent item) or 'turn' (int), and 'audio_end_ms' (a finite number >= 0)"),
+    "played not a number": (json.dumps({"type": "response.audio.played", "turn": 1, "audio_end_ms": "5"}), "invalid_value", "response.audio.played", "needs 'item_id' (an agent item) or 'turn' (int), and 'audio_end_ms' (a finite number >= 0)"),
+    "truncate of a user item": (json.dumps({"type": "conversation.item.truncate", "item_id": "item_3_user", "audio_end_ms": 5}), "invalid_value",
+                                "conversation.item.truncate", "needs 'item_id' (an agent item) or 'turn' (int), and 'audio_end_ms' (a finite number >= 0)"),
+    "truncate of no item": (json.dumps({"type": "conversation.item.truncate", "item_id": 3, "audio_end_ms": 5}), "invalid_value", "conversation.item.truncate", "needs 'item_id' (an agent item) or 'turn' (int), and 'audio_end_ms' (a finite number >= 0)"),
+    "update without session": (json.dumps({"type": "session.update", "session": "fast"}), "invalid_event", "session.update", "session.update needs a 'session' object"),
+    "update of an unknown key": (json.dumps({"type": "session.update", "session": {"volume": 11}}), "invalid_value", "session.update",
+                                 "unknown setting(s): volume (known: ..."),
+    "update of a bad value": (json.dumps({"type": "session.update", "session": {"voice": "bob"}}), "invalid_value", "session.update",
+                              'voice must be "tts-y" (the installed voice) or one of the Realtime API\'s names'),
 }
 
 
 @pytest.mark.parametrize("name", MISTAKES)
 def test_a_mistake_gets_its_error_naming_the_event_and_changes_nothing(name):
-    text, code, event = MISTAKES[name]
+    text, code, event, message = MISTAKES[name]
     msg_type = json.loads(text).get("type") if text.startswith("{") and code != "invalid_json" else None
     conn = connect()
     [msg] = handle(conn, text)
@@ -190,7 +221,7 @@ def test_a_mistake_gets_its_error_naming_the_event_and_changes_nothing(name):
     assert (error["type"], error["code"], error["event"]) == ("invalid_request_error", code, event)
     # the client's event_id is named once the message has a type to name it by
     assert error["event_id"] == (json.loads(text).get("event_id") if isinstance(msg_type, str) else None)
-    assert error["message"]
+    assert error["message"].startswith(message[:-3]) if message.endswith("...") else error["message"] == message
     assert conn.session.calls == [] and conn.session.audio == []
 
 
@@ -198,6 +229,8 @@ def test_an_error_names_the_event_id_of_its_own_message_only():
     conn = connect()
     handle(conn, {"type": "response.create", "event_id": "e1"})
     [msg] = handle(conn, {"type": "response.dance"})
+    assert msg["error"]["event_id"] is None
+    [msg] = handle(conn, {"type": "response.dance", "event_id": 5})  # not a string: not echoed
     assert msg["error"]["event_id"] is None
 
 
@@ -287,15 +320,15 @@ def test_an_audio_delta_field_by_field():
     conn = connect()
     conn.output = AudioFormat("pcm16", 16000)
     emit(conn, ev.AgentText(3, "Hi."))
-    conn.on_event(ev.AgentAudio(3, np.full(1600, 0.5, np.float32), 16000, "Hi.", 2))
+    conn.on_event(ev.AgentAudio(3, np.full(16000, 0.5, np.float32), 16000, "Hi.", 2))
     conn.on_event(ev.AgentAudio(3, np.full(800, 0.5, np.float32), 16000, "Hi.", 2))
     first, second = [json.loads(i.text) for i in conn.outbox._items if i.text][-2:]
     pcm = np.frombuffer(base64.b64decode(first.pop("delta")), "<i2")
-    assert len(pcm) == 1600 and np.all(np.abs(pcm - 0.5 * 32767) <= 1)
+    assert len(pcm) == 16000 and np.all(np.abs(pcm - 0.5 * 32767) <= 1)
     assert first == {"type": "response.output_audio.delta", **IDS, "sample_rate": 16000, "audio_start_ms": 0, "text": "Hi.", "sentence": 2,
                      "event_id": first["event_id"]}
-    assert second["audio_start_ms"] == 100 and len(base64.b64decode(second["delta"])) == 1600
-    assert [(i.audio_s, i.turn) for i in conn.outbox._items if i.playback] == [(0.1, 3), (0.05, 3)]
+    assert second["audio_start_ms"] == 1000 and len(base64.b64decode(second["delta"])) == 1600
+    assert [(i.audio_s, i.turn) for i in conn.outbox._items if i.playback] == [(1.0, 3), (0.05, 3)]
 
 
 def test_a_g711_delta_is_one_byte_a_sample_at_8khz():
@@ -384,6 +417,19 @@ def test_an_interrupted_reply_is_cancelled_and_its_unsent_audio_dropped():
     assert done["response"]["output"][0]["status"] == "incomplete"
 
 
+def test_an_interruption_reports_what_the_client_was_sent_of_its_turn():
+    conn = connect()
+    conn.written = (2, 0.5)  # the writer has sent 0.5 s of turn 2
+    conn.on_event(ev.Interrupted(2))
+    assert conn.session.calls == [("played", 2, 0.5)]
+
+
+def test_a_done_response_leaves_nothing_open():
+    conn = connect()
+    emit(conn, ev.AgentText(1, "Hi."), audio(1), ev.ResponseDone(1, "Hi."))
+    assert conn._replies == {}
+
+
 def test_text_only_sends_text_deltas_and_no_audio():
     conn = connect()
     conn.text_only = True
@@ -400,6 +446,7 @@ def test_beta_clients_get_beta_names():
     types_ = [m["type"] for m in msgs]
     assert "response.audio.delta" in types_ and "response.audio_transcript.delta" in types_ and "conversation.item.created" in types_
     assert "response.output_audio.delta" not in types_
+    assert types_[0] == "response.created" and types_[-1] == "response.done"  # names the beta shares keep them
     assert msgs[-1]["response"]["output"][0]["content"][0]["type"] == "audio"
 
 
@@ -431,21 +478,19 @@ def test_a_server_error_and_a_hangup():
     conn.on_event(ev.HangUp(None, "idle"))
     *said, last = list(conn.outbox._items)
     assert json.loads(said[-1].text)["type"] == "session.hangup" and json.loads(said[-1].text)["reason"] == "idle"
-    assert last.close is not None and last.close.code == 1000
+    assert last.close is not None and (last.close.code, last.close.reason) == (1000, "session ended: idle")
 
 
 def test_farewell_is_an_error_event_naming_the_close():
-    class Recorder(ScriptedSocket):
-        async def send_text(self, text: str) -> None:
-            self.sent = json.loads(text)
-
     async def run() -> dict:
-        conn = RealtimeConnection(Recorder(), Hub(), authed=True)
+        conn = RealtimeConnection(ScriptedSocket(), Hub(), authed=True)
         await conn.farewell(Close(1008, "client is not reading", "queue_full"))
-        return conn.ws.sent
+        [msg] = conn.ws.sent
+        return msg
 
     msg = asyncio.run(run())
-    assert msg["type"] == "error" and msg["error"]["code"] == "queue_full" and msg["error"]["message"] == "client is not reading"
+    assert msg == {"type": "error", "turn": None, "event_id": "event_1", "error": {
+        "type": "server_error", "code": "queue_full", "message": "client is not reading", "param": None, "event_id": None, "event": None}}
 
 
 # ---- against the official SDK's types ----------------------------------------------------------

@@ -15,9 +15,8 @@ from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
 from serving.protocol import tokenizer_fingerprint
 from serving.remote import RemoteEngine
-from tests.servers import WAIT
-from tests.test_openai_api import api_server
-from tests.test_voice import converse, of, utterance
+from tests.helpers import converse, of, utterance
+from tests.servers import WAIT, api_server
 
 
 @pytest.fixture(scope="module")

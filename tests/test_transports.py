@@ -18,7 +18,7 @@ from agent.hub import ServerSettings
 from agent.transports.twilio import FRAME_S, LEAD_S, RATE, ULAW_SILENCE, TwilioConnection
 from agent.transports.webrtc import FRAME as RTC_FRAME, ReplyTrack
 from audio.codec import to_int16, ulaw_encode
-from tests.helpers import ManualClock, spoken_reply
+from tests.helpers import ManualClock, settle, spoken_reply
 from tests.servers import SID
 
 
@@ -47,12 +47,6 @@ class Session:
 
 class Hub:
     settings = ServerSettings()
-
-
-async def settle() -> None:
-    """Let every ready task run until it waits again (on the manual clock or a queue)."""
-    for _ in range(50):
-        await asyncio.sleep(0)
 
 
 def speech(seconds: float, rate: int = RATE) -> np.ndarray:

@@ -14,39 +14,9 @@ import pytest
 from agent import events as ev
 from agent.sentences import SentenceSplitter
 from agent.turns import Endpointer, Signal, TurnConfig, transcript_end_ms
-from tests.helpers import ManualClock, espeak, heard_prefix, silence, similarity, trim
+from tests.helpers import ManualClock, converse, espeak, heard_prefix, of, silence, similarity, trim, utterance
 
 QUESTION = "Hello, how are you today?"
-
-
-async def converse(session, audio: np.ndarray, rate: int = 16000, chunk_ms: int = 20, until=ev.TurnMetrics, timeout: float = 60.0) -> list[ev.Event]:
-    """Feed `audio` in chunks, then collect events until one of type `until` (or a hang-up) arrives."""
-    got: list[ev.Event] = []
-
-    async def collect() -> None:
-        async for e in session.events():
-            got.append(e)
-            if isinstance(e, (until, ev.HangUp)):
-                return
-
-    reader = asyncio.create_task(collect())
-    step = rate * chunk_ms // 1000
-    for i in range(0, len(audio), step):
-        await session.send_audio(audio[i : i + step], rate)
-        await asyncio.sleep(0)
-    try:
-        await asyncio.wait_for(reader, timeout)
-    except TimeoutError:
-        raise AssertionError(f"no {until.__name__} within {timeout} s; got {got}") from None
-    return got
-
-
-def of(events: list[ev.Event], kind: type) -> list:
-    return [e for e in events if isinstance(e, kind)]
-
-
-def utterance(speech: np.ndarray, rate: int = 16000) -> np.ndarray:
-    return np.concatenate([silence(0.5, rate), speech, silence(1.2, rate)])
 
 
 # ---- pieces -----------------------------------------------------------------------------------

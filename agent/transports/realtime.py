@@ -69,7 +69,6 @@ def turn_of_item(item_id: object) -> int | None:
 class Reply:
     """A response as the client has been told of it so far."""
 
-    turn: int
     audio_s: float = 0.0  # reply audio queued: the next delta's audio_start_ms
 
 
@@ -271,7 +270,7 @@ class RealtimeConnection(Connection):
 
     def _begin(self, turn: int) -> None:
         """response.created and the items around the first delta of a reply."""
-        self._replies[turn] = Reply(turn)
+        self._replies[turn] = Reply()
         item = self._item(turn, "in_progress", None)
         previous = user_item(turn) if turn else None
         for body in (

@@ -111,8 +111,8 @@ def translate(cfg: dict, ctx: Context) -> Update:
             u.live["max_new_tokens"] = ctx.default_max_tokens if cfg[key] == "inf" else cfg[key]
     audio = _object(cfg, "audio")
     inp, out = _object(audio, "input", "audio.input"), _object(audio, "output", "audio.output")
-    u.input = _format(inp.get("format"), "audio.input.format", ctx.input) if "format" in inp else None
-    u.output = _format(out.get("format"), "audio.output.format", ctx.output) if "format" in out else None
+    u.input = _format(inp.get("format"), "audio.input.format") if "format" in inp else None
+    u.output = _format(out.get("format"), "audio.output.format") if "format" in out else None
     for where, value in (("audio.output.voice", out.get("voice")), ("voice", cfg.get("voice"))):
         if value is not None:
             _voice(where, value, ctx.voice)
@@ -153,7 +153,7 @@ def _text_only(key: str, value: object) -> bool:
     return "audio" not in value
 
 
-def _format(value: object, where: str, now: AudioFormat) -> AudioFormat:
+def _format(value: object, where: str) -> AudioFormat:
     if not isinstance(value, dict) or not isinstance(value.get("type"), str) or value["type"] not in CURRENT_FORMATS:
         _bad(where, 'an object with type "audio/pcm", "audio/pcmu" or "audio/pcma"')
     codec = CURRENT_FORMATS[value["type"]]

@@ -1,0 +1,212 @@
+"""The WebRTC transport without a server (agent/transports/webrtc.py): what an offer must hold, how
+the signaling answers it, the frames the reply track sends and when, and the data channel's rules.
+
+Offers are real ones from aiortc; the peer connections are real; the agent is a stand-in (no
+models), so each case runs in well under a second. tests/test_browser.py makes whole calls to a live
+server from aiortc and from Chromium.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import re
+
+import numpy as np
+import pytest
+from aiortc import AudioStreamTrack, RTCConfiguration, RTCPeerConnection
+
+from agent.transports.realtime_config import AudioFormat
+from agent.transports.webrtc import FRAME, RATE, OfferError, ReplyTrack, Signaling, WebRTCConnection, audio_frame, check_offer
+from tests.helpers import ManualClock, RealtimeSession, settle, stub_hub as hub
+
+
+async def make_offer(audio: str | None = "sendrecv", channel: bool = True) -> str:
+    """A real offer from aiortc, as a browser posts it; `audio` the direction of its microphone m-line."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    if audio:
+        pc.addTransceiver(AudioStreamTrack() if audio != "recvonly" else "audio", direction=audio)
+    if channel:
+        pc.createDataChannel("events")
+    await pc.setLocalDescription(await pc.createOffer())
+    await pc.close()
+    return pc.localDescription.sdp
+
+
+@pytest.fixture(scope="module")
+def offer() -> str:
+    return asyncio.run(make_offer())
+
+
+# ---- what an offer must hold -------------------------------------------------------------------
+
+NO_MIC = "the offer has no microphone: it needs an audio m-line the browser sends on (sendrecv)"
+
+
+def test_a_browsers_offer_is_accepted_and_named_by_its_ice_ufrag(offer):
+    ufrag = next(line.split(":", 1)[1] for line in offer.splitlines() if line.startswith("a=ice-ufrag:"))
+    assert check_offer(offer) == ufrag
+
+
+@pytest.mark.parametrize("sdp,message", [
+    (None, "malformed SDP: an offer starts with 'v=0'"),
+    ("hello", "malformed SDP: an offer starts with 'v=0'"),
+    ("v=0\r\nm=audio x\r\n", "malformed SDP: "),  # the parser's own words follow
+])
+def test_what_is_not_an_offer_is_refused_with_400(sdp, message):
+    with pytest.raises(OfferError) as refused:
+        check_offer(sdp)
+    assert refused.value.status == 400 and str(refused.value).startswith(message) and len(str(refused.value)) > len("malformed SDP: ")
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda sdp: re.sub(r"m=audio \d+", "m=audio 0", sdp), NO_MIC),  # a rejected m-line
+    (lambda sdp: sdp.replace("a=sendrecv", "a=recvonly", 1), NO_MIC),
+    (lambda sdp: sdp.replace("a=sendrecv", "a=inactive", 1), NO_MIC),
+    (lambda sdp: sdp.replace("a=sendrecv", "a=sendonly", 1), None),  # a mic that only sends is enough
+    (lambda sdp: "\r\n".join(line for line in sdp.split("\r\n") if not line.startswith("a=ice-ufrag")), "malformed SDP: no a=ice-ufrag"),
+])
+def test_an_offer_without_a_microphone_or_ice_is_refused(offer, change, message):
+    sdp = change(offer)
+    assert sdp != offer
+    if message is None:
+        assert check_offer(sdp)
+        return
+    with pytest.raises(OfferError) as refused:
+        check_offer(sdp)
+    assert (refused.value.status, str(refused.value)) == (400, message)
+
+
+async def test_offers_without_audio_or_a_data_channel_are_refused():
+    with pytest.raises(OfferError, match="^" + NO_MIC.replace("(", r"\(").replace(")", r"\)") + "$"):
+        check_offer(await make_offer(audio=None))
+    with pytest.raises(OfferError, match=r"^the offer has no data channel: create one \(e.g. 'events'\) before createOffer$"):
+        check_offer(await make_offer(channel=False))
+
+
+# ---- signaling -------------------------------------------------------------------------------
+
+
+async def test_an_offer_is_answered_once_and_its_call_ends_when_nobody_connects(offer):
+    h = hub(open_timeout_s=0.2)
+    signaling = Signaling(h)
+    answer = await signaling.answer(offer)
+    assert answer.startswith("v=0") and "m=audio" in answer and "m=application" in answer and not signaling.idle
+    with pytest.raises(OfferError) as again:
+        await signaling.answer(offer)
+    assert again.value.status == 409 and "already answered" in str(again.value)
+    for _ in range(200):  # no browser completes ICE: the data channel never opens, and the call ends on its own
+        if signaling.idle:
+            break
+        await asyncio.sleep(0.05)
+    assert signaling.idle and h.active_sessions == 0 and h.connections == set()
+
+
+async def test_a_full_server_refuses_offers_with_503(offer):
+    h = hub(max_sessions=1)
+    h.active_sessions = 1
+    with pytest.raises(OfferError) as busy:
+        await Signaling(h).answer(offer)
+    assert (busy.value.status, str(busy.value)) == (503, "server busy: all 1 sessions are in use, try again later")
+
+
+async def test_an_offer_aiortc_cannot_take_is_refused_and_leaves_nothing(offer):
+    signaling = Signaling(hub())
+    broken = "\r\n".join(line for line in offer.split("\r\n") if not line.startswith("a=ice-pwd"))  # passes the checks, not ICE's
+    with pytest.raises(OfferError) as refused:
+        await signaling.answer(broken)
+    assert refused.value.status == 400 and str(refused.value).startswith("offer rejected: ")
+    assert signaling.idle
+    assert await signaling.answer(offer)  # the same call's good offer is still answerable
+
+
+# ---- the reply track -------------------------------------------------------------------------
+
+
+def test_an_outgoing_frame_is_48khz_mono_s16_stamped_with_its_time():
+    f = audio_frame(np.arange(FRAME, dtype=np.int16), 2 * FRAME)
+    assert (f.format.name, f.layout.name, f.sample_rate, f.samples) == ("s16", "mono", RATE, FRAME)
+    assert (f.pts, f.time_base) == (2 * FRAME, fractions.Fraction(1, RATE))
+    np.testing.assert_array_equal(f.to_ndarray().reshape(-1), np.arange(FRAME))
+
+
+async def test_the_reply_track_fills_a_frame_across_chunks_and_reports_each_turn_played():
+    played: list[tuple[int, float]] = []
+    track = ReplyTrack(lambda turn, seconds: played.append((turn, seconds)), ManualClock())
+    track.push(1, np.full(300, 1, np.int16))
+    track.push(2, np.full(1000, 2, np.int16))
+    samples = (await track.recv()).to_ndarray().reshape(-1)
+    assert samples.tolist() == [1] * 300 + [2] * (FRAME - 300)
+    assert played == [(1, 300 / RATE)]  # turn 2's chunk is not played out yet
+    assert (track.played_s(2), track.played_s(3)) == ((FRAME - 300) / RATE, 0.0)
+    track.stop()
+
+
+class Listener:
+    """Reads the track as aiortc does: one `recv` at a time, never cancelled."""
+
+    def __init__(self, track: ReplyTrack) -> None:
+        self.track = track
+        self.pending: asyncio.Task | None = None
+
+    async def due(self) -> list[int]:
+        """The pts of the frames the track sends without the clock moving."""
+        out = []
+        while True:
+            self.pending = self.pending or asyncio.create_task(self.track.recv())
+            await settle()
+            if not self.pending.done():
+                return out
+            out.append(self.pending.result().pts)
+            self.pending = None
+
+
+async def test_the_reply_track_catches_up_a_short_delay_but_restarts_its_clock_after_a_stall():
+    clock = ManualClock()
+    track = ReplyTrack(lambda turn, seconds: None, clock)
+    listener = Listener(track)
+    assert await listener.due() == [0]  # the first frame starts the clock; the next is due in 20 ms
+    clock.advance(0.1)  # 100 ms late: frames 1-5 were due by now and go at once (a jitter buffer absorbs them)
+    assert await listener.due() == [FRAME * i for i in range(1, 6)]
+    clock.advance(1.0)  # the loop stalled for a second: the frame that was waiting and one late one, then real time again, no burst of 50
+    assert await listener.due() == [FRAME * 6, FRAME * 7]
+    clock.advance(0.02)
+    assert await listener.due() == [FRAME * 8]
+    listener.pending.cancel()
+    track.stop()
+
+
+# ---- the connection: audio on tracks, events on the data channel -----------------------------
+
+
+async def test_a_webrtc_call_keeps_its_track_formats_whatever_session_update_says():
+    pc = RTCPeerConnection()
+    conn = WebRTCConnection(pc, hub())
+    conn.session = RealtimeSession()
+    assert conn.input == conn.output == AudioFormat("pcm16", RATE)
+    await conn.on_text(json.dumps({"type": "session.update", "session": {"input_audio_format": "g711_ulaw", "output_sample_rate": 16000}}))
+    assert conn.input == conn.output == AudioFormat("pcm16", RATE)
+    assert json.loads(conn.outbox._items[-1].text)["session"]["transport"] == "webrtc"
+    await pc.close()
+
+
+@pytest.mark.parametrize("message,event", [(json.dumps({"type": "input_audio_buffer.append", "audio": "AAAA"}), "input_audio_buffer.append"),
+                                           (b"\x00\x01", None)])
+async def test_the_data_channel_refuses_audio_with_a_message_saying_where_it_goes(message, event):
+    pc = RTCPeerConnection()
+    conn = WebRTCConnection(pc, hub())
+    conn.session = RealtimeSession()
+    await (conn.on_text(message) if isinstance(message, str) else conn.on_bytes(message))
+    [error] = [json.loads(i.text)["error"] for i in conn.outbox._items]
+    assert (error["code"], error["event"]) == ("invalid_event", event)
+    assert error["message"] == "over WebRTC the microphone is the audio track: send no audio on the data channel"
+    assert conn.session.audio == []
+    await pc.close()
+
+
+async def test_a_closed_peer_connection_is_a_disconnect_on_the_data_channel():
+    pc = RTCPeerConnection()
+    conn = WebRTCConnection(pc, hub())
+    await pc.close()  # connectionState "closed": the call is over
+    assert await asyncio.wait_for(conn.ws.receive(), 5) == {"type": "websocket.disconnect", "code": 1006}
