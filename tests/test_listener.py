@@ -16,20 +16,7 @@ import pytest
 from agent.listener import FRAME_MS, PRE_ROLL_FRAMES, VAD_INLINE_FRAMES, Listener
 from agent.turns import Signal, TurnConfig
 from audio.vad import FRAME
-
-LOUD, QUIET = 0.5, 0.01
-
-
-class LoudnessVAD:
-    """Speech probability 0.9 for a loud frame, 0 for a quiet one; notes the thread that scored each frame."""
-
-    def __init__(self) -> None:
-        self.threads: list[str] = []
-
-    def __call__(self, frame: np.ndarray) -> float:
-        self.threads.append(threading.current_thread().name)
-        return 0.9 if np.abs(frame).max() >= LOUD else 0.0
-
+from tests.helpers import LOUD, QUIET, LoudnessVAD
 
 def listener(**turns: object) -> Listener:
     config = TurnConfig(**{"min_speech_ms": 64, "pause_ms": 96, "end_ms": 192, **turns})  # 2, 3 and 6 frames
