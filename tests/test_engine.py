@@ -109,6 +109,27 @@ def test_a_cancelled_request_gives_its_slot_back(engine):
     assert engine.active_requests == 0
 
 
+@pytest.mark.parametrize("engine", [{"max_batch": 1}], indirect=True, ids=["one_slot"])
+def test_a_request_cancelled_while_queued_keeps_no_prefix_and_one_cancelled_mid_reply_keeps_what_settled(engine):
+    """A barge-in's prompt is worth keeping for the next turn; a request that never had a slot has nothing to keep."""
+
+    async def main():
+        running = engine.stream(chat("talk for a long time"), LONG, request_id="mid", conversation="mid")
+        await asyncio.wait_for(anext(running), WAIT)
+        queued = engine.stream(chat("and me"), LONG, request_id="queued", conversation="queued")
+        waiting = asyncio.create_task(anext(queued))
+        await eventually(lambda: engine.active_requests == 2, "the second request was not submitted")
+        assert engine.cancel("queued") and engine.cancel("mid")
+        assert (await asyncio.wait_for(waiting, WAIT)).finish_reason == "cancelled"
+        async for out in running:
+            pass
+        assert out.finish_reason == "cancelled"
+        return await asyncio.wait_for(engine.generate(chat("next"), DecodeParams(block_size=8, max_new_tokens=8)), WAIT)
+
+    _, out = asyncio.run(main())
+    assert out.finished and "mid" in engine._prefixes and "queued" not in engine._prefixes
+
+
 def test_leaving_the_stream_early_cancels(engine):
     async def main():
         async for _ in engine.stream(chat("hello"), LONG, request_id="x", step_events=True):
