@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from aiortc import AudioStreamTrack, RTCConfiguration, RTCPeerConnection
 
+from agent.transports.base import ClientGone
 from agent.transports.realtime_config import AudioFormat
 from agent.transports.webrtc import FRAME, RATE, OfferError, ReplyTrack, Signaling, WebRTCConnection, audio_frame, check_offer
 from tests.helpers import ManualClock, RealtimeSession, settle, stub_hub as hub
@@ -210,3 +211,43 @@ async def test_a_closed_peer_connection_is_a_disconnect_on_the_data_channel():
     conn = WebRTCConnection(pc, hub())
     await pc.close()  # connectionState "closed": the call is over
     assert await asyncio.wait_for(conn.ws.receive(), 5) == {"type": "websocket.disconnect", "code": 1006}
+
+
+async def test_the_data_channel_carries_events_both_ways_and_its_end_is_a_disconnect():
+    """A browser (an aiortc peer here) on loopback: its mic is the call's input, its data channel the socket."""
+    server = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    conn = WebRTCConnection(server, hub())
+    client = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    client.addTransceiver(AudioStreamTrack(), direction="sendrecv")
+    channel = client.createDataChannel("events")
+    await client.setLocalDescription(await client.createOffer())
+    await server.setRemoteDescription(client.localDescription)
+    await server.setLocalDescription(await server.createAnswer())
+    await client.setRemoteDescription(server.localDescription)
+    try:
+        assert conn.mic is not None and conn.mic.kind == "audio"
+        await asyncio.wait_for(conn.ws.accept(), 20)  # ICE and DTLS over loopback, then the channel opens
+        got: asyncio.Queue = asyncio.Queue()
+        channel.on("message", got.put_nowait)
+        channel.send('{"type": "response.create"}')
+        assert await asyncio.wait_for(conn.ws.receive(), 10) == {"type": "websocket.receive", "text": '{"type": "response.create"}'}
+        channel.send(b"\x01\x02")
+        assert await asyncio.wait_for(conn.ws.receive(), 10) == {"type": "websocket.receive", "bytes": b"\x01\x02"}
+        await conn.ws.send_text('{"type": "session.created"}')
+        assert await asyncio.wait_for(got.get(), 10) == '{"type": "session.created"}'
+        await client.close()  # the browser hangs up
+        assert await asyncio.wait_for(conn.ws.receive(), 20) == {"type": "websocket.disconnect", "code": 1006}
+        with pytest.raises(RuntimeError, match="^data channel closed$"):
+            await conn.ws.send_text("{}")
+    finally:
+        await client.close()
+        await conn.ws.close()
+    assert server.connectionState == "closed"
+
+
+async def test_no_data_channel_in_time_is_a_client_gone():
+    pc = RTCPeerConnection()
+    conn = WebRTCConnection(pc, hub(open_timeout_s=0.01))
+    with pytest.raises(ClientGone):
+        await conn.ws.accept()
+    await pc.close()
