@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from agent import events as ev
 from agent.turns import TurnConfig
 from agent.voice_agent import Agent, AgentConfig
 from audio.vad import FRAME
-from dllm_engine.decoding import Output, Stats
+from dllm_engine.decoding import Output, StepInfo, Stats
 from tests.helpers import LOUD, QUIET, LoudnessVAD, ManualClock, of, settle
 
 TURNS = TurnConfig(min_speech_ms=64, pause_ms=96, end_ms=192, question_end_ms=0, unfinished_end_ms=0)  # 2, 3 and 6 frames of 32 ms
@@ -27,44 +29,65 @@ TURNS = TurnConfig(min_speech_ms=64, pause_ms=96, end_ms=192, question_end_ms=0,
 
 class ScriptedEngine:
     """The engine as a session uses it: each request gets the next scripted reply (the last one again once
-    they run out), word by word."""
+    they run out), word by word, with a denoising step per word when asked; `gate` holds the words back."""
 
     max_new_tokens = 48
     max_prompt_tokens = None
-    exact_prefix_reuse = True
 
-    def __init__(self, tokenizer, replies: list[str]) -> None:  # noqa: ANN001
+    def __init__(self, tokenizer, replies: list[str], exact_prefix_reuse: bool = True) -> None:  # noqa: ANN001
         self.tokenizer = tokenizer  # a real one: the session renders and counts its prompts
         self.replies = replies
+        self.exact_prefix_reuse = exact_prefix_reuse
         self.requests: list[tuple[str, str | None]] = []
+        self.prompts: list[str] = []
+        self.params: list[object] = []
         self.forgotten: list[str] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
 
     async def stream(self, prompt, params, request_id=None, step_events=False, conversation=None):  # noqa: ANN001, ANN201
         self.requests.append((request_id, conversation))
+        self.prompts.append(self.tokenizer.decode(prompt))
+        self.params.append(params)
         words = (self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]).split(" ")
         for i, word in enumerate(words):
+            await self.gate.wait()
             await asyncio.sleep(0)
-            yield Output(request_id, text=word if i == 0 else " " + word)
+            step = StepInfo(0, i, [2 * params.block_size + i], [STEP_TOKEN], len(words) - 1 - i) if step_events else None
+            yield Output(request_id, text=word if i == 0 else " " + word, step=step)
         yield Output(request_id, finished=True, finish_reason="stop", stats=Stats(len(prompt), 0, len(words), len(words), 1, 0.0, 0.0, 0.0))
 
     def forget(self, conversation: str) -> None:
         self.forgotten.append(conversation)
 
 
+STEP_TOKEN = 7
+
+
 class ScriptedASR:
+    """Scripted transcripts (the last one again once they run out); `gate` holds each back until set."""
+
     def __init__(self, *texts: str) -> None:
         self.texts = list(texts)
+        self.gate = threading.Event()
+        self.gate.set()
 
     def transcribe(self, audio: np.ndarray) -> str:
+        self.gate.wait(10)
         return self.texts.pop(0) if len(self.texts) > 1 else self.texts[0]
 
 
 class WordTTS:
-    """0.1 s of audio per word, one chunk per word."""
+    """0.1 s of audio per word, one chunk per word; a sentence in `held` waits for its event."""
 
     sample_rate = 16000
 
+    def __init__(self) -> None:
+        self.held: dict[str, threading.Event] = {}
+
     def synthesize(self, sentence: str):  # noqa: ANN201
+        if sentence in self.held:
+            self.held[sentence].wait(10)
         for _ in sentence.split():
             yield np.full(1600, 0.1, np.float32)
 
@@ -77,6 +100,7 @@ class Call:
     events: list[ev.Event]
     clock: ManualClock
     engine: ScriptedEngine
+    agent: Agent
 
     async def say(self, *runs: tuple[float, int]) -> None:
         """Send frames: (level, count) runs of 32 ms, one frame per chunk as a live caller would."""
@@ -106,8 +130,9 @@ def call(random_model):
     """Yields a function that opens a session: call(replies, transcripts, **config overrides) → Call."""
     opened: list[tuple[Agent, object, asyncio.Task]] = []
 
-    async def open_call(replies: list[str], transcripts: tuple[str, ...] = ("Hello there.",), turn_model=None, **overrides: object) -> Call:  # noqa: ANN001
-        engine = ScriptedEngine(random_model[1], list(replies))
+    async def open_call(replies: list[str], transcripts: tuple[str, ...] = ("Hello there.",), turn_model=None, exact_prefix_reuse: bool = True,  # noqa: ANN001
+                        **overrides: object) -> Call:
+        engine = ScriptedEngine(random_model[1], list(replies), exact_prefix_reuse)
         config = AgentConfig(**{"turns": TURNS, "echo_guard_ms": 0, "barge_in_ms": 96, **overrides})
         agent = Agent(config, engine, ScriptedASR(*transcripts), WordTTS(), None, turn_model)
         session = agent.session()
@@ -121,7 +146,7 @@ def call(random_model):
                 events.append(e)
 
         opened.append((agent, session, asyncio.create_task(collect())))
-        return Call(session, events, clock, engine)
+        return Call(session, events, clock, engine, agent)
 
     yield open_call
     for agent, session, task in opened:
@@ -139,21 +164,26 @@ def kinds(events: list[ev.Event]) -> list[str]:
 
 
 async def test_a_turn_starts_speculatively_at_the_pause_and_is_kept_at_its_end(call):
-    c = await call(["Sure, I can help."])
+    c = await call(["Sure, I can help."], system_prompt="Be brief.")
     await c.say((QUIET, 5), (LOUD, 6), (QUIET, 3))  # speech, then a pause: the reply starts, held back
-    await c.until(ev.Speculation)
-    await c.say((QUIET, 3))  # the end of the turn: the speculation is kept
+    await c.until_true(lambda: c.session._reply is not None and c.session._reply.done)
+    assert of(c.events, ev.Speculation) == [ev.Speculation(1, "started")] and not of(c.events, ev.AgentText)  # nothing shown yet
+    await c.say((QUIET, 3))  # the end of the turn: the speculation is kept, and what it held back is released
     await c.until(ev.TurnMetrics)
-    assert kinds(c.events) == ["SpeechStarted", "Speculation", "SpeechStopped", "Speculation", "Transcript", "AgentText", "AgentText",
-                               "AgentText", "AgentText", "ResponseDone", "TurnMetrics"]
-    assert [s.action for s in of(c.events, ev.Speculation)] == ["started", "kept"]
-    started, stopped = of(c.events, ev.SpeechStarted)[0], of(c.events, ev.SpeechStopped)[0]
-    assert (started.turn, started.audio_ms, stopped.audio_ms) == (1, int(7 * 32), int(11 * 32))  # confirmed on its 2nd loud frame; the last loud one
-    assert of(c.events, ev.Transcript)[0].text == "Hello there."
-    assert of(c.events, ev.ResponseDone)[0] == ev.ResponseDone(1, "Sure, I can help.")
-    assert [a.sentence for a in of(c.events, ev.AgentAudio)] == [1] * 4  # one sentence, a chunk per word
-    timeline = of(c.events, ev.TurnMetrics)[0].timeline
-    assert timeline["speculative"] is True and timeline["turn"] == 1
+    tok, bs = c.engine.tokenizer, c.engine.params[0].block_size
+    words = ["Sure,", " I", " can", " help."]
+    replied = [e for i, w in enumerate(words) for e in (ev.DenoiseStep(1, 0, i, bs, [i], [tok.decode([STEP_TOKEN])], 3 - i), ev.AgentText(1, w))]
+    spoken = [e for e in c.events if not isinstance(e, (ev.AgentAudio, ev.TurnMetrics))]
+    assert spoken == [  # confirmed on the 2nd loud frame; stopped at the last loud one; the pause's audio: 7 frames of pre-roll and 7 more
+        ev.SpeechStarted(1, 7 * 32), ev.Speculation(1, "started"), ev.SpeechStopped(1, 11 * 32), ev.Speculation(1, "kept"),
+        ev.Transcript(1, "Hello there.", 14 * FRAME / 16000), *replied, ev.ResponseDone(1, "Sure, I can help."),
+    ]
+    assert [(a.turn, a.sentence, a.text, len(a.samples), a.sample_rate) for a in of(c.events, ev.AgentAudio)] == [(1, 1, "Sure, I can help.", 1600, 16000)] * 4
+    [metrics] = of(c.events, ev.TurnMetrics)
+    assert (metrics.turn, metrics.timeline["speculative"], metrics.timeline["interrupted"], metrics.timeline["turn_model"]) == (1, True, False, None)
+    assert c.engine.prompts[0].endswith(c.engine.tokenizer.decode(c.engine.tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there."}])))  # the pending user turn went with it
+    assert c.engine.params[0] == c.agent.config.decode
     assert c.session.dialogue.turns == [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Sure, I can help."}]
     assert dict(c.session.stats) == {"turns": 1, "speculations_started": 1, "speculations_kept": 1}
     assert c.engine.requests == [(f"{c.session.conversation}-1-0", c.session.conversation)]
@@ -391,3 +421,222 @@ async def test_closing_the_session_forgets_its_conversation_once(call):
     await c.session.close()
     await settle()
     assert c.engine.forgotten == [c.session.conversation] and of(c.events, ev.HangUp) == [ev.HangUp(0, "closed")]
+
+
+# ---- more than one turn, and replies cut mid-way -----------------------------------------------
+
+
+async def test_the_second_turns_prompt_holds_the_first_exchange_and_the_counts_add_up(call):
+    c = await call(["One two three four five six seven eight.", "Fine.", "Good."], ("Hi.", "Wait.", "Thanks."))
+    await speaking(c)
+    await c.say((LOUD, 2), (QUIET, 6))  # a backchannel: dropped
+    await c.say((LOUD, 2), (QUIET, 6))  # and another
+    await c.say((LOUD, 3))  # a barge-in: turn 2
+    await c.say((QUIET, 6))
+    await c.until(ev.ResponseDone, 2)
+    c.clock.advance(10)  # turn 2's reply has played out
+    await c.say((LOUD, 4), (QUIET, 6))  # turn 3
+    await c.until(ev.ResponseDone, 3)
+    assert [e.turn for e in of(c.events, ev.SpeechStarted)] == [1, 2, 3]
+    assert dict(c.session.stats) == {"turns": 3, "speculations_started": 3, "speculations_kept": 3, "talked_over": 2, "barge_ins": 1}
+    assert "One two three four five six seven eight." in c.engine.prompts[1] and "Hi." in c.engine.prompts[1]
+    assert c.engine.requests[2][0] == f"{c.session.conversation}-3-2"
+
+
+async def test_a_reply_stopped_mid_way_ends_interrupted_and_none_of_its_later_audio_leaves(call):
+    c = await call(["First part. Second part."])
+    c.agent.tts.held["Second part."] = held = threading.Event()
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until(ev.AgentAudio, 2)  # the first sentence is out; the second waits in the TTS
+    c.session.flush()
+    held.set()
+    await c.until(ev.ResponseDone)
+    await settle()
+    assert of(c.events, ev.Interrupted) == [ev.Interrupted(1)]
+    assert of(c.events, ev.ResponseDone) == [ev.ResponseDone(1, "First part. Second part.", interrupted=True)]
+    assert {a.text for a in of(c.events, ev.AgentAudio)} == {"First part."}
+    assert c.session.stats["barge_ins"] == 1 and c.session._reply.task.done()
+
+
+async def test_audio_queued_before_an_interruption_never_leaves_the_session(random_model):
+    """Events are read by the transport at its pace: what was produced but not yet read is dropped at the interruption."""
+    engine = ScriptedEngine(random_model[1], ["One. Two."])
+    agent = Agent(AgentConfig(turns=TURNS), engine, ScriptedASR("Hi."), WordTTS(), None)
+    agent.tts.held["Two."] = held = threading.Event()
+    async with agent.session() as s:
+        s.listener.vad, s.clock = LoudnessVAD(), ManualClock()
+        for level, n in ((LOUD, 4), (QUIET, 6)):
+            for _ in range(n):
+                await s.send_audio(np.full(FRAME, level, np.float32), 16000)
+        await Call(s, [], s.clock, engine, agent).until_true(lambda: any(isinstance(e, ev.AgentAudio) for e in s._queue._queue))
+        s._interrupt()  # nothing has been read yet
+        held.set()
+        await s.close()
+        read = [e async for e in s.events()]
+    assert of(read, ev.AgentAudio) == [] and of(read, ev.Interrupted) == [ev.Interrupted(1)]
+    agent.asr_pool.shutdown(wait=False)
+    agent.tts_pool.shutdown(wait=False)
+
+
+async def test_hanging_up_mid_reply_cancels_it(call):
+    c = await call(["One two three."])
+    c.engine.gate.clear()  # the engine is slow
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until_true(lambda: c.session._reply is not None and c.engine.requests)
+    assert c.agent.sessions == 1
+    await c.session.close()
+    c.engine.gate.set()
+    await c.until(ev.HangUp)
+    await c.until_true(lambda: c.session._reply.task.done())
+    assert c.session._reply.task.cancelled() and of(c.events, ev.ResponseDone) == [] and c.agent.sessions == 0
+    await c.session.close()
+    assert c.agent.sessions == 0
+
+
+async def test_an_idle_timeout_does_not_count_while_the_agent_is_replying(call):
+    c = await call(["Hi."], idle_timeout_s=0.32)
+    c.engine.gate.clear()
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until_true(lambda: bool(c.engine.requests))
+    await c.say((QUIET, 12))  # past the idle timeout, but the reply is still being generated
+    assert of(c.events, ev.HangUp) == []
+    c.engine.gate.set()
+    await c.until(ev.ResponseDone)
+    await c.say((QUIET, 10))  # idle counts from the end of the reply
+    assert of(c.events, ev.HangUp) == [ev.HangUp(1, "idle")]
+
+
+@pytest.mark.parametrize("reuse,exact,conversation", [(None, True, True), (None, False, False), (True, False, True), (False, True, False)])
+async def test_prefix_reuse_follows_the_setting_or_else_whether_the_engine_reuses_exactly(call, reuse, exact, conversation):
+    c = await call(["Hi."], exact_prefix_reuse=exact, reuse_prefix=reuse)
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until(ev.ResponseDone)
+    assert c.engine.requests[0][1] == (c.session.conversation if conversation else None)
+
+
+async def test_without_speculation_a_resumed_pause_touches_no_earlier_reply(call):
+    c = await call(["Hi."], speculation=False)
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until(ev.ResponseDone)
+    c.clock.advance(10)
+    await c.say((LOUD, 4), (QUIET, 3), (LOUD, 4), (QUIET, 6))  # turn 2 pauses and goes on
+    await c.until(ev.ResponseDone, 2)
+    assert of(c.events, ev.Speculation) == [] and "speculations_cancelled" not in c.session.stats
+
+
+async def test_a_reply_that_has_played_out_is_neither_flushed_nor_talked_over(call):
+    c = await call(["One two."])
+    await speaking(c)
+    c.clock.advance(0.2)  # its two words have played
+    c.session.flush()
+    await c.say((QUIET, 4))
+    await settle()
+    assert of(c.events, ev.Interrupted) == [] and len(of(c.events, ev.SpeechStarted)) == 1
+    await c.say((LOUD, 4), (QUIET, 6))  # the caller's next turn is an ordinary one
+    await c.until(ev.ResponseDone, 2)
+    assert of(c.events, ev.SpeechStarted)[1] == ev.SpeechStarted(2, c.session.listener.media_ms - 8 * 32)
+
+
+async def test_after_a_dropped_backchannel_the_next_turn_starts_where_its_speech_does(call):
+    c = await call(["One two three four five six seven eight.", "Yes."])
+    await speaking(c)
+    await c.say((LOUD, 2), (QUIET, 6))  # dropped
+    c.clock.advance(10)  # the reply has played out
+    await c.say((QUIET, 2), (LOUD, 4), (QUIET, 6))
+    await c.until(ev.ResponseDone, 2)
+    assert of(c.events, ev.SpeechStarted)[1] == ev.SpeechStarted(2, c.session.listener.media_ms - 8 * 32)
+
+
+async def test_speech_held_off_by_the_echo_guard_is_a_turn_at_its_end_when_it_was_long_enough(call):
+    c = await call(["One two three four five six seven eight.", "Yes?"], echo_guard_ms=500)
+    await speaking(c)
+    await c.say((LOUD, 3), (QUIET, 6))  # exactly barge_in_ms of speech, inside the guard, then its end
+    await c.until(ev.ResponseDone, 2)
+    assert of(c.events, ev.Interrupted) == [ev.Interrupted(1)] and [e.turn for e in of(c.events, ev.SpeechStarted)] == [1, 2]
+
+
+async def test_a_barge_in_at_the_speech_start_itself_opens_one_turn(call):
+    c = await call(["One two three four five six seven eight.", "Yes?"], barge_in_ms=0)
+    await speaking(c)
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until(ev.ResponseDone, 2)
+    assert of(c.events, ev.Interrupted) == [ev.Interrupted(1)] and [e.turn for e in of(c.events, ev.SpeechStarted)] == [1, 2]
+
+
+async def test_talking_over_the_agent_past_the_calls_length_hangs_up(call):
+    c = await call(["One two three four five six seven eight."], max_call_s=0.96)  # 30 frames
+    await speaking(c)  # 10 frames
+    await c.say((LOUD, 2), (QUIET, 17))
+    assert of(c.events, ev.HangUp) == []
+    await c.say((LOUD, 1))  # the 30th frame, while talking over the reply
+    await settle()
+    assert of(c.events, ev.HangUp) == [ev.HangUp(1, "max_duration")]
+
+
+async def test_a_commit_right_after_speech_ends_the_turn(call):
+    c = await call(["Hi."], turns=dataclasses.replace(TURNS, push_to_talk=True))
+    await c.say((LOUD, 4))
+    await c.session.commit(16000)
+    await c.until(ev.ResponseDone)
+
+
+class GatedTurnModel:
+    """The end-of-turn model's stand-in: each call waits for its own release, then answers at least 50 ms after it was asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[threading.Event, list[float]]] = []
+        self.threads: list[str] = []
+
+    def __call__(self, audio: np.ndarray) -> float:
+        self.threads.append(threading.current_thread().name)
+        release, answer = threading.Event(), []
+        self.calls.append((release, answer))
+        time.sleep(0.05)
+        release.wait(10)
+        return answer[0]
+
+    def answer(self, call: int, complete: float) -> None:
+        release, answer = self.calls[call]
+        answer.append(complete)
+        release.set()
+
+
+async def test_a_verdict_for_an_earlier_pause_is_ignored_and_the_model_runs_on_its_own_thread(call):
+    model = GatedTurnModel()
+    c = await call(["Hi."], ("Hello there.",), turn_model=model, turns=MODEL_TURNS)
+    await c.say((LOUD, 4), (QUIET, 3))  # pause 1: the model is asked
+    await c.until_true(lambda: len(model.calls) == 1)
+    await c.say((LOUD, 2), (QUIET, 3))  # the speaker went on, and paused again
+    model.answer(0, 0.95)  # pause 1's answer, late: "done"
+    await c.until_true(lambda: len(model.calls) == 2)
+    await settle()
+    assert not stopped(c)  # it was about the earlier pause
+    model.answer(1, 0.95)
+    await c.until(ev.TurnMetrics)
+    verdict = of(c.events, ev.TurnMetrics)[0].timeline["turn_model"]
+    assert verdict["complete"] == 0.95 and 50 <= verdict["ms"]
+    assert all(name.startswith("turn") for name in model.threads) and c.session._judging == set()
+
+
+async def test_hanging_up_while_the_model_is_asked_cancels_the_question(call):
+    model = GatedTurnModel()
+    c = await call(["Hi."], turn_model=model, turns=MODEL_TURNS)
+    await c.say((LOUD, 4), (QUIET, 3))
+    await c.until_true(lambda: len(model.calls) == 1)
+    [task] = c.session._judging
+    await c.session.close()
+    model.answer(0, 0.95)
+    await c.until_true(task.done)
+    assert task.cancelled() and not stopped(c)
+
+
+async def test_a_transcript_for_a_dropped_speculation_moves_nothing(call):
+    c = await call(["Hi."], ("What?", "Hello there."), turns=dataclasses.replace(TURNS, question_end_ms=96))
+    asr = c.agent.asr
+    asr.gate.clear()
+    await c.say((LOUD, 4), (QUIET, 3))  # pause 1: its transcript ("What?") is on its way
+    await c.say((LOUD, 2), (QUIET, 3))  # the speaker went on: pause 1's speculation is dropped; pause 2 starts another
+    asr.gate.set()
+    await c.until_true(lambda: c.session._pause_text is not None)
+    await settle()
+    assert c.session._pause_text == "Hello there." and not stopped(c)  # a question's early end came from a dropped pause
