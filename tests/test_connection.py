@@ -19,8 +19,8 @@ from agent import events as ev
 from agent.hub import Hub
 from agent.transports.base import ClientGone, Close, Connection, Outbox, Outgoing
 from agent.transports.realtime import RealtimeConnection
-from tests.helpers import ScriptedSocket, settle, stub_hub as hub
-
+from tests.helpers import ScriptedSocket, settle
+from tests.helpers import stub_hub as hub
 
 # ---- the outbox ------------------------------------------------------------------------------
 

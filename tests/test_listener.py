@@ -18,6 +18,7 @@ from agent.turns import Signal, TurnConfig
 from audio.vad import FRAME
 from tests.helpers import LOUD, QUIET, LoudnessVAD
 
+
 def listener(**turns: object) -> Listener:
     config = TurnConfig(**{"min_speech_ms": 64, "pause_ms": 96, "end_ms": 192, **turns})  # 2, 3 and 6 frames
     lis = Listener(None, config)

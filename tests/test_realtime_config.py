@@ -10,7 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.transports.realtime_config import AudioFormat, Context, Effective, Update, describe, translate
+from agent.transports.realtime_config import (
+    AudioFormat,
+    Context,
+    Effective,
+    Update,
+    describe,
+    translate,
+)
 
 PCM24 = AudioFormat("pcm16", 24000)
 CTX = Context(input=PCM24, output=PCM24, voice="joe", default_max_tokens=48)

@@ -21,7 +21,7 @@ from agent import events as ev
 from agent.turns import TurnConfig
 from agent.voice_agent import Agent, AgentConfig
 from audio.vad import FRAME
-from dllm_engine.decoding import Output, StepInfo, Stats
+from dllm_engine.decoding import Output, Stats, StepInfo
 from tests.helpers import LOUD, QUIET, LoudnessVAD, ManualClock, of, settle
 
 TURNS = TurnConfig(min_speech_ms=64, pause_ms=96, end_ms=192, question_end_ms=0, unfinished_end_ms=0)  # 2, 3 and 6 frames of 32 ms

@@ -17,10 +17,21 @@ import numpy as np
 import pytest
 from aiortc import AudioStreamTrack, RTCConfiguration, RTCPeerConnection
 
+from agent import events as ev
 from agent.transports.base import ClientGone
 from agent.transports.realtime_config import AudioFormat
-from agent.transports.webrtc import FRAME, RATE, OfferError, ReplyTrack, Signaling, WebRTCConnection, audio_frame, check_offer
-from tests.helpers import ManualClock, RealtimeSession, settle, stub_hub as hub
+from agent.transports.webrtc import (
+    FRAME,
+    RATE,
+    OfferError,
+    ReplyTrack,
+    Signaling,
+    WebRTCConnection,
+    audio_frame,
+    check_offer,
+)
+from tests.helpers import ManualClock, RealtimeSession, settle
+from tests.helpers import stub_hub as hub
 
 
 async def make_offer(audio: str | None = "sendrecv", channel: bool = True) -> str:
@@ -250,4 +261,32 @@ async def test_no_data_channel_in_time_is_a_client_gone():
     conn = WebRTCConnection(pc, hub(open_timeout_s=0.01))
     with pytest.raises(ClientGone):
         await conn.ws.accept()
+    await pc.close()
+
+
+async def test_the_reply_track_reports_what_played_to_the_session_once_there_is_one():
+    pc = RTCPeerConnection()
+    conn = WebRTCConnection(pc, hub())
+    conn._played_up_to(1, 0.5)  # before the session starts (or after it ended): nobody to tell
+    conn.session = RealtimeSession()
+    conn.track.push(3, np.zeros(FRAME // 2, np.int16))
+    await conn.track.recv()  # the chunk plays out within the first frame
+    assert conn.session.calls == [("played", 3, FRAME / 2 / RATE)] and conn.heard(3) == FRAME / 2 / RATE
+    conn.track.stop()
+    await pc.close()
+
+
+async def test_an_interruption_clears_the_reply_track_and_reports_what_it_had_played():
+    pc = RTCPeerConnection()
+    conn = WebRTCConnection(pc, hub())
+    conn.session = RealtimeSession()
+    conn.track.clock = ManualClock()
+    conn.on_event(ev.AgentAudio(3, np.full(2 * FRAME, 0.5, np.float32), RATE, "Hi there.", 1))  # two frames of it, on the track
+    assert (await conn.track.recv()).to_ndarray().any()
+    conn.on_event(ev.Interrupted(3))
+    assert conn.session.calls == [("played", 3, FRAME / RATE)]
+    conn.track.clock.advance(0.02)
+    assert not (await conn.track.recv()).to_ndarray().any()  # silence: the rest was dropped
+    assert json.loads(conn.outbox._items[-1].text)["type"] == "response.interrupted"
+    conn.track.stop()
     await pc.close()
