@@ -51,7 +51,8 @@ class Session:
         self._turn = 0  # id of the current/last user turn (0 is the greeting)
         self._reply: Reply | None = None  # the reply in progress or last spoken
         self._timelines: dict[int, TurnTimeline] = {}  # reported after the turn's ResponseDone
-        self._pause = 0  # counts pauses, resumes and turn ends: a verdict for an older pause is stale
+        self._pause_ids = itertools.count(1)
+        self._pause = 0  # a fresh id at each pause, resume and turn end: a verdict for an older one is stale
         self._pause_text: str | None = None  # this pause's transcript (speculative ASR)
         self._verdict: TurnVerdict | None = None  # this pause's end-of-turn model verdict
         self._over_reply: int | None = None  # media ms where speech began over the agent's voice, until it is a turn
@@ -167,7 +168,7 @@ class Session:
 
     def _on_heard(self, h: Heard) -> None:
         if h.signal in (Signal.SPEECH_START, Signal.PAUSE, Signal.RESUME):  # a new pause, or none
-            self._pause += 1
+            self._pause = next(self._pause_ids)
             self._pause_text = self._verdict = None
         if self._talked_over(h):
             self._check_limits(h)
@@ -246,7 +247,7 @@ class Session:
             self._end_of_turn(None)
 
     def _end_of_turn(self, audio: np.ndarray | None) -> None:
-        verdict, self._pause = self._verdict, self._pause + 1  # a verdict still on its way is too late
+        verdict, self._pause = self._verdict, next(self._pause_ids)  # a verdict still on its way is too late
         speech_end = self.listener.speech_end
         self.emit(ev.SpeechStopped(self._turn, speech_end[0] if speech_end else self.listener.media_ms))
         r = self._reply

@@ -84,8 +84,10 @@ class WordTTS:
 
     def __init__(self) -> None:
         self.held: dict[str, threading.Event] = {}
+        self.threads: list[str] = []
 
     def synthesize(self, sentence: str):  # noqa: ANN201
+        self.threads.append(threading.current_thread().name)
         if sentence in self.held:
             self.held[sentence].wait(10)
         for _ in sentence.split():
@@ -180,7 +182,9 @@ async def test_a_turn_starts_speculatively_at_the_pause_and_is_kept_at_its_end(c
     ]
     assert [(a.turn, a.sentence, a.text, len(a.samples), a.sample_rate) for a in of(c.events, ev.AgentAudio)] == [(1, 1, "Sure, I can help.", 1600, 16000)] * 4
     [metrics] = of(c.events, ev.TurnMetrics)
-    assert (metrics.turn, metrics.timeline["speculative"], metrics.timeline["interrupted"], metrics.timeline["turn_model"]) == (1, True, False, None)
+    assert (metrics.turn, metrics.timeline["turn"], metrics.timeline["speculative"], metrics.timeline["interrupted"], metrics.timeline["turn_model"]) == (
+        1, 1, True, False, None)
+    assert metrics.timeline["stages_ms"]["endpoint"] is not None  # counted from the arrival of the last loud frame
     assert c.engine.prompts[0].endswith(c.engine.tokenizer.decode(c.engine.tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there."}])))  # the pending user turn went with it
     assert c.engine.params[0] == c.agent.config.decode
@@ -195,7 +199,7 @@ async def test_speech_that_resumes_after_the_pause_discards_the_speculation(call
     await c.until(ev.Speculation)
     await c.say((LOUD, 4), (QUIET, 6))  # the speaker goes on: the reply to half a turn is dropped
     await c.until(ev.TurnMetrics)
-    assert [s.action for s in of(c.events, ev.Speculation)] == ["started", "cancelled", "started", "kept"]
+    assert of(c.events, ev.Speculation) == [ev.Speculation(1, a) for a in ("started", "cancelled", "started", "kept")]
     assert [d.text for d in of(c.events, ev.ResponseDone)] == ["Now I know."]
     assert [t.text for t in of(c.events, ev.Transcript)] == ["Hello there, friend."]
     assert c.session.stats["speculations_cancelled"] == 1 and c.session.stats["turns"] == 1
@@ -205,7 +209,9 @@ async def test_without_speculation_the_reply_starts_at_the_end_of_the_turn(call)
     c = await call(["Hi."], speculation=False)
     await c.say((LOUD, 4), (QUIET, 6))
     await c.until(ev.TurnMetrics)
+    assert {t.split("_")[0] for t in c.agent.tts.threads} == {"tts"}  # inside the TTS's thread budget
     assert of(c.events, ev.Speculation) == [] and of(c.events, ev.TurnMetrics)[0].timeline["speculative"] is False
+    assert c.engine.prompts[0].count("Hello there.") == 1  # the user's turn is in the history already, not pending too
 
 
 async def test_a_greeting_is_turn_0_and_needs_no_user(call):
@@ -305,7 +311,7 @@ async def test_speech_over_the_reply_as_long_as_barge_in_ms_interrupts_it(call):
     await c.say((LOUD, 3))  # 96 ms of speech: a barge-in
     await c.until(ev.Interrupted)
     assert of(c.events, ev.Interrupted) == [ev.Interrupted(1)] and c.session.stats["barge_ins"] == 1
-    assert [s.turn for s in of(c.events, ev.SpeechStarted)] == [1, 2]
+    assert of(c.events, ev.SpeechStarted)[1] == ev.SpeechStarted(2, c.session.listener.media_ms - 32)  # its speech start (2nd loud frame), not the barge-in
     assert c.session.dialogue.turns[-1] == {"role": "assistant", "content": "One two"}  # what was heard
     await c.say((QUIET, 6))
     await c.until(ev.ResponseDone, 2)
@@ -401,7 +407,7 @@ async def test_bad_audio_is_an_error_event_and_the_session_goes_on(call):
     await c.session.send_audio(np.zeros(100, np.float32), 12345)
     await settle()
     [error] = of(c.events, ev.Error)
-    assert error.code == "bad_audio" and "12345" in error.message
+    assert (error.turn, error.code) == (0, "bad_audio") and "12345" in error.message
     await c.say((LOUD, 4), (QUIET, 6))
     await c.until(ev.ResponseDone)
 
@@ -427,20 +433,21 @@ async def test_closing_the_session_forgets_its_conversation_once(call):
 
 
 async def test_the_second_turns_prompt_holds_the_first_exchange_and_the_counts_add_up(call):
-    c = await call(["One two three four five six seven eight.", "Fine.", "Good."], ("Hi.", "Wait.", "Thanks."))
+    c = await call(["One two three four five six seven eight.", "Fine, one two three four.", "Good."], ("Hi.", "Wait.", "Thanks."))
     await speaking(c)
     await c.say((LOUD, 2), (QUIET, 6))  # a backchannel: dropped
     await c.say((LOUD, 2), (QUIET, 6))  # and another
     await c.say((LOUD, 3))  # a barge-in: turn 2
     await c.say((QUIET, 6))
     await c.until(ev.ResponseDone, 2)
-    c.clock.advance(10)  # turn 2's reply has played out
-    await c.say((LOUD, 4), (QUIET, 6))  # turn 3
+    await c.say((LOUD, 3))  # turn 3 barges in on turn 2's reply
+    await c.say((QUIET, 6))
     await c.until(ev.ResponseDone, 3)
     assert [e.turn for e in of(c.events, ev.SpeechStarted)] == [1, 2, 3]
-    assert dict(c.session.stats) == {"turns": 3, "speculations_started": 3, "speculations_kept": 3, "talked_over": 2, "barge_ins": 1}
+    assert dict(c.session.stats) == {"turns": 3, "speculations_started": 3, "speculations_kept": 3, "talked_over": 2, "barge_ins": 2}
     assert "One two three four five six seven eight." in c.engine.prompts[1] and "Hi." in c.engine.prompts[1]
     assert c.engine.requests[2][0] == f"{c.session.conversation}-3-2"
+    assert of(c.events, ev.Interrupted) == [ev.Interrupted(1), ev.Interrupted(2)]
 
 
 async def test_a_reply_stopped_mid_way_ends_interrupted_and_none_of_its_later_audio_leaves(call):
@@ -614,7 +621,7 @@ async def test_a_verdict_for_an_earlier_pause_is_ignored_and_the_model_runs_on_i
     model.answer(1, 0.95)
     await c.until(ev.TurnMetrics)
     verdict = of(c.events, ev.TurnMetrics)[0].timeline["turn_model"]
-    assert verdict["complete"] == 0.95 and 50 <= verdict["ms"]
+    assert verdict["complete"] == 0.95 and 50 <= verdict["ms"] < 60_000  # from the pause to the answer
     assert all(name.startswith("turn") for name in model.threads) and c.session._judging == set()
 
 
@@ -640,3 +647,52 @@ async def test_a_transcript_for_a_dropped_speculation_moves_nothing(call):
     await c.until_true(lambda: c.session._pause_text is not None)
     await settle()
     assert c.session._pause_text == "Hello there." and not stopped(c)  # a question's early end came from a dropped pause
+
+
+async def test_speech_while_a_reply_is_silent_between_sentences_is_a_barge_in(call):
+    c = await call(["First part. Second part."], ("Hi.", "Okay."))
+    c.agent.tts.held["Second part."] = held = threading.Event()
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until(ev.AgentAudio, 2)
+    c.clock.advance(0.2)  # the first sentence has played; the second is still being synthesized
+    await c.say((LOUD, 3))  # as long as a barge-in: it interrupts, the reply is still the agent's turn
+    await settle()
+    assert of(c.events, ev.Interrupted) == [ev.Interrupted(1)]
+    held.set()
+
+
+async def test_a_short_reply_over_a_reply_silent_between_sentences_is_a_turn(call):
+    c = await call(["First part. Second part.", "Yes."], ("Hi.", "Okay."))
+    c.agent.tts.held["Second part."] = held = threading.Event()
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until(ev.AgentAudio, 2)
+    c.clock.advance(0.2)  # nothing is sounding: "Okay." is said into the gap
+    await c.say((LOUD, 2), (QUIET, 6))
+    await c.until_true(lambda: len(of(c.events, ev.SpeechStarted)) == 2)
+    assert c.session.stats["talked_over"] == 0
+    held.set()
+
+
+async def test_a_new_turn_while_the_last_reply_is_still_silent_stops_that_reply(call):
+    c = await call(["Slow reply.", "Fast reply."])
+    c.engine.gate.clear()  # turn 1's reply is still being generated: nothing audible yet
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until_true(lambda: bool(c.engine.requests))
+    await c.say((LOUD, 4), (QUIET, 3))  # turn 2 pauses: its speculation replaces turn 1's reply
+    await c.until(ev.Interrupted)
+    c.engine.gate.set()
+    await c.say((QUIET, 3))
+    await c.until(ev.ResponseDone, 2)
+    assert of(c.events, ev.Interrupted) == [ev.Interrupted(1)]
+    assert of(c.events, ev.ResponseDone) == [ev.ResponseDone(1, "", interrupted=True), ev.ResponseDone(2, "Fast reply.")]
+
+
+async def test_idle_time_counts_again_after_a_reply_was_stopped(call):
+    c = await call(["First part. Second part."], idle_timeout_s=0.32)
+    c.agent.tts.held["Second part."] = held = threading.Event()
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until(ev.AgentAudio, 2)
+    c.session.flush()
+    held.set()
+    await c.say((QUIET, 10))
+    assert of(c.events, ev.HangUp) == [ev.HangUp(1, "idle")]
