@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
 from agent import events as ev
 from agent.hub import Hub
+from agent.transports import base
 from agent.transports.base import ClientGone, Close, Connection, Outbox, Outgoing
 from agent.transports.realtime import RealtimeConnection
 from tests.helpers import ScriptedSocket, settle
@@ -133,8 +135,8 @@ async def started(conn: RealtimeConnection) -> asyncio.Task:
 
 
 def ends(h: Hub, conn: RealtimeConnection) -> None:
-    """After any call: finished, its slot given back, no longer among the hub's connections."""
-    assert conn.finished.is_set() and h.active_sessions == 0 and h.connections == set()
+    """After any call: finished, its slot given back, no longer among the hub's connections, no session left."""
+    assert conn.finished.is_set() and h.active_sessions == 0 and h.connections == set() and conn.session is None
 
 
 async def test_a_client_that_hangs_up_gives_its_slot_back_and_gets_no_close():
@@ -217,14 +219,72 @@ async def test_a_client_that_stops_reading_gets_no_last_words():
     ends(h, conn)
 
 
-async def test_a_close_reason_is_cut_to_fit_a_close_frame():
+@pytest.mark.parametrize("reason,sent", [("x" * 200, "x" * 120), ("x" + "é" * 100, "x" + "é" * 59)])  # bytes, not characters; no half a character
+async def test_a_close_reason_is_cut_to_fit_a_close_frame(reason, sent):
     h = hub()
     conn = connection(h)
     task = await started(conn)
-    conn.stop(1001, "é" * 100)  # 200 bytes of UTF-8; a close frame's reason holds 123
+    conn.stop(1001, reason)  # a close frame's reason holds 123 bytes
     await task
-    assert conn.ws.closed == (1001, "é" * 60)
+    assert conn.ws.closed == (1001, sent)
     ends(h, conn)
+
+
+async def test_a_call_reads_text_and_binary_messages():
+    h = hub()
+    pcm = (np.arange(2400) % 50).astype("<i2").tobytes()
+    conn = connection(h, [json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}), pcm], silent=False)
+    session = None
+
+    async def keep() -> None:
+        nonlocal session
+        while conn.session is None:
+            await asyncio.sleep(0)
+        session = conn.session
+
+    keeper = asyncio.create_task(keep())
+    await conn.serve()
+    await keeper
+    assert session.calls == [("update", "Be brief.", {})] and sum(len(a) for a, _ in session.audio) == 2400
+    ends(h, conn)
+
+
+async def test_a_client_whose_close_never_completes_is_dropped_after_the_linger(monkeypatch):
+    monkeypatch.setattr(base, "CLOSE_LINGER_S", 0.05)
+    h = hub()
+
+    class Deaf(ScriptedSocket):
+        async def close(self, code: int, reason: str) -> None:
+            await asyncio.sleep(3600)
+
+    conn = RealtimeConnection(Deaf(silent=True), h, authed=True)
+    task = await started(conn)
+    conn.stop(1001, "bye")
+    async with asyncio.timeout(30):
+        await task
+    ends(h, conn)
+
+
+async def test_a_task_that_ignores_its_cancellation_is_left_behind_not_waited_for(monkeypatch, caplog):
+    monkeypatch.setattr(base, "CANCEL_GRACE_S", 0.05)
+    h = hub()
+    release = asyncio.Event()
+
+    class Stubborn(RealtimeConnection):
+        async def _pump(self) -> None:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await release.wait()  # a bug: it goes on after being cancelled
+
+    conn = Stubborn(ScriptedSocket(silent=True), h, authed=True)
+    task = await started(conn)
+    conn.stop(1001, "bye")
+    async with asyncio.timeout(30):
+        await task
+    assert conn.ws.closed == (1001, "bye") and "ignored its cancellation" in caplog.text
+    ends(h, conn)
+    release.set()
 
 
 async def test_a_close_the_client_cannot_receive_still_ends_the_call():

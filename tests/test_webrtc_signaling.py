@@ -22,7 +22,9 @@ from agent.transports.base import ClientGone
 from agent.transports.realtime_config import AudioFormat
 from agent.transports.webrtc import (
     FRAME,
+    MAX_BUFFERED,
     RATE,
+    DataChannelSocket,
     OfferError,
     ReplyTrack,
     Signaling,
@@ -289,4 +291,59 @@ async def test_an_interruption_clears_the_reply_track_and_reports_what_it_had_pl
     assert not (await conn.track.recv()).to_ndarray().any()  # silence: the rest was dropped
     assert json.loads(conn.outbox._items[-1].text)["type"] == "response.interrupted"
     conn.track.stop()
+    await pc.close()
+
+
+class Channel:
+    """An RTCDataChannel as DataChannelSocket uses it: its state, its send buffer, its event handlers."""
+
+    def __init__(self, label: str = "events", state: str = "open") -> None:
+        self.label, self.readyState, self.bufferedAmount = label, state, 0
+        self.bufferedAmountLowThreshold: int | None = None
+        self.handlers: dict[str, object] = {}
+        self.sent: list[str] = []
+
+    def on(self, event: str, handler) -> None:  # noqa: ANN001
+        self.handlers[event] = handler
+
+    def send(self, text: str) -> None:
+        self.sent.append(text)
+
+
+async def test_a_browser_that_stops_reading_holds_writes_until_its_buffer_drains():
+    pc = RTCPeerConnection()
+    sock = DataChannelSocket(pc, 1.0)
+    channel = Channel()
+    sock._attach(channel)
+    sock._attach(Channel("second"))  # a second channel is ignored
+    assert sock.channel is channel and channel.bufferedAmountLowThreshold == MAX_BUFFERED // 2
+    channel.bufferedAmount = MAX_BUFFERED  # full, but not over
+    await sock.send_text("a")
+    channel.bufferedAmount = MAX_BUFFERED + 1
+    write = asyncio.create_task(sock.send_text("b"))
+    await settle()
+    assert not write.done() and channel.sent == ["a"]
+    channel.bufferedAmount = 0
+    channel.handlers["bufferedamountlow"]()
+    await asyncio.wait_for(write, 5)
+    assert channel.sent == ["a", "b"]
+    channel.handlers["close"]()  # the browser closed the channel
+    assert await asyncio.wait_for(sock.receive(), 5) == {"type": "websocket.disconnect", "code": 1006}
+    await pc.close()
+
+
+async def test_a_channel_announced_before_it_opens_is_waited_for():
+    pc = RTCPeerConnection()
+    sock = DataChannelSocket(pc, 5.0)
+    channel = Channel(state="connecting")
+    sock._attach(channel)
+    opening = asyncio.create_task(sock.accept())
+    await settle()
+    assert not opening.done()
+    channel.readyState = "open"
+    channel.handlers["open"]()
+    await asyncio.wait_for(opening, 5)
+    channel.handlers["message"]("hi")
+    channel.handlers["message"](b"\x01")
+    assert [await sock.receive() for _ in range(2)] == [{"type": "websocket.receive", "text": "hi"}, {"type": "websocket.receive", "bytes": b"\x01"}]
     await pc.close()
