@@ -15,7 +15,7 @@ import pytest
 
 from agent.listener import FRAME_MS, PRE_ROLL_FRAMES, VAD_INLINE_FRAMES, Listener
 from agent.turns import Signal, TurnConfig
-from audio.vad import FRAME
+from audio.vad import FRAME, SileroVAD, load_session
 from tests.helpers import LOUD, QUIET, LoudnessVAD
 
 
@@ -117,3 +117,17 @@ async def test_a_turn_past_its_limit_is_capped_and_hands_over_its_audio():
     heard = await hear_frames(lis, fs)
     [capped] = [i for i, h in enumerate(heard) if h.signal is Signal.CAPPED]
     assert capped == 9 and len(heard[capped].audio) == 10 * FRAME and not heard[capped].in_speech  # 320 ms from its first loud frame
+
+
+async def test_a_frame_exactly_at_the_threshold_is_speech():
+    lis = listener(vad_threshold=0.9)  # LoudnessVAD scores a loud frame 0.9
+    await hear_frames(lis, frames((LOUD, 3)), arrival=4.0)
+    assert lis.speech_end == (int(3 * FRAME_MS), 4.0) and lis.endpointer.in_speech
+
+
+async def test_the_listener_scores_with_silero_on_the_session_it_is_given():
+    session = load_session()
+    lis = Listener(session, TurnConfig())
+    assert isinstance(lis.vad, SileroVAD) and lis.vad.session is session
+    heard = await lis.hear(np.zeros(16000, np.float32), 16000, 0.0)  # a second of silence: no speech
+    assert len(heard) == 31 and not any(h.in_speech or h.signal for h in heard) and lis.speech_end is None
