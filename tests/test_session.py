@@ -50,6 +50,8 @@ class ScriptedEngine:
         self.prompts.append(self.tokenizer.decode(prompt))
         self.params.append(params)
         words = (self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]).split(" ")
+        if words == ["!fail"]:
+            raise RuntimeError("the engine failed")
         for i, word in enumerate(words):
             await self.gate.wait()
             await asyncio.sleep(0)
@@ -71,8 +73,10 @@ class ScriptedASR:
         self.texts = list(texts)
         self.gate = threading.Event()
         self.gate.set()
+        self.heard: list[tuple[int, str]] = []  # (samples, thread) of each call
 
     def transcribe(self, audio: np.ndarray) -> str:
+        self.heard.append((len(audio), threading.current_thread().name))
         self.gate.wait(10)
         return self.texts.pop(0) if len(self.texts) > 1 else self.texts[0]
 
@@ -188,6 +192,7 @@ async def test_a_turn_starts_speculatively_at_the_pause_and_is_kept_at_its_end(c
     assert c.engine.prompts[0].endswith(c.engine.tokenizer.decode(c.engine.tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there."}])))  # the pending user turn went with it
     assert c.engine.params[0] == c.agent.config.decode
+    assert [(n, thread.split("_")[0]) for n, thread in c.agent.asr.heard] == [(14 * FRAME, "asr")]
     assert c.session.dialogue.turns == [{"role": "user", "content": "Hello there."}, {"role": "assistant", "content": "Sure, I can help."}]
     assert dict(c.session.stats) == {"turns": 1, "speculations_started": 1, "speculations_kept": 1}
     assert c.engine.requests == [(f"{c.session.conversation}-1-0", c.session.conversation)]
@@ -212,12 +217,14 @@ async def test_without_speculation_the_reply_starts_at_the_end_of_the_turn(call)
     assert {t.split("_")[0] for t in c.agent.tts.threads} == {"tts"}  # inside the TTS's thread budget
     assert of(c.events, ev.Speculation) == [] and of(c.events, ev.TurnMetrics)[0].timeline["speculative"] is False
     assert c.engine.prompts[0].count("Hello there.") == 1  # the user's turn is in the history already, not pending too
+    assert c.session.dialogue.turns[0] == {"role": "user", "content": "Hello there."}
 
 
 async def test_a_greeting_is_turn_0_and_needs_no_user(call):
     c = await call(["unused"], greeting="Hello! How can I help?")
     await c.until(ev.ResponseDone)
     assert of(c.events, ev.ResponseDone)[0] == ev.ResponseDone(0, "Hello! How can I help?")
+    assert of(c.events, ev.AgentText) == [ev.AgentText(0, "Hello! How can I help?")]
     assert c.session.dialogue.turns == [{"role": "assistant", "content": "Hello! How can I help?"}]
     assert c.engine.requests == []  # fixed text: nothing to generate
 
@@ -695,4 +702,26 @@ async def test_idle_time_counts_again_after_a_reply_was_stopped(call):
     c.session.flush()
     held.set()
     await c.say((QUIET, 10))
+    assert of(c.events, ev.HangUp) == [ev.HangUp(1, "idle")]
+
+
+async def test_a_failed_reply_is_an_error_event_and_the_next_turn_is_answered(call):
+    c = await call(["!fail", "Back again."])
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until(ev.ResponseDone)
+    assert of(c.events, ev.Error) == [ev.Error(1, "reply_failed", "the engine failed")]
+    assert of(c.events, ev.ResponseDone) == [ev.ResponseDone(1, "")]
+    c.clock.advance(10)
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until(ev.ResponseDone, 2)
+    assert of(c.events, ev.ResponseDone)[1] == ev.ResponseDone(2, "Back again.")
+
+
+async def test_an_empty_transcript_gets_no_reply_and_idle_time_still_counts(call):
+    c = await call(["unused"], ("",), idle_timeout_s=0.64, speculation=False)
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until(ev.Transcript)
+    await c.until_true(lambda: c.session._reply.done)
+    assert c.engine.requests == [] and of(c.events, ev.ResponseDone) == [] and c.session.dialogue.turns == []
+    await c.say((QUIET, 20))
     assert of(c.events, ev.HangUp) == [ev.HangUp(1, "idle")]
