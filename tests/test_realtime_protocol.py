@@ -162,6 +162,13 @@ def test_session_created_field_by_field():
         agent_sample_rate=22050, live=live))}
 
 
+def test_a_beta_session_is_described_with_its_event_names():
+    conn = connect(beta=True)
+    conn.started()
+    [created] = sent(conn)
+    assert created["session"]["event_names"] == "beta"
+
+
 def test_session_update_applies_what_it_says_and_answers_session_updated():
     conn = connect()
     conn.input, conn.output = AudioFormat("pcm16", 16000), AudioFormat("pcm16", 48000)

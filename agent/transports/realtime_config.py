@@ -126,9 +126,8 @@ def translate(cfg: dict, ctx: Context) -> Update:
         u.beta = names == "beta" if names in ("beta", "current") else _bad("event_names", '"current" or "beta"')
     elif "type" in cfg or cfg.keys() & BETA_KEYS:
         u.beta = "type" not in cfg
-    known = CURRENT_KEYS | BETA_KEYS | PROJECT_KEYS
     # the live settings in any shape; beside Realtime keys, other keys are the API's (ignored), alone they are typos (refused)
-    u.live.update({k: v for k, v in cfg.items() if k not in known and (k in live_settings.SETTINGS or not shaped)})
+    u.live.update({k: v for k, v in cfg.items() if k not in PROJECT_KEYS and (k in live_settings.SETTINGS or not shaped)})
     u.live = live_settings.check(u.live)
     return u
 
