@@ -299,3 +299,13 @@ async def test_a_close_the_client_cannot_receive_still_ends_the_call():
     conn.stop(1001, "bye")
     await task
     ends(h, conn)
+
+
+async def test_a_call_cancelled_from_outside_closes_with_1001_going_away():
+    h = hub()
+    conn = connection(h)
+    task = await started(conn)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert conn.ws.closed == (1001, "going away") and conn.ws.sent[-1]["error"]["code"] == "server_shutdown"

@@ -61,6 +61,8 @@ NO_MIC = "the offer has no microphone: it needs an audio m-line the browser send
 def test_a_browsers_offer_is_accepted_and_named_by_its_ice_ufrag(offer):
     ufrag = next(line.split(":", 1)[1] for line in offer.splitlines() if line.startswith("a=ice-ufrag:"))
     assert check_offer(offer) == ufrag
+    first_without = offer.replace(f"a=ice-ufrag:{ufrag}\r\n", "", 1)  # only the data channel's m-line names it
+    assert first_without != offer and check_offer(first_without) == ufrag
 
 
 @pytest.mark.parametrize("sdp,message", [
@@ -117,6 +119,11 @@ async def test_an_offer_is_answered_once_and_its_call_ends_when_nobody_connects(
     assert signaling.idle and h.active_sessions == 0 and h.connections == set()
 
 
+async def test_two_calls_are_told_apart_by_their_ice_credentials(offer):
+    signaling = Signaling(hub(open_timeout_s=0.2))
+    assert await signaling.answer(offer) and await signaling.answer(await make_offer())  # another browser's call
+
+
 async def test_a_full_server_refuses_offers_with_503(offer):
     h = hub(max_sessions=1)
     h.active_sessions = 1
@@ -154,6 +161,10 @@ async def test_the_reply_track_fills_a_frame_across_chunks_and_reports_each_turn
     assert samples.tolist() == [1] * 300 + [2] * (FRAME - 300)
     assert played == [(1, 300 / RATE)]  # turn 2's chunk is not played out yet
     assert (track.played_s(2), track.played_s(3)) == ((FRAME - 300) / RATE, 0.0)
+    track.clock.advance(0.02)
+    samples = (await track.recv()).to_ndarray().reshape(-1)  # the rest of turn 2's chunk, then silence
+    assert samples.tolist() == [2] * (1000 - FRAME + 300) + [0] * (2 * FRAME - 1300)
+    assert played == [(1, 300 / RATE), (2, 1000 / RATE)]
     track.stop()
 
 
@@ -248,6 +259,16 @@ async def test_the_data_channel_carries_events_both_ways_and_its_end_is_a_discon
         assert await asyncio.wait_for(conn.ws.receive(), 10) == {"type": "websocket.receive", "bytes": b"\x01\x02"}
         await conn.ws.send_text('{"type": "session.created"}')
         assert await asyncio.wait_for(got.get(), 10) == '{"type": "session.created"}'
+        conn.session = session = RealtimeSession()
+        reader = asyncio.create_task(conn._read())  # the data channel and the microphone, together
+        channel.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
+        for _ in range(2000):
+            if session.calls and len(session.audio) >= 3:
+                break
+            await asyncio.sleep(0.005)
+        assert session.calls == [("update", "Be brief.", {})]
+        assert {(len(a), a.dtype.name, rate) for a, rate in session.audio[:3]} == {(FRAME, "int16", RATE)}  # 20 ms, mono, 48 kHz
+        reader.cancel()
         await client.close()  # the browser hangs up
         assert await asyncio.wait_for(conn.ws.receive(), 20) == {"type": "websocket.disconnect", "code": 1006}
         with pytest.raises(RuntimeError, match="^data channel closed$"):
@@ -346,4 +367,49 @@ async def test_a_channel_announced_before_it_opens_is_waited_for():
     channel.handlers["message"]("hi")
     channel.handlers["message"](b"\x01")
     assert [await sock.receive() for _ in range(2)] == [{"type": "websocket.receive", "text": "hi"}, {"type": "websocket.receive", "bytes": b"\x01"}]
+    await pc.close()
+
+
+class Track:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+async def test_the_first_audio_track_is_the_microphone():
+    pc = RTCPeerConnection()
+    conn = WebRTCConnection(pc, hub())
+    conn._on_track(Track("video"))
+    assert conn.mic is None
+    mic = Track("audio")
+    conn._on_track(mic)
+    conn._on_track(Track("audio"))
+    assert conn.mic is mic
+    await pc.close()
+
+
+class PeerConnection:
+    """What DataChannelSocket reads of its peer connection."""
+
+    def __init__(self, state: str) -> None:
+        self.connectionState = state
+
+    def on(self, event: str, handler) -> None:  # noqa: ANN001
+        pass
+
+
+@pytest.mark.parametrize("state,gone", [("failed", True), ("closed", True), ("connected", False), ("disconnected", False)])
+async def test_a_failed_or_closed_peer_connection_ends_the_call(state, gone):
+    sock = DataChannelSocket(PeerConnection(state), 1.0)
+    sock._state_changed()
+    assert sock._inbox.qsize() == gone
+    if gone:
+        assert await sock.receive() == {"type": "websocket.disconnect", "code": 1006}
+        with pytest.raises(ClientGone):
+            await sock.accept()  # no channel ever opened
+
+
+async def test_a_webrtc_call_needs_no_token_message_on_its_channel():
+    pc = RTCPeerConnection()
+    conn = WebRTCConnection(pc, hub(token="s3cret", open_timeout_s=0.01))
+    await conn.open()  # the token came with the offer
     await pc.close()

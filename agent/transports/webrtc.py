@@ -217,7 +217,6 @@ class WebRTCConnection(RealtimeConnection):
 
     def __init__(self, pc: RTCPeerConnection, hub: Hub) -> None:
         super().__init__(DataChannelSocket(pc, hub.settings.open_timeout_s), hub, authed=True)  # the token came with the offer
-        self.pc = pc
         self.input = self.output = AudioFormat("pcm16", RATE)  # what the tracks carry; session.update cannot change them
         self.mic: MediaStreamTrack | None = None
         self.track = ReplyTrack(self._played_up_to)
