@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from agent import events as ev
+from agent.clock import SYSTEM
 from agent.turns import TurnConfig
 from agent.voice_agent import Agent, AgentConfig
 from audio.vad import FRAME
@@ -225,6 +226,7 @@ async def test_a_greeting_is_turn_0_and_needs_no_user(call):
     await c.until(ev.ResponseDone)
     assert of(c.events, ev.ResponseDone)[0] == ev.ResponseDone(0, "Hello! How can I help?")
     assert of(c.events, ev.AgentText) == [ev.AgentText(0, "Hello! How can I help?")]
+    assert (await c.until(ev.TurnMetrics))[0].timeline["turn"] == 0
     assert c.session.dialogue.turns == [{"role": "assistant", "content": "Hello! How can I help?"}]
     assert c.engine.requests == []  # fixed text: nothing to generate
 
@@ -725,3 +727,25 @@ async def test_an_empty_transcript_gets_no_reply_and_idle_time_still_counts(call
     assert c.engine.requests == [] and of(c.events, ev.ResponseDone) == [] and c.session.dialogue.turns == []
     await c.say((QUIET, 20))
     assert of(c.events, ev.HangUp) == [ev.HangUp(1, "idle")]
+
+
+async def test_sessions_are_told_apart_and_counted(call):
+    c1 = await call(["Hi."])
+    c2 = await call(["Hi."])
+    assert isinstance(c1.session.conversation, str) and c1.session.conversation != c2.session.conversation
+    assert c1.session.clock is not SYSTEM  # the tests' own; a session starts on the system clock:
+    agent = c1.agent
+    async with agent.session() as s:
+        assert s.clock is SYSTEM and s.listener.vad.session is agent.vad_session and agent.sessions == 2
+    assert agent.sessions == 1
+
+
+async def test_each_dropped_speculation_is_counted(call):
+    c = await call(["Done."])
+    for _ in range(2):
+        await c.say((LOUD, 4), (QUIET, 3))
+        await c.until_true(lambda: c.session._reply is not None and not c.session._reply.discarded)
+        await c.say((LOUD, 1))  # the speaker goes on
+    await c.say((QUIET, 6))
+    await c.until(ev.ResponseDone)
+    assert c.session.stats["speculations_cancelled"] == 2
