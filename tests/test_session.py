@@ -25,6 +25,7 @@ from audio.vad import FRAME
 from dllm_engine.decoding import Output, Stats, StepInfo
 from tests.helpers import LOUD, QUIET, LoudnessVAD, ManualClock, of, settle
 
+VAD_SESSION = object()  # stands for the onnxruntime session: every session's listener is handed it (tests then swap in LoudnessVAD)
 TURNS = TurnConfig(min_speech_ms=64, pause_ms=96, end_ms=192, question_end_ms=0, unfinished_end_ms=0)  # 2, 3 and 6 frames of 32 ms
 
 
@@ -141,7 +142,7 @@ def call(random_model):
                         **overrides: object) -> Call:
         engine = ScriptedEngine(random_model[1], list(replies), exact_prefix_reuse)
         config = AgentConfig(**{"turns": TURNS, "echo_guard_ms": 0, "barge_in_ms": 96, **overrides})
-        agent = Agent(config, engine, ScriptedASR(*transcripts), WordTTS(), None, turn_model)
+        agent = Agent(config, engine, ScriptedASR(*transcripts), WordTTS(), VAD_SESSION, turn_model)
         session = agent.session()
         session.listener.vad = LoudnessVAD()
         session.clock = clock = ManualClock()
