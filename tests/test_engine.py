@@ -407,3 +407,24 @@ def test_cuda_graphs_are_shared_by_prompts_of_other_lengths(random_model_dir):
         finally:
             engine.close()
     assert replies[1] == replies[0]
+
+
+def test_a_failed_step_fails_its_requests_keeps_no_prefix_and_the_engine_serves_on(random_model):
+    """A forward that raises (out of memory, a bad kernel) ends that step's requests with an error; their cache is not trusted."""
+    model, tok = random_model
+    engine = Engine(model, tok, max_batch=2, max_len=512)
+    step, calls = engine.runner.step, []
+
+    def failing_once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 3:  # after the prompt has settled
+            raise RuntimeError("out of memory")
+        return step(*args, **kwargs)
+
+    engine.runner.step = failing_once
+    with pytest.raises(RequestError, match="^engine step failed: out of memory$"):
+        asyncio.run(collect(engine, chat("hello"), LONG, conversation="c"))
+    assert "c" not in engine._prefixes and engine.active_requests == 0
+    _, out = asyncio.run(engine.generate(chat("again"), DecodeParams(block_size=8, max_new_tokens=8)))
+    assert out.finished
+    engine.close()
