@@ -97,8 +97,9 @@ def test_an_offer_without_a_microphone_or_ice_is_refused(offer, change, message)
 async def test_offers_without_audio_or_a_data_channel_are_refused():
     with pytest.raises(OfferError, match="^" + NO_MIC.replace("(", r"\(").replace(")", r"\)") + "$"):
         check_offer(await make_offer(audio=None))
-    with pytest.raises(OfferError, match=r"^the offer has no data channel: create one \(e.g. 'events'\) before createOffer$"):
+    with pytest.raises(OfferError, match=r"^the offer has no data channel: create one \(e.g. 'events'\) before createOffer$") as refused:
         check_offer(await make_offer(channel=False))
+    assert refused.value.status == 400
 
 
 # ---- signaling -------------------------------------------------------------------------------
