@@ -23,7 +23,7 @@ from agent.turns import TurnConfig
 from agent.voice_agent import Agent, AgentConfig
 from audio.vad import FRAME
 from dllm_engine.decoding import Output, Stats, StepInfo
-from tests.helpers import LOUD, QUIET, LoudnessVAD, ManualClock, of, settle
+from tests.helpers import LOUD, QUIET, LoudnessVAD, ManualClock, eventually, of, settle
 
 VAD_SESSION = object()  # stands for the onnxruntime session: every session's listener is handed it (tests then swap in LoudnessVAD)
 TURNS = TurnConfig(min_speech_ms=64, pause_ms=96, end_ms=192, question_end_ms=0, unfinished_end_ms=0)  # 2, 3 and 6 frames of 32 ms
@@ -118,19 +118,12 @@ class Call:
                 await asyncio.sleep(0)
 
     async def until_true(self, condition) -> None:  # noqa: ANN001
-        for _ in range(5000):
-            if condition():
-                return
-            await asyncio.sleep(0.001)
-        raise AssertionError("the condition never held")
+        await eventually(condition, "the condition never held")
 
     async def until(self, kind: type, count: int = 1) -> list:
         """Wait (the stand-ins run on threads) until `count` events of `kind` have come; a test's bound, not a timing."""
-        for _ in range(5000):
-            if len(of(self.events, kind)) >= count:
-                return of(self.events, kind)
-            await asyncio.sleep(0.001)
-        raise AssertionError(f"no {count} {kind.__name__} in {self.events}")
+        await eventually(lambda: len(of(self.events, kind)) >= count, f"no {count} {kind.__name__} in {self.events}")
+        return of(self.events, kind)
 
 
 @pytest.fixture
@@ -485,7 +478,7 @@ async def test_audio_queued_before_an_interruption_never_leaves_the_session(rand
         for level, n in ((LOUD, 4), (QUIET, 6)):
             for _ in range(n):
                 await s.send_audio(np.full(FRAME, level, np.float32), 16000)
-        await Call(s, [], s.clock, engine, agent).until_true(lambda: any(isinstance(e, ev.AgentAudio) for e in s._queue._queue))
+        await eventually(lambda: any(isinstance(e, ev.AgentAudio) for e in s._queue._queue), "no audio was produced")
         s._interrupt()  # nothing has been read yet
         held.set()
         await s.close()

@@ -32,7 +32,7 @@ from agent.transports.webrtc import (
     audio_frame,
     check_offer,
 )
-from tests.helpers import ManualClock, RealtimeSession, settle
+from tests.helpers import ManualClock, RealtimeSession, eventually, settle
 from tests.helpers import stub_hub as hub
 
 
@@ -263,10 +263,7 @@ async def test_the_data_channel_carries_events_both_ways_and_its_end_is_a_discon
         conn.session = session = RealtimeSession()
         reader = asyncio.create_task(conn._read())  # the data channel and the microphone, together
         channel.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
-        for _ in range(2000):
-            if session.calls and len(session.audio) >= 3:
-                break
-            await asyncio.sleep(0.005)
+        await eventually(lambda: session.calls and len(session.audio) >= 3, "no update or no microphone audio reached the session")
         assert session.calls == [("update", "Be brief.", {})]
         assert {(len(a), a.dtype.name, rate) for a, rate in session.audio[:3]} == {(FRAME, "int16", RATE)}  # 20 ms, mono, 48 kHz
         reader.cancel()
