@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
-# In pipeline order. Times are time.monotonic() seconds on the server.
+from .clock import SYSTEM, Clock
+
+# In pipeline order. Times are the session clock's monotonic seconds on the server.
 STAGES = (
     "speech_end",  # arrival of the audio in which the VAD saw the user stop
     "endpoint",  # end-of-turn decision
@@ -32,12 +33,13 @@ class TurnTimeline:
     speculative: bool = False  # the kept reply was started at a short pause, before the endpoint
     interrupted: bool = False
     turn_model: TurnVerdict | None = None  # None: not asked, or its answer came after the end of turn
+    clock: Clock = dataclasses.field(default=SYSTEM, repr=False, compare=False)  # the session's: a test drives it
 
     def mark(self, stage: str, t: float | None = None) -> None:
         """Record the first time a stage is reached (later calls do not move it)."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
-        self.marks.setdefault(stage, time.monotonic() if t is None else t)
+        self.marks.setdefault(stage, self.clock.monotonic() if t is None else t)
 
     @property
     def server_voice_to_voice_ms(self) -> float | None:

@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import itertools
 import logging
-import time
 from typing import AsyncIterator
 
 import numpy as np
@@ -70,7 +69,7 @@ class Session:
     async def __aenter__(self) -> Session:
         self.agent.sessions += 1
         if self.config.greeting:
-            self._start_reply(0, TurnTimeline(0), confirmed=True, fixed_text=self.config.greeting)
+            self._start_reply(0, TurnTimeline(0, clock=self.clock), confirmed=True, fixed_text=self.config.greeting)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -231,14 +230,14 @@ class Session:
 
     async def _judge(self, audio: np.ndarray, pause: int) -> None:
         """Ask the end-of-turn model about this pause (off the event loop); its verdict moves the end."""
-        t0 = time.perf_counter()
+        t0 = self.clock.monotonic()
         try:
             complete = await asyncio.get_running_loop().run_in_executor(self.agent.turn_pool, self.agent.turn_model, audio)
         except Exception:  # the transcript rule still ends the turn
             log.exception("end-of-turn model failed")
             return
         if pause == self._pause and not self.closed:
-            self._verdict = TurnVerdict(complete, (time.perf_counter() - t0) * 1000)
+            self._verdict = TurnVerdict(complete, (self.clock.monotonic() - t0) * 1000)
             self._move_end()
 
     def _move_end(self) -> None:
@@ -275,7 +274,7 @@ class Session:
     def _start_turn_reply(self, audio: np.ndarray | None, confirmed: bool) -> None:
         if audio is None:
             return
-        timeline = TurnTimeline(self._turn)
+        timeline = TurnTimeline(self._turn, clock=self.clock)
         if self.listener.speech_end:
             timeline.mark("speech_end", self.listener.speech_end[1])
         if confirmed:

@@ -188,11 +188,13 @@ class Engine:
         with self._lock:
             return len(self._requests)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop serving: requests still running end with an error. Waits up to `timeout` seconds for
+        the engine thread, so that a forward that never returns cannot hang the caller too."""
         if not self._closed:
             self._closed = True
             self._commands.put(None)
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=timeout)
 
     # ---- internals --------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -139,18 +140,24 @@ def test_leaving_the_stream_early_cancels(engine):
     asyncio.run(main())
 
 
-def test_a_caller_whose_event_loop_closed_does_not_kill_the_engine(engine):
-    """A client loop that ends mid-request (a closed test, a dropped server loop) only drops its request."""
+@pytest.mark.parametrize("engine", [{"max_batch": 1}], indirect=True, ids=["one_slot"])
+def test_a_request_whose_callers_event_loop_closed_stops_at_its_next_output(engine):
+    """A client loop that ends mid-request (a closed test, a dropped server loop) only drops its request,
+    and frees its slot at the next output instead of decoding its 256 tokens for nobody."""
 
     async def start_and_walk_away():
         agen = engine.stream(chat("hello"), LONG, request_id="orphan")
         await agen.__anext__()  # the request runs; this loop now ends without closing the stream
 
-    loop = asyncio.new_event_loop()
-    loop.run_until_complete(start_and_walk_away())
-    loop.close()
-    text, _, outs = asyncio.run(asyncio.wait_for(collect(engine, chat("hi"), DecodeParams(block_size=8, max_new_tokens=16)), 60))
+    with BatchSizes(engine.model) as rows:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(start_and_walk_away())
+        loop.close()
+        before = len(rows)
+        _, _, outs = asyncio.run(asyncio.wait_for(collect(engine, chat("hi"), DecodeParams(block_size=8, max_new_tokens=16)), WAIT))
     assert outs[-1].finished and engine._thread.is_alive()
+    orphaned = len(rows) - before - outs[-1].stats.forwards  # the orphan's forwards after its loop closed (one slot: none shared)
+    assert orphaned <= 2
 
 
 def test_bad_requests_get_clear_errors_and_engine_keeps_serving(engine):
@@ -272,6 +279,66 @@ def test_an_engine_thread_that_fails_fails_its_requests_and_refuses_more(random_
     assert not engine._thread.is_alive() and engine.active_requests == 0
     with pytest.raises(RequestError, match="the engine stopped"):
         asyncio.run(collect(engine, chat("hi"), params))
+
+
+class HeldForwards:
+    """Holds the model's forwards until `release()`: the engine thread stays inside its step meanwhile."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.entered, self.released = threading.Event(), threading.Event()
+        self._hook = model.register_forward_pre_hook(self._hold)
+
+    def _hold(self, _module: torch.nn.Module, _args: tuple) -> None:
+        self.entered.set()
+        self.released.wait()
+
+    def release(self) -> None:
+        self._hook.remove()
+        self.released.set()
+
+
+def test_by_default_eight_requests_share_a_forward(random_model):
+    model, tok = random_model
+    engine = Engine(model, tok, max_len=256)
+    params = DecodeParams(policy="vanilla", cache="none", block_size=8, max_new_tokens=16, early_stop=False)
+
+    async def main():
+        held = HeldForwards(model)
+        with BatchSizes(model) as rows:
+            first = asyncio.create_task(collect(engine, chat("hi"), params))
+            await asyncio.to_thread(held.entered.wait, WAIT)  # nine more queue while the first one's forward is held
+            rest = [asyncio.create_task(collect(engine, chat(f"hi {i}"), params)) for i in range(9)]
+            await eventually(lambda: engine.active_requests == 10, "the requests were not submitted")
+            held.release()
+            await asyncio.wait_for(asyncio.gather(first, *rest), WAIT)
+        return rows
+
+    try:
+        rows = asyncio.run(main())
+    finally:
+        engine.close()
+    assert max(rows) == 8
+
+
+def test_close_gives_up_waiting_for_a_forward_that_does_not_return(random_model):
+    model, tok = random_model
+    engine = Engine(model, tok, max_batch=1, max_len=512)
+    held = HeldForwards(model)
+
+    async def main():
+        request = asyncio.create_task(collect(engine, chat("hello"), LONG))
+        await asyncio.to_thread(held.entered.wait, WAIT)
+        closer = threading.Thread(target=engine.close, kwargs={"timeout": 0.1})
+        closer.start()
+        await asyncio.to_thread(closer.join, WAIT)
+        assert not closer.is_alive() and engine._thread.is_alive()  # close() returned; the engine thread is still stuck
+        held.release()
+        with pytest.raises(RequestError, match="the engine is closed"):  # and once unstuck, it ends its request
+            await asyncio.wait_for(request, WAIT)
+
+    asyncio.run(main())
+    engine._thread.join(WAIT)
+    assert not engine._thread.is_alive()
 
 
 def test_a_conversation_forgotten_while_it_decodes_keeps_nothing(engine):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import itertools
 import json
 import re
 
@@ -22,7 +23,7 @@ from agent.hub import ServerSettings
 from agent.transports.base import Close
 from agent.transports.realtime import RealtimeConnection
 from agent.transports.realtime_config import AudioFormat, Effective, describe
-from tests.helpers import RealtimeSession, ScriptedSocket
+from tests.helpers import WAIT, ManualClock, RealtimeSession, ScriptedSocket
 
 PCM = (np.arange(2400, dtype=np.int16) % 200 - 100).tobytes()  # 0.1 s of 24 kHz pcm16
 
@@ -109,6 +110,27 @@ def test_appended_audio_reaches_the_session_in_quarter_second_slices():
     assert handle(conn, {"type": "input_audio_buffer.append", "audio": base64.b64encode(PCM * 4).decode()}) == []
     assert [(len(s), rate) for s, rate in conn.session.audio] == [(6000, 24000), (3600, 24000)]
     np.testing.assert_array_equal(np.concatenate([s for s, _ in conn.session.audio])[:2400], np.frombuffer(PCM, np.int16))
+
+
+def test_a_long_append_is_taken_at_once_letting_the_loop_run_between_slices():
+    conn = connect()
+    conn.clock = ManualClock()  # never advanced: taking the audio must not wait for time to pass
+
+    async def run() -> None:
+        async def other_session() -> None:
+            while True:
+                conn.session.audio.append("other")
+                await asyncio.sleep(0)
+
+        other = asyncio.create_task(other_session())
+        await asyncio.sleep(0)
+        await asyncio.wait_for(conn.on_bytes(PCM * 20), WAIT)  # 2 s of audio in one message
+        other.cancel()
+
+    asyncio.run(run())
+    order = ["other" if a == "other" else "slice" for a in conn.session.audio]
+    slices = [i for i, a in enumerate(order) if a == "slice"]
+    assert len(slices) == 8 and all("other" in order[i:j] for i, j in itertools.pairwise(slices))
 
 
 def test_binary_frames_are_audio_too():

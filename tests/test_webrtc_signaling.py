@@ -12,6 +12,7 @@ import asyncio
 import fractions
 import json
 import re
+import socket
 
 import numpy as np
 import pytest
@@ -118,6 +119,20 @@ async def test_an_offer_is_answered_once_and_its_call_ends_when_nobody_connects(
             break
         await asyncio.sleep(0.05)
     assert signaling.idle and h.active_sessions == 0 and h.connections == set()
+
+
+async def test_answering_an_offer_looks_up_no_stun_server(offer, monkeypatch):
+    """Offline, where an agent is often deployed, looking up aiortc's default STUN server stalls
+    gathering for the resolver's timeout: the answer offers host candidates only."""
+    looked_up: list[str] = []
+
+    def gethostbyname(host: str) -> str:
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "offline")
+
+    monkeypatch.setattr(socket, "gethostbyname", gethostbyname)
+    answer = await Signaling(hub(open_timeout_s=0.2)).answer(offer)
+    assert "a=candidate:" in answer and looked_up == []
 
 
 async def test_two_calls_are_told_apart_by_their_ice_credentials(offer):
