@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -339,6 +342,22 @@ def test_close_gives_up_waiting_for_a_forward_that_does_not_return(random_model)
     asyncio.run(main())
     engine._thread.join(WAIT)
     assert not engine._thread.is_alive()
+
+
+def test_an_idle_engine_waits_for_work_instead_of_spinning(engine):
+    turns = []
+    take_cancelled = engine._scheduler.take_cancelled
+    engine._scheduler.take_cancelled = lambda: turns.append(1) or take_cancelled()  # once per turn of the engine's loop
+    asyncio.run(collect(engine, chat("hi"), DecodeParams(block_size=8, max_new_tokens=8)))
+    done = len(turns)
+    time.sleep(0.05)  # a spinning loop turns thousands of times meanwhile; a waiting one not once
+    assert len(turns) == done
+
+
+def test_an_engine_left_open_does_not_keep_its_program_from_exiting(random_model_dir):
+    program = f"from dllm_engine.engine import Engine; Engine.from_pretrained({str(random_model_dir)!r}); print('exiting')"
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=WAIT)
+    assert done.returncode == 0 and done.stdout == "exiting\n", done.stderr
 
 
 def test_a_conversation_forgotten_while_it_decodes_keeps_nothing(engine):

@@ -14,9 +14,10 @@ import json
 import re
 import socket
 
+import av
 import numpy as np
 import pytest
-from aiortc import AudioStreamTrack, RTCConfiguration, RTCPeerConnection
+from aiortc import AudioStreamTrack, RTCConfiguration, RTCPeerConnection, RTCRtpSender
 
 from agent import events as ev
 from agent.transports.base import ClientGone
@@ -32,6 +33,7 @@ from agent.transports.webrtc import (
     WebRTCConnection,
     audio_frame,
     check_offer,
+    mono_frames,
 )
 from tests.helpers import ManualClock, RealtimeSession, eventually, settle
 from tests.helpers import stub_hub as hub
@@ -161,6 +163,20 @@ async def test_an_offer_aiortc_cannot_take_is_refused_and_leaves_nothing(offer):
 # ---- the reply track -------------------------------------------------------------------------
 
 
+def test_incoming_frames_of_any_layout_format_and_rate_become_int16_mono_at_the_rate_asked():
+    convert = mono_frames(RATE)
+    t = np.arange(10 * 320) / 16000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    out = []
+    for chunk in tone.reshape(10, 320):  # 20 ms frames of 16 kHz stereo float, as a decoder might give
+        frame = av.AudioFrame.from_ndarray(np.stack([chunk, chunk]), format="fltp", layout="stereo")
+        frame.sample_rate = 16000
+        out += convert(frame)
+    samples = np.concatenate(out)
+    assert {(a.ndim, a.dtype.name) for a in out} == {(1, "int16")} and 9 * FRAME < len(samples) <= 10 * FRAME
+    assert 0.45 < np.abs(samples).max() / 32768 < 0.55  # the tone's level, scaled to int16
+
+
 def test_an_outgoing_frame_is_48khz_mono_s16_stamped_with_its_time():
     f = audio_frame(np.arange(FRAME, dtype=np.int16), 2 * FRAME)
     assert (f.format.name, f.layout.name, f.sample_rate, f.samples) == ("s16", "mono", RATE, FRAME)
@@ -253,12 +269,14 @@ async def test_a_closed_peer_connection_is_a_disconnect_on_the_data_channel():
     assert await asyncio.wait_for(conn.ws.receive(), 5) == {"type": "websocket.disconnect", "code": 1006}
 
 
-async def test_the_data_channel_carries_events_both_ways_and_its_end_is_a_disconnect():
+@pytest.mark.parametrize("codec", ["opus", "PCMU"])  # 48 kHz stereo, 8 kHz mono
+async def test_the_data_channel_carries_events_both_ways_and_its_end_is_a_disconnect(codec):
     """A browser (an aiortc peer here) on loopback: its mic is the call's input, its data channel the socket."""
     server = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     conn = WebRTCConnection(server, hub())
     client = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    client.addTransceiver(AudioStreamTrack(), direction="sendrecv")
+    mic = client.addTransceiver(AudioStreamTrack(), direction="sendrecv")
+    mic.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == f"audio/{codec.lower()}"])
     channel = client.createDataChannel("events")
     await client.setLocalDescription(await client.createOffer())
     await server.setRemoteDescription(client.localDescription)
@@ -278,9 +296,10 @@ async def test_the_data_channel_carries_events_both_ways_and_its_end_is_a_discon
         conn.session = session = RealtimeSession()
         reader = asyncio.create_task(conn._read())  # the data channel and the microphone, together
         channel.send(json.dumps({"type": "session.update", "session": {"instructions": "Be brief."}}))
-        await eventually(lambda: session.calls and len(session.audio) >= 3, "no update or no microphone audio reached the session")
+        await eventually(lambda: session.calls and len(session.audio) >= 10, "no update or no microphone audio reached the session")
         assert session.calls == [("update", "Be brief.", {})]
-        assert {(len(a), a.dtype.name, rate) for a, rate in session.audio[:3]} == {(FRAME, "int16", RATE)}  # 20 ms, mono, 48 kHz
+        heard = session.audio[:10]  # the microphone's 20 ms frames, as 48 kHz mono int16 (a resampler's delay aside)
+        assert {(a.ndim, a.dtype.name, rate) for a, rate in heard} == {(1, "int16", RATE)} and 9 * FRAME < sum(len(a) for a, _ in heard) <= 10 * FRAME
         reader.cancel()
         await client.close()  # the browser hangs up
         assert await asyncio.wait_for(conn.ws.receive(), 20) == {"type": "websocket.disconnect", "code": 1006}
