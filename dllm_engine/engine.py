@@ -99,8 +99,7 @@ class Engine:
         self._prefixes = PrefixCache(max_conversations)  # both under _lock
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="dllm-engine", daemon=True)
-        self._closed = False
-        self._stopped: str | None = None  # why the engine thread ended, under _lock
+        self._stopped: str | None = None  # why it stopped serving (closed, or its thread failed); set once, under _lock
         self._thread.start()
 
     @classmethod
@@ -191,10 +190,12 @@ class Engine:
     def close(self, timeout: float = 10.0) -> None:
         """Stop serving: requests still running end with an error. Waits up to `timeout` seconds for
         the engine thread, so that a forward that never returns cannot hang the caller too."""
-        if not self._closed:
-            self._closed = True
-            self._commands.put(None)
-            self._thread.join(timeout=timeout)
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = "the engine is closed"
+        self._commands.put(None)
+        self._thread.join(timeout=timeout)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -229,8 +230,8 @@ class Engine:
         seq = Sequence.for_model(request_id, ids, params, self.tokenizer, self.device, cfg)
         req = _Request(seq, asyncio.get_running_loop(), step_events, conversation)
         with self._lock:
-            if self._closed or self._stopped:
-                raise RequestError(self._stopped or "the engine is closed")
+            if self._stopped:
+                raise RequestError(self._stopped)
             if request_id in self._requests:
                 raise RequestError(f"request id {request_id!r} is already running")
             self._requests[request_id] = req
@@ -246,7 +247,7 @@ class Engine:
             log.exception("the engine thread failed")
             reason = f"the engine stopped ({type(e).__name__}: {e})"
         with self._lock:
-            self._stopped = reason
+            self._stopped = self._stopped or reason
             pending = list(self._requests.values())
             self._requests.clear()
         for req in pending:
@@ -254,7 +255,7 @@ class Engine:
 
     def _serve(self) -> None:
         sched = self._scheduler
-        while not self._closed:
+        while not self._stopped:
             try:
                 cmd = self._commands.get(block=sched.idle)
                 while True:
