@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import queue
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -344,14 +344,28 @@ def test_close_gives_up_waiting_for_a_forward_that_does_not_return(random_model)
     assert not engine._thread.is_alive()
 
 
-def test_an_idle_engine_waits_for_work_instead_of_spinning(engine):
-    turns = []
-    take_cancelled = engine._scheduler.take_cancelled
-    engine._scheduler.take_cancelled = lambda: turns.append(1) or take_cancelled()  # once per turn of the engine's loop
-    asyncio.run(collect(engine, chat("hi"), DecodeParams(block_size=8, max_new_tokens=8)))
-    done = len(turns)
-    time.sleep(0.05)  # a spinning loop turns thousands of times meanwhile; a waiting one not once
-    assert len(turns) == done
+class WatchedQueue(queue.Queue):
+    """The engine's command queue, noting whether its reader is blocked waiting for a command."""
+
+    waiting = False
+
+    def get(self, block: bool = True, timeout: float | None = None) -> object:
+        self.waiting = block
+        try:
+            return super().get(block, timeout)
+        finally:
+            self.waiting = False
+
+
+def test_an_idle_engine_waits_for_work_instead_of_spinning(random_model, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(queue, "Queue", WatchedQueue)
+        engine = Engine(*random_model, max_batch=1, max_len=256)
+    try:
+        asyncio.run(collect(engine, chat("hi"), DecodeParams(block_size=8, max_new_tokens=8)))
+        asyncio.run(eventually(lambda: engine._commands.waiting, "the idle engine never blocked on its queue: it spins"))
+    finally:
+        engine.close()
 
 
 def test_an_engine_left_open_does_not_keep_its_program_from_exiting(random_model_dir):
