@@ -305,8 +305,9 @@ def test_by_default_eight_requests_share_a_forward(random_model):
     engine = Engine(model, tok, max_len=256)
     params = DecodeParams(policy="vanilla", cache="none", block_size=8, max_new_tokens=16, early_stop=False)
 
+    held = HeldForwards(model)
+
     async def main():
-        held = HeldForwards(model)
         with BatchSizes(model) as rows:
             first = asyncio.create_task(collect(engine, chat("hi"), params))
             await asyncio.to_thread(held.entered.wait, WAIT)  # nine more queue while the first one's forward is held
@@ -319,6 +320,7 @@ def test_by_default_eight_requests_share_a_forward(random_model):
     try:
         rows = asyncio.run(main())
     finally:
+        held.release()
         engine.close()
     assert max(rows) == 8
 
@@ -339,7 +341,10 @@ def test_close_gives_up_waiting_for_a_forward_that_does_not_return(random_model)
         with pytest.raises(RequestError, match="the engine is closed"):  # and once unstuck, it ends its request
             await asyncio.wait_for(request, WAIT)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        held.release()
     engine._thread.join(WAIT)
     assert not engine._thread.is_alive()
 
