@@ -32,6 +32,8 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+CLOSED = "the engine is closed"  # why a closed engine refuses and ends requests
+
 # A prompt is raw text, token ids, or chat messages rendered with the model's chat template.
 Prompt = Union[str, list[int], list[dict[str, str]]]
 
@@ -193,7 +195,7 @@ class Engine:
         with self._lock:
             if self._stopped:
                 return
-            self._stopped = "the engine is closed"
+            self._stopped = CLOSED
         self._commands.put(None)
         self._thread.join(timeout=timeout)
 
@@ -242,7 +244,7 @@ class Engine:
         """The engine thread. However it ends, no request is left waiting for an output."""
         try:
             self._serve()
-            reason = "the engine is closed"
+            reason = CLOSED
         except BaseException as e:  # a bug outside a step: every caller gets it, none hangs
             log.exception("the engine thread failed")
             reason = f"the engine stopped ({type(e).__name__}: {e})"

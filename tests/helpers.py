@@ -426,7 +426,7 @@ def spoken_reply(clock: ManualClock, sentences: list[str], seconds: list[float],
     from agent.metrics import TurnTimeline
     from agent.reply import Reply
 
-    reply = Reply(1, TurnTimeline(1), ReplyHost(clock), confirmed=True, user_text="hi", sample_rate=rate, done=done)
+    reply = Reply(1, TurnTimeline(1, clock=clock), ReplyHost(clock), confirmed=True, user_text="hi", sample_rate=rate, done=done)
     audio = [ev.AgentAudio(1, np.full(round(s * rate), 0.1, np.float32), rate, text, i) for i, (text, s) in enumerate(zip(sentences, seconds), 1)]
     for a in audio:
         reply.audio_samples += len(a.samples)

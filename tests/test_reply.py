@@ -95,7 +95,8 @@ def test_what_goes_into_the_history(turn, user_text, confirmed, recorded):
     from agent.reply import Reply
     from tests.helpers import ReplyHost
 
-    reply = Reply(turn, TurnTimeline(turn), ReplyHost(ManualClock()), confirmed=confirmed, user_text=user_text, sample_rate=48000)
+    clock = ManualClock()
+    reply = Reply(turn, TurnTimeline(turn, clock=clock), ReplyHost(clock), confirmed=confirmed, user_text=user_text, sample_rate=48000)
     reply.record()
     reply.record()  # at most once
     assert reply.host.dialogue.turns == ([{"role": "assistant", "content": ""}] if recorded else [])
