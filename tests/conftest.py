@@ -75,11 +75,13 @@ def eot_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_chat(tmp_path_factory) -> Path:
-    """A tiny chat model trained in seconds on tests.helpers.PAIRS; returns its out_dir (model/ inside)."""
+    """A tiny chat model trained in seconds on tests.helpers.PAIRS, each also capitalized as a
+    recognizer writes it and once more after a history, as a call sends it (else a spoken turn is a
+    prompt it never saw, and its reply may be empty); returns its out_dir (model/ inside)."""
     from tests.helpers import PAIRS, tiny_model
 
     out = tmp_path_factory.mktemp("tiny-chat")
-    tiny_model(out, PAIRS)
+    tiny_model(out, PAIRS + [(q[0].upper() + q[1:], a) for q, a in PAIRS], history_copies=1)
     return out
 
 

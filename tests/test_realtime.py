@@ -56,7 +56,10 @@ def hold_speech(srv, monkeypatch):
 
         def held(text, config=None):  # noqa: ANN001, ANN202
             chunks = synthesize(text, config)
-            yield next(chunks)
+            first = next(chunks, None)
+            if first is None:  # nothing to say ("..")
+                return
+            yield first
             release.wait(WAIT)
             yield from chunks
 
