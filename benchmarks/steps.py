@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from dllm_engine.config import ConfigError, LLaDAConfig
 from dllm_engine.decoding import attention_blocks, block_causal_keys, predict
-from dllm_engine.loading import DTYPES, load_model, resolve_dtype
+from dllm_engine.loading import DTYPES, device_of, load_model, resolve_dtype
 from dllm_engine.model import DiffusionLM, KVCache
 from dllm_engine.options import default_model_path
 
@@ -151,7 +151,7 @@ class StepTimer:
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
+    device = device_of(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.shape:
@@ -218,16 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("sizes must be >= 1 and --canvas a multiple of --block-size")
     if args.threads < 0:
         p.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        p.error(f"--device {args.device}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: torch sees no CUDA device here")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
-    except ConfigError as e:  # a missing or broken model directory
+    except ConfigError as e:  # a device torch does not have, a missing or broken model directory
         p.error(str(e))
 
 

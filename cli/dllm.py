@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -109,13 +110,16 @@ def cmd_distill(args: argparse.Namespace) -> None:
         raise ConfigError("--temperature samples the teacher; a student (--student) answers with its own greedy vanilla replies")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.student and (args.system or args.block_size or args.any_words):
-        raise ConfigError("--system, --block-size and --any-words are a student's (--student MODEL)")
-    print(distill.distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split, args.student, args.system, args.block_size, args.any_words))
+    if not args.student and (args.system or args.block_size or args.any_words or args.device):
+        raise ConfigError("--system, --block-size, --any-words and --device are a student's (--student MODEL)")
+    print(distill.distill(args.data, args.limit, args.batch_size, args.seed, args.temperature, args.split, args.student, args.system, args.block_size, args.any_words,
+                          args.device or "cpu"))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = TrainConfig.load(args.config)
+    if args.device:
+        cfg = dataclasses.replace(cfg, device=args.device)
     train(cfg, resume=args.resume, minutes=args.minutes, steps=args.steps, progress=args.progress, log=lambda m: print(m, flush=True))
 
 
@@ -180,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--system", help="the student's system prompt, also written into each example (default: none)")
     d.add_argument("--block-size", type=positive_int, help="the student's decoding block; 1 on a converted AR checkpoint is its greedy AR decoding (default: the voice agent's)")
     d.add_argument("--any-words", action="store_true", help="no known-word rule: for a student with a vocabulary of its own (a converted AR checkpoint)")
+    d.add_argument("--device", help="where the student runs: cpu, cuda, cuda:1 ... (default: cpu)")
     d.add_argument("--limit", type=int, help="answer only the first N prompts (seeded shuffle, questions first; default: all)")
     d.add_argument("--batch-size", type=int, default=96, help="prompts sampled together (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed (default: %(default)s)")
@@ -198,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt if it exists")
     t.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this many minutes; overrides max_minutes")
     t.add_argument("--steps", type=int, help="stop (with a checkpoint) after this many more steps")
+    t.add_argument("--device", help="where to train: cpu, cuda, cuda:1 ... (default: the config's `device`); a run may resume on another")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: when stderr is a terminal; else log lines)")
     t.set_defaults(func=cmd_train)
 

@@ -41,6 +41,18 @@ def on_own_thread(fn: Callable[..., T], *args, **kwargs) -> T:
         return pool.submit(fn, *args, **kwargs).result()
 
 
+def device_of(name: str | torch.device) -> torch.device:
+    """The torch device a --device / `device =` value names; a ConfigError where torch cannot
+    parse it or it is CUDA on a machine without (torch's own error would come later, deep in a load)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device {str(name)!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(name)!r}: CUDA is not available on this machine")
+    return device
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """`auto` is bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32."""
     if isinstance(dtype, torch.dtype):
@@ -107,7 +119,7 @@ def load_model(
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"model directory {directory} does not exist")
-    device = torch.device(device)
+    device = device_of(device)
     dtype = resolve_dtype(dtype, device)
     raw = {**read_json(directory / "config.json"), **(config_overrides or {})}
     cfg = LLaDAConfig.from_dict(raw)

@@ -193,8 +193,8 @@ def test_missing_or_malformed_training_data_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}], "reply": "yo"}\n')
     with pytest.raises(SystemExit, match=r"utterances.txt: not found \(run `dllm prepare-data` first\)"):
         main(["distill", "--data", str(tmp_path)])
-    for flag in (["--system", "be brief."], ["--block-size", "1"], ["--any-words"]):  # a student's, not the teacher's
-        with pytest.raises(SystemExit, match=r"--system, --block-size and --any-words are a student's"):
+    for flag in (["--system", "be brief."], ["--block-size", "1"], ["--any-words"], ["--device", "cpu"]):  # a student's, not the teacher's
+        with pytest.raises(SystemExit, match=r"--system, --block-size, --any-words and --device are a student's"):
             main(["distill", "--data", str(tmp_path), *flag])
     with pytest.raises(SystemExit):
         main(["distill", "--data", str(tmp_path), "--student", str(tmp_path), "--block-size", "0"])

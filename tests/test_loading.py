@@ -232,6 +232,19 @@ def test_the_cli_reports_a_missing_model_as_an_error_not_a_traceback(tmp_path):
         main(["generate", "--model", str(tmp_path / "nowhere"), "hi"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device, reason", [("gpu", "Expected one of"), ("cuda", "CUDA is not available on this machine")])
+def test_a_device_torch_cannot_use_is_named_before_anything_loads(model_dir, tmp_path, device, reason):
+    with pytest.raises(ConfigError, match=rf"^device '{device}': .*{reason}"):
+        load_model(model_dir, device=device)
+    from cli.dllm import main  # every host of the engine says so, `dllm distill --student` too
+
+    (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi?"}], "reply": "yo"}\n')
+    (tmp_path / "utterances.txt").write_text("hi yo\n")
+    with pytest.raises(SystemExit, match=rf"^error: device '{device}': .*{reason}"):
+        main(["distill", "--data", str(tmp_path), "--student", str(model_dir), "--device", device])
+
+
 def test_missing_config(model_dir):
     (model_dir / "config.json").unlink()
     with pytest.raises(ConfigError, match=r"config\.json not found"):

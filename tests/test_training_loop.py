@@ -75,6 +75,13 @@ def test_a_gpu_config_parses_anywhere_but_trains_only_where_cuda_is(tmp_path):
     with pytest.raises(ConfigError, match="CUDA is not available"):
         train(cfg)
     assert not (tmp_path / "o").exists()  # refused before anything is written
+    from cli.dllm import main
+
+    config = tmp_path / "cpu.toml"
+    config.write_text(f'data_dir = "{tmp_path / "d"}"\nout_dir = "{tmp_path / "o"}"\ndevice = "cpu"\n')
+    with pytest.raises(SystemExit, match="^error: device 'cuda': CUDA is not available"):  # --device overrides the config's
+        main(["train", "--config", str(config), "--device", "cuda"])
+    assert not (tmp_path / "o").exists()
 
 
 def test_resume_continues_exactly_from_the_saved_step(tiny_chat, tmp_path):

@@ -279,11 +279,11 @@ class StudentReplies:
     decoding: the self-distillation replies of a model still to be taught larger blocks. A
     block-causal model's caches are exact, so it decodes with them; a bidirectional one without."""
 
-    def __init__(self, model_dir: Path, batch_size: int, head: list[dict[str, str]] | None = None, block_size: int | None = None):
+    def __init__(self, model_dir: Path, batch_size: int, head: list[dict[str, str]] | None = None, block_size: int | None = None, device: str = "cpu"):
         from dllm_engine.decoding import SPOKEN
         from dllm_engine.engine import Engine
 
-        self.engine = Engine.from_pretrained(model_dir, max_batch=batch_size)
+        self.engine = Engine.from_pretrained(model_dir, device=device, max_batch=batch_size)
         cache = "dual" if self.engine.model.config.block_causal else "none"
         self.params = dataclasses.replace(SPOKEN, policy="vanilla", cache=cache, block_size=block_size or SPOKEN.block_size).resolved(self.engine.max_new_tokens)
         self.head = head or []  # the turns before each prompt (a system turn)
@@ -315,10 +315,11 @@ def distill(
     system: str | None = None,
     block_size: int | None = None,
     any_words: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """Answer the split's prompts (module docstring). With a `student`: `system` is its system
     prompt (written into each example's messages, so training sees it too), `block_size` its
-    decoding block, `any_words` drops the known-word rule."""
+    decoding block, `any_words` drops the known-word rule, `device` where it runs."""
     prompts = question_first(split_prompts(data_dir, split), seed)
     source, stem = (SOURCE, "distilled") if student is None else ("self", "self")
     human = read_utterances(data_dir / "utterances.txt")
@@ -344,7 +345,7 @@ def distill(
         gen = torch.Generator().manual_seed(seed + len(done))
         answer, close = (lambda batch: teacher.reply(batch, gen)), (lambda: None)
     else:
-        answer = StudentReplies(student, batch_size, head, block_size)
+        answer = StudentReplies(student, batch_size, head, block_size, device)
         close = answer.close
     kept = 0
     try:

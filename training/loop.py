@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from dllm_engine.config import ConfigError, LLaDAConfig, read_json
 from dllm_engine.convert import TOKENIZER_FILES
-from dllm_engine.loading import load_model, save_model
+from dllm_engine.loading import device_of, load_model, save_model
 from dllm_engine.model import DiffusionLM
 from dllm_engine.tokenizer import Tokenizer
 
@@ -166,8 +166,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     `minutes` / `steps` end this invocation early (with a checkpoint); the schedule still runs to
     cfg.max_steps over later `resume=True` calls.
     """
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine")
+    device = device_of(cfg.device)
     out, data_dir = Path(cfg.out_dir), Path(cfg.data_dir)
     source = cfg.model_source()
     tok_dir = source or data_dir / "tokenizer"
@@ -196,7 +195,6 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
         raise DataError(f"{data_dir}/{', '.join(cfg.train_files)}: no example fits reply_len={cfg.reply_len} / max_prompt_tokens={cfg.max_prompt_tokens}")
     stride = max(1, len(eval_all) // cfg.eval_examples) if cfg.eval_examples else 1
     eval_rows = sorted(eval_all[::stride][: cfg.eval_examples or None], key=len)
-    device = torch.device(cfg.device)
     eval_batches = list(iter_batches(eval_rows, 32, sp.pad, device))
     stream = Batches(train_rows, cfg.batch_tokens, cfg.max_batch_size, cfg.bucket_step, cfg.seed)
     pre_stream = None
