@@ -4,7 +4,8 @@
   the prompt gain: how much lower the fully masked reply loss is with its own prompt than with
   another row's (0: the model ignores the prompt);
 - replies to the 40 everyday prompts of `data.QUALITY_PROMPTS` with the default decoding
-  (threshold 0.9, dual cache), written out for reading: how many end (EOS / end of turn) within
+  (the voice agent's, threshold 0.9, dual cache, blocks of 4, unless the decoding flags say
+  otherwise), written out for reading: how many end (EOS / end of turn) within
   48 tokens, how many repeat a word (or a phrase of up to 4 words) three times in a row,
   distinct-2, how many are the commonest reply, how many hold a word the human text has fewer than
   10 times (a non-word blended from rare words' pieces, which a voice would read out);
@@ -39,7 +40,7 @@ from dllm_engine.config import ConfigError
 from dllm_engine.decoding import SPOKEN, DecodeParams
 from dllm_engine.engine import Engine
 from dllm_engine.loading import load_model
-from dllm_engine.options import default_model_path
+from dllm_engine.options import add_decode_args, add_model_args, decode_params, default_model_path, engine_from_args, setup_torch
 from training.batches import encode_chat, iter_batches, read_jsonl, read_utterances
 from training.data import QUALITY_PROMPTS, answers_right, load_questions, prepare, repeats_a_word, words
 from training.distill import MIN_WORD_COUNT
@@ -99,18 +100,20 @@ def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_to
     return {k: round(v, 4) for k, v in res.items()}
 
 
-def questions(engine: Engine, ar_dir: Path | None, params: DecodeParams, dtype: str, system: str | None) -> dict:
+def questions(engine: Engine, ar_dir: Path | None, params: DecodeParams, system: str | None) -> dict:
     """The question set (`training.data.load_questions`): how many replies hold an accepted answer,
     from the model (`engine`) at `params` and, with `ar_dir`, from the autoregressive model it was
     adapted from, decoded one token per forward (block size 1: its greedy decoding, token for
-    token, as tests/test_convert.py checks against transformers) with the same prompt ids and reply cap."""
+    token, as tests/test_convert.py checks against transformers) with the same prompt ids and reply
+    cap, on the same device in the same dtype."""
     qs = load_questions()
     prompts = [q.text for q in qs]
     right = lambda rs: sum(answers_right(r["reply"], q) for r, q in zip(rs, qs))  # noqa: E731
     replies = asyncio.run(_replies(engine, prompts, params, "questions (model)", system))
     out: dict = {"questions": len(qs), "right_model": right(replies), "replies_model": replies}
     if ar_dir is not None:
-        ar = Engine.from_pretrained(ar_dir, dtype=dtype, max_batch=1)
+        weights = next(engine.model.parameters())
+        ar = Engine.from_pretrained(ar_dir, device=str(weights.device), dtype=weights.dtype, max_batch=1)
         try:
             replies = asyncio.run(_replies(ar, prompts, dataclasses.replace(params, policy="vanilla", block_size=1), "questions (AR)", system))
         finally:
@@ -122,8 +125,9 @@ def questions(engine: Engine, ar_dir: Path | None, params: DecodeParams, dtype: 
 def run(args: argparse.Namespace) -> dict:
     model_dir = args.model or default_model_path()
     report: dict = {"model": str(model_dir), "machine": machine()}
-    engine = Engine.from_pretrained(model_dir, dtype=args.dtype, max_batch=1)
-    default = dataclasses.replace(SPOKEN, max_new_tokens=args.max_new_tokens, block_size=args.block_size).resolved(engine.max_new_tokens)
+    setup_torch(args)
+    engine = engine_from_args(args)
+    default = decode_params(args).resolved(engine.max_new_tokens)
     vanilla = dataclasses.replace(default, policy="vanilla", cache="none")
     reference = dataclasses.replace(vanilla, early_stop=False)
     try:
@@ -134,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
         ref = asyncio.run(_replies(engine, QUALITY_PROMPTS, reference, "vanilla reference", args.system))
         by_cache = {c: asyncio.run(_replies(engine, QUALITY_PROMPTS, dataclasses.replace(default, cache=c), f"threshold+{c}", args.system)) for c in ("none", "prefix")}
         report["dialogues"] = [asyncio.run(_dialogue(engine, d, default)) for d in DIALOGUES]
-        report["questions"] = questions(engine, args.ar_model, default, args.dtype, args.system)
+        report["questions"] = questions(engine, args.ar_model, default, args.system)
     finally:
         engine.close()
     replies = [r["reply"] for r in fast]
@@ -188,10 +192,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
-    p.add_argument("--dtype", default="auto", help="dtype for decoding (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, help=f"reply cap (default: the model's, from its generation_config.json, else {SPOKEN.fallback_max_new_tokens})")
-    p.add_argument("--block-size", type=int, default=SPOKEN.block_size, help="decoding block (default: %(default)s, as the voice agent)")
+    add_model_args(p)
+    add_decode_args(p, SPOKEN.fallback_max_new_tokens, SPOKEN.block_size)  # the voice agent's decoding, by default
     p.add_argument("--ar-model", type=Path, help="the AR model the dLLM was adapted from (a `dllm convert` directory): its question-set accuracy, one token per forward, beside the model's")
     p.add_argument("--system", help="system prompt for every prompt (default: none; the model's chat template may have a default)")
     p.add_argument("--data", type=Path, help="output dir of `dllm prepare-data` (default: rebuilt in a temp dir)")

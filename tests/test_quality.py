@@ -25,6 +25,23 @@ def test_quality_report_refuses_a_missing_model_directory(tmp_path, capsys):
     assert "missing does not exist" in capsys.readouterr().err
 
 
+def test_the_report_decodes_as_its_flags_say(tiny_chat, tmp_path):
+    """Any decoding can be scored (a threshold to choose for a model), on any device the engine takes."""
+    import json
+
+    from benchmarks.quality import main
+
+    main(["--model", str(tiny_chat / "model"), "--data", str(tiny_chat / "data"), "--no-loss", "--threshold", "0.5", "--block-size", "8",
+          "--max-new-tokens", "16", "--json", str(tmp_path / "q.json")])
+    report = json.loads((tmp_path / "q.json").read_text())
+    default = report["decoding"]["default"]
+    assert (default["policy"], default["threshold"], default["block_size"], default["max_new_tokens"]) == ("threshold", 0.5, 8, 16)
+    assert report["decoding"]["vanilla"]["policy"] == "vanilla" and report["decoding"]["vanilla"]["threshold"] == 0.5
+    assert all(r["tokens"] <= 16 for r in report["replies"])
+    with pytest.raises(SystemExit, match="threshold must be in"):
+        main(["--model", str(tiny_chat / "model"), "--threshold", "0"])
+
+
 def test_quality_report_refuses_a_missing_eval_file_before_decoding(tmp_path, capsys):
     from benchmarks.quality import main
 

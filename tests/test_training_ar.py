@@ -258,7 +258,7 @@ def test_the_question_set_is_scored_for_the_model_and_the_ar_model_on_the_same_p
     engine = Engine(model, tok, max_batch=1, max_len=256)
     params = DecodeParams(policy="vanilla", block_size=1, max_new_tokens=4)
     try:
-        out = questions(engine, converted, params, "float32", "answer briefly.")
+        out = questions(engine, converted, params, "answer briefly.")
     finally:
         engine.close()
     qs = load_questions()
