@@ -149,8 +149,10 @@ CONFIGS = [
 ]
 SWEPT = CONFIGS[-2]  # --thresholds: dual + threshold at other values of tau
 # An AR checkpoint converted (`causal_prompt`): the same weights decoded one token per forward with a
-# KV cache, as the AR model itself decodes (block size 1, every forward a step); run first.
+# KV cache, as the AR model itself decodes (block size 1, every forward a step), run first; then
+# self-speculation, whose replies are the AR row's, in fewer forwards where the model drafts well.
 AR = ("AR: 1 token / forward", "vanilla", "dual", True)
+VERIFY = ("verify (self-speculation)", "verify", "dual", True)
 SENTENCE_END = re.compile(r"[.!?]")
 
 
@@ -224,7 +226,7 @@ def run_bench(
     runs: list[Run] = []
     # Warm-up: first forwards pay for allocations and kernel selection.
     asyncio.run(engine.generate(prompts[0], DecodeParams(max_new_tokens=block_size, block_size=block_size)))
-    configs = ([AR] if engine.model.config.causal_prompt else []) + CONFIGS
+    configs = ([AR, VERIFY] if engine.model.config.causal_prompt else []) + CONFIGS
     todo = [(b, c, threshold) for b in batches for c in configs] + [(batches[0], SWEPT, tau) for tau in sweep]
     sweep_runs: list[Run] = []
     bar = tqdm(todo, desc="engine bench", unit="run")

@@ -7,7 +7,8 @@ block, and commits some of them for good (never remasked). Two choices make the 
 * the commit policy (how many of the block's masked positions to commit this step):
   `vanilla` one per step in confidence order (LLaDA's reference with steps = new tokens),
   `threshold` all with confidence >= tau, at least one (Fast-dLLM), `factor` the largest n whose
-  i-th confidence is >= 1 - f / (i + 1) (Fast-dLLM);
+  i-th confidence is >= 1 - f / (i + 1) (Fast-dLLM); `verify` is self-speculation instead
+  (`Speculation`, below);
 * the cache (what each step recomputes): `none` the whole sequence every step; `prefix` a full
   forward at each block start, then the block and everything after it against the frozen prefix;
   `dual` a full forward at each block start, then only the block against frozen prefix and suffix.
@@ -29,6 +30,15 @@ predicted from the state at j-1, so a step also runs the position before its win
 block-causal model that position's keys are final, and the forward that writes a finished block
 also gives the next block's first prediction.
 
+Self-speculation (`policy="verify"`, a model with shifted logits and a token-causal prompt: an AR
+checkpoint from `dllm convert` and what is trained from it): the committed text is token-causal like
+the prompt, and a step runs the previous step's drafts token-causally after it, then a block of
+`block_size` masks after them. The drafts' own shifted predictions are the model's causal ones, so the
+longest prefix of the drafts they agree with is committed, with the next causal prediction after it;
+the reply is exactly the model's one-token-per-forward decoding (block size 1), and where every draft
+held, the masks' predictions are the next drafts (TiDAR's scheme: diffusion drafts, causal verification,
+in one forward). Greedy only; it has its own exact cache whatever `cache` says.
+
 Cross-turn prefix reuse (`Sequence.reused`, filled in by the engine): the first positions' keys and
 values come from an earlier request of the same conversation and are never recomputed, so even the
 "full" forwards start after them. Exact for a `turn_blocks` model (the engine reuses whole earlier
@@ -49,7 +59,7 @@ from .config import LLaDAConfig
 from .model import DiffusionLM, KVCache
 from .tokenizer import IncrementalDetokenizer, SpecialTokens, Tokenizer
 
-POLICIES = ("vanilla", "threshold", "factor")
+POLICIES = ("vanilla", "threshold", "factor", "verify")
 CACHES = ("none", "prefix", "dual")
 # With CUDA graphs (one per input shape, model.CudaGraphs) a step's keys are padded to a multiple of
 # this, and its queries to a power of two, so that requests of other prompt lengths replay the same
@@ -85,6 +95,8 @@ class DecodeParams:
             raise ValueError("block_size and max_new_tokens must be >= 1")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.policy == "verify" and self.temperature:
+            raise ValueError("the verify policy decodes greedily: its reply is the model's greedy one-token-per-forward decoding")
 
     def resolved(self, model_max_new_tokens: int | None) -> "DecodeParams":
         """These params with max_new_tokens decided: as given, else the model's, else the fallback."""
@@ -198,11 +210,16 @@ class Sequence:
         self.t_first_text: float | None = None
         self.t_first_block: float | None = None
 
-    @classmethod
-    def for_model(cls, request_id: str, prompt: list[int], params: DecodeParams, tokenizer: Tokenizer, device: torch.device, cfg: LLaDAConfig) -> "Sequence":
-        """A sequence laid out as the model's config says (attention layout, shifted logits)."""
-        return cls(request_id, prompt, params, tokenizer, device, cfg.block_causal, cfg.turn_blocks,
-                   causal_prompt=cfg.causal_prompt, attention_block=cfg.attention_block, shift=cfg.shift_logits)
+    @staticmethod
+    def for_model(request_id: str, prompt: list[int], params: DecodeParams, tokenizer: Tokenizer, device: torch.device, cfg: LLaDAConfig) -> "Sequence":
+        """A sequence laid out as the model's config says (attention layout, shifted logits); a
+        ValueError for a policy the model cannot decode with."""
+        if params.policy == "verify":
+            if not (cfg.block_causal and cfg.shift_logits and cfg.causal_prompt) or cfg.attention_block:
+                raise ValueError("the verify policy needs a block-causal model with shifted logits and a token-causal prompt (an AR checkpoint from `dllm convert`)")
+            return Speculation(request_id, prompt, params, tokenizer, device)
+        return Sequence(request_id, prompt, params, tokenizer, device, cfg.block_causal, cfg.turn_blocks,
+                        causal_prompt=cfg.causal_prompt, attention_block=cfg.attention_block, shift=cfg.shift_logits)
 
     @property
     def block_start(self) -> int:
@@ -260,11 +277,71 @@ class Sequence:
         )
 
 
+class Speculation(Sequence):
+    """A request decoded by self-speculation (`policy="verify"`, module docstring). Positions
+    [0, committed) are final, [committed, committed + drafts) hold the last step's drafts; every
+    position is its own attention block but a step's masks, which share one after the drafts."""
+
+    def __init__(self, request_id: str, prompt: list[int], params: DecodeParams, tokenizer: Tokenizer, device: torch.device) -> None:
+        super().__init__(request_id, prompt, params, tokenizer, device, block_causal=True, causal_prompt=True, shift=True)
+        self.blocks = torch.arange(self.length, device=device)
+        self.committed = self.prompt_len
+        self.drafts = 0
+
+    @property
+    def block_start(self) -> int:
+        return self.committed
+
+    @property
+    def window_end(self) -> int:
+        """The end of this step's masks, which is where its keys end."""
+        return self.committed + self.drafts + self.params.block_size
+
+    @property
+    def needs_full_forward(self) -> bool:
+        return False
+
+    @property
+    def key_end(self) -> int:
+        return self.window_end
+
+    def query_range(self) -> tuple[int, int]:
+        """From the first position whose keys are not final (the last committed one, at least: its
+        state predicts the first draft) to the end of the masks."""
+        return min(max(self.reused, self.settled), self.committed - 1), self.window_end
+
+    def lay_out(self) -> None:
+        """This step's attention blocks: the drafts token-causal, the masks one block after them."""
+        start, masks = self.committed, self.committed + self.drafts
+        self.blocks[start:] = torch.arange(start, self.length, device=self.blocks.device)
+        self.blocks[masks : self.window_end] = masks
+
+    def accept(self, predicted: list[int], mask: int) -> list[int]:
+        """Commit the drafts the model's causal predictions agree with, then its next prediction;
+        the masks' predictions become the next drafts if every draft held. `predicted[j]` is the
+        prediction for position committed + j. Returns the committed tokens (within the reply cap)."""
+        c, k = self.committed, self.drafts
+        drafts = self.ids[c : c + k].tolist()
+        held = next((j for j, (d, p) in enumerate(zip(drafts, predicted)) if d != p), k)
+        room = self.prompt_len + self.params.max_new_tokens - c
+        new = (drafts[:held] + [predicted[held]])[:room]
+        following = predicted[k + 1 :] if held == k else []  # drafts for what comes after the new tokens
+        following = following[: max(0, room - len(new))]
+        self.ids[c:] = mask
+        self.ids[c : c + len(new) + len(following)] = torch.tensor(new + following, device=self.ids.device)
+        self.settled = c + held  # the accepted drafts' keys were computed causally from their final tokens
+        self.committed, self.drafts = c + len(new), len(following)
+        return new
+
+
 def sequence_length(prompt_len: int, params: DecodeParams, attention_block: int | None = None) -> int:
     """Prompt and canvas. Decoding windows of `block_size` follow the prompt, or, for a model with
     fixed attention blocks, lie on absolute positions (as it was trained): the first window then
-    also holds the prompt's last tokens, and a window must divide the attention block."""
+    also holds the prompt's last tokens, and a window must divide the attention block. Under the
+    verify policy, room for a step's drafts and masks past the reply cap."""
     w = params.block_size
+    if params.policy == "verify":
+        return prompt_len + params.canvas_len + 2 * w
     if not attention_block:
         return prompt_len + params.canvas_len
     if attention_block % w:
@@ -385,16 +462,17 @@ class Runner:
         """One denoising step for every sequence; returns one Output per sequence.
 
         Sequences that need a full forward and those that need a partial one (and any with a
-        different block size) run as separate batched forwards.
+        different block size), and self-speculating ones, run as separate batched forwards.
         """
-        groups: dict[tuple[bool, int], list[Sequence]] = {}
+        groups: dict[tuple[bool, bool, int], list[Sequence]] = {}
         for s in seqs:
-            groups.setdefault((s.needs_full_forward, s.params.block_size), []).append(s)
-        return [out for group in groups.values() for out in self._step_group(group, want_steps)]
+            groups.setdefault((isinstance(s, Speculation), s.needs_full_forward, s.params.block_size), []).append(s)
+        return [out for (verify, _, _), group in groups.items() for out in (self._verify_group if verify else self._step_group)(group, want_steps)]
 
-    def _step_group(self, seqs: list[Sequence], want_steps: set[str]) -> list[Output]:
+    def _logits(self, seqs: list[Sequence], widths: list[int]) -> torch.Tensor:
+        """One forward over each sequence's query range; the logits that predict the `widths[i]`
+        positions from its block start, (N, max width, V) (a shorter row's tail is padding)."""
         dev, n = self.device, len(seqs)
-        full = seqs[0].needs_full_forward  # the same for the whole group
         ranges = [s.query_range() for s in seqs]
         t = max(b - a for a, b in ranges)
         s_keys = max(s.key_end for s in seqs)
@@ -404,21 +482,25 @@ class Runner:
         ids = torch.full((n, t), self.special.pad, dtype=torch.long, device=dev)
         pos = torch.full((n, t), self.cache.scratch, dtype=torch.long, device=dev)
         key_valid = torch.zeros((n, s_keys), dtype=torch.bool, device=dev)
-        block_idx = torch.empty((n, seqs[0].params.block_size), dtype=torch.long, device=dev)
+        window = torch.empty((n, max(widths)), dtype=torch.long, device=dev)
         for i, (s, (a, b)) in enumerate(zip(seqs, ranges)):
             ids[i, : b - a] = s.ids[a:b]
             pos[i, : b - a] = torch.arange(a, b, device=dev)
             key_valid[i, : s.key_end] = True
-            block_idx[i] = torch.arange(s.params.block_size, device=dev) + (s.block_start - a)
+            window[i] = torch.arange(window.shape[1], device=dev) + (s.block_start - a)
         if seqs[0].block_causal:  # queries of several blocks: each sees its own and earlier ones
             key_valid = torch.stack([block_causal_keys(p, s.blocks, s_keys) & kv for s, p, kv in zip(seqs, pos, key_valid)])
         slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=dev)
         hidden = self.model(ids, pos, key_valid, self.cache, slots)
         # With shifted logits the window's predictions are the states one position before it.
-        hidden = hidden.gather(1, (block_idx - seqs[0].shift)[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = self.model.logits(hidden)
+        at = (window - seqs[0].shift).clamp(max=t - 1)
+        return self.model.logits(hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1])))
 
-        block_tokens = ids.gather(1, block_idx)
+    def _step_group(self, seqs: list[Sequence], want_steps: set[str]) -> list[Output]:
+        dev = self.device
+        full = seqs[0].needs_full_forward  # the same for the whole group
+        logits = self._logits(seqs, [s.params.block_size for s in seqs])
+        block_tokens = torch.stack([s.ids[s.block_start : s.block_end] for s in seqs])
         masked = block_tokens == self.special.mask
         temperature = torch.tensor([s.params.temperature for s in seqs], device=dev)
         x0, conf = predict(logits, temperature, [s.generator for s in seqs], self.special.mask)
@@ -445,6 +527,26 @@ class Runner:
             outputs.append(self._advance(s, new_block_cpu[i], commit_cpu[i], s.id in want_steps))
         return outputs
 
+    def _verify_group(self, seqs: list[Speculation], want_steps: set[str]) -> list[Output]:
+        """One self-speculation step (`Speculation`) for each sequence: verify, commit, draft."""
+        for s in seqs:
+            s.lay_out()
+        widths = [s.drafts + s.params.block_size for s in seqs]
+        x0, _ = predict(self._logits(seqs, widths), torch.zeros(len(seqs), device=self.device), [None] * len(seqs), self.special.mask)
+        outputs = []
+        for s, predicted, width in zip(seqs, x0.tolist(), widths):
+            offset = s.committed - s.prompt_len
+            new = s.accept(predicted[:width], self.special.mask)
+            s.forwards += 1
+            s.block += 1  # a window per step
+            s.t_first_block = s.t_first_block or time.perf_counter()
+            out = Output(request_id=s.id)
+            if s.id in want_steps:
+                out.step = StepInfo(s.block - 1, 0, list(range(offset, offset + len(new))), new, 0)
+            self._emit(s, out, new, done=s.committed == s.prompt_len + s.params.max_new_tokens)
+            outputs.append(out)
+        return outputs
+
     def _advance(self, s: Sequence, block: list[int], committed: list[bool], want_step: bool) -> Output:
         """Book-keeping after a commit: stream the in-order prefix, move to the next block, stop."""
         out = Output(request_id=s.id)
@@ -462,6 +564,17 @@ class Runner:
                 break
             new.append(tok)
         s.streamed += len(new)
+        if mask not in block:
+            if s.t_first_block is None:
+                s.t_first_block = time.perf_counter()
+            s.block += 1
+            s.block_step = 0
+        self._emit(s, out, new, done=s.block == s.n_blocks)
+        return out
+
+    def _emit(self, s: Sequence, out: Output, new: list[int], done: bool) -> None:
+        """Put newly final tokens into `out` up to the first stop token; finish the request at a
+        stop (with early stop) or when `done` (its canvas is decoded)."""
         if not s.stopped and new:
             stop_at = next((j for j, tok in enumerate(new) if tok in self.special.stop), None)
             if stop_at is not None:
@@ -470,15 +583,9 @@ class Runner:
             out.text = s.detok.push(new)
             if out.text and s.t_first_text is None:
                 s.t_first_text = time.perf_counter()
-        if mask not in block:
-            if s.t_first_block is None:
-                s.t_first_block = time.perf_counter()
-            s.block += 1
-            s.block_step = 0
-        if (s.stopped and s.params.early_stop) or s.block == s.n_blocks:
+        if (s.stopped and (s.params.early_stop or isinstance(s, Speculation))) or done:
             s.t_first_block = s.t_first_block or time.perf_counter()
             out.text += s.detok.flush()
             out.finished = True
             out.finish_reason = "stop" if s.stopped else "length"
             out.stats = s.stats()
-        return out

@@ -220,16 +220,14 @@ class Engine:
             raise RequestError("the prompt is empty")
         params = params.resolved(self.max_new_tokens)
         cfg = self.model.config
+        request_id = request_id or f"req-{next(self._ids)}"
         try:
             total = sequence_length(len(ids), params, cfg.attention_block)
-        except ValueError as e:  # a decoding window the model's attention blocks do not allow
+            if total > self.max_len:
+                raise ValueError(f"prompt of {len(ids)} tokens + {total - len(ids)} new exceeds the context of {self.max_len} tokens")
+            seq = Sequence.for_model(request_id, ids, params, self.tokenizer, self.device, cfg)
+        except ValueError as e:  # a decoding window or policy the model does not allow, or too long
             raise RequestError(str(e)) from None
-        if total > self.max_len:
-            raise RequestError(
-                f"prompt of {len(ids)} tokens + {total - len(ids)} new exceeds the context of {self.max_len} tokens"
-            )
-        request_id = request_id or f"req-{next(self._ids)}"
-        seq = Sequence.for_model(request_id, ids, params, self.tokenizer, self.device, cfg)
         req = _Request(seq, asyncio.get_running_loop(), step_events, conversation)
         with self._lock:
             if self._stopped:

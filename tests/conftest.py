@@ -86,6 +86,27 @@ def tiny_chat(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ar_checkpoint(tmp_path_factory):
+    """A tiny random Llama, as transformers writes it, with SmolLM2's kind of chat template."""
+    from tests.helpers import CHATML, hf_checkpoint
+
+    src, _ = hf_checkpoint(tmp_path_factory.mktemp("ar") / "llama", "llama", tied=True, seed=5)
+    (src / "chat_template.jinja").write_text(CHATML)
+    return src
+
+
+@pytest.fixture(scope="session")
+def converted(ar_checkpoint, tmp_path_factory):
+    """The tiny Llama converted to the project's layout (shifted, token-causal prompt), fp32."""
+    from dllm_engine.convert import convert
+    from tests.helpers import CHATML
+
+    out = convert(ar_checkpoint, tmp_path_factory.mktemp("converted") / "model", mask_token="<|mdm_mask|>", dtype=torch.float32)
+    (out / "chat_template.jinja").write_text(CHATML)
+    return out
+
+
+@pytest.fixture(scope="session")
 def voice_agent(tiny_chat):
     """The real voice agent (faster-whisper, piper, Silero, the engine) on the tiny chat model."""
     from agent import Agent, AgentConfig

@@ -168,6 +168,14 @@ def llada_8b_instruct_config(**overrides: Any) -> dict[str, Any]:
     return raw
 
 
+# SmolLM2's template: a conversation that has no system turn gets a default one.
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|startoftext|>system\nbe kind<|eot_id|>\n' }}{% endif %}"
+    "{{ '<|startoftext|>' + message['role'] + '\n' + message['content'] + '<|eot_id|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|startoftext|>assistant\n' }}{% endif %}"
+)
+
 # Six (prompt, reply) pairs a tiny model memorizes in seconds (`tiny_model`).
 PAIRS = [
     ("hello, how are you?", "I am fine, thank you."),

@@ -14,42 +14,18 @@ import pytest
 import torch
 
 from dllm_engine.config import ConfigError
-from dllm_engine.convert import convert
 from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
 from dllm_engine.default_model import SMOLLM_DEFAULT_SYSTEM, built_model
 from dllm_engine.loading import load_model, merge_adapter
-from tests.helpers import hf_checkpoint, reused_as_recomputed
+from tests.helpers import CHATML, reused_as_recomputed
 from training.batches import Row, collate, encode_chat
 from training.config import TrainConfig
 from training.lora import LoRA
 from training.loop import ADAPTER, export, train
 from training.objective import denoise_hidden, diffusion_loss
 
-# SmolLM2's template: a conversation that has no system turn gets a default one.
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|startoftext|>system\nbe kind<|eot_id|>\n' }}{% endif %}"
-    "{{ '<|startoftext|>' + message['role'] + '\n' + message['content'] + '<|eot_id|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|startoftext|>assistant\n' }}{% endif %}"
-)
 SYSTEM = {"role": "system", "content": "answer briefly."}
-
-
-@pytest.fixture(scope="module")
-def ar_checkpoint(tmp_path_factory):
-    """A tiny random Llama, as transformers writes it, with SmolLM2's kind of chat template."""
-    src, _ = hf_checkpoint(tmp_path_factory.mktemp("ar") / "llama", "llama", tied=True, seed=5)
-    (src / "chat_template.jinja").write_text(CHATML)
-    return src
-
-
-@pytest.fixture(scope="module")
-def converted(ar_checkpoint, tmp_path_factory):
-    """The tiny Llama converted to the project's layout (shifted, token-causal prompt), fp32."""
-    out = convert(ar_checkpoint, tmp_path_factory.mktemp("converted") / "model", mask_token="<|mdm_mask|>", dtype=torch.float32)
-    (out / "chat_template.jinja").write_text(CHATML)
-    return out
 
 
 def visible(prompt_len: int, length: int, block: int) -> torch.Tensor:
@@ -240,12 +216,13 @@ def test_the_engine_bench_runs_a_converted_model_one_token_per_forward_beside_th
     finally:
         engine.close()
     runs = result["runs"]
-    assert [r["name"] for r in runs] == [n for _ in (1, 2) for n, *_ in [bench.AR] + bench.CONFIGS]
+    assert [r["name"] for r in runs] == [n for _ in (1, 2) for n, *_ in [bench.AR, bench.VERIFY] + bench.CONFIGS]
     for r in runs:
         assert r["speedup_vs_ar"] > 0 and 0 <= r["agreement"] <= 1
         assert r["first_sentence_ms"] is None or 0 < r["first_sentence_ms"] <= r["total_ms"] + 1
     ar = [r for r in runs if r["name"] == bench.AR[0]]
     assert all(r["speedup_vs_ar"] == 1.0 and r["tokens_per_forward"] <= 1.0 and r["forwards"] >= r["new_tokens"] for r in ar)
+    assert [r["replies"] for r in runs if r["name"] == bench.VERIFY[0]] == [r["replies"] for r in ar]  # the AR model's replies
 
 
 def test_the_question_set_is_scored_for_the_model_and_the_ar_model_on_the_same_prompts(converted):
