@@ -38,29 +38,37 @@ def visible(prompt_len: int, length: int, block: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("block", [1, 4])
-def test_each_token_is_predicted_from_the_state_decoding_takes_it_from(converted, block):
+@pytest.mark.parametrize("block, drafting", [(1, False), (4, False), (4, True)])
+def test_each_token_is_predicted_from_the_state_decoding_takes_it_from(converted, block, drafting):
     """For every reply token of two complementary noisy copies: a block's first token from the last
     clean state before the block (the AR prediction), any other from the noisy state before it
-    in its block, each computed here by a plain forward over just what decoding has at that point."""
+    in its block, each computed here by a plain forward over just what decoding has at that point.
+    Drafting for self-speculation: what came before the block token-causal, as verify decodes it,
+    and every reply token's causal prediction besides."""
     model, tok = load_model(converted, dtype="float32")
     rows = [Row.compact(tok.apply_chat_template([{"role": "user", "content": "tell me about dogs"}]), list(range(5, 16))),
             Row.compact(tok.apply_chat_template([{"role": "user", "content": "hi"}]), list(range(20, 27)))]
     batch = collate(rows, tok.special.pad)
     masked = batch["region"] & (torch.rand(batch["ids"].shape, generator=torch.Generator().manual_seed(0)) < 0.5)
     copies = [torch.where(m, tok.special.mask, batch["ids"]) for m in (masked, batch["region"] & ~masked)]
-    got = denoise_hidden(model, copies, batch, block)
+    got = denoise_hidden(model, copies, batch, block, drafting=drafting)
+    assert len(got) == len(copies) + drafting
     for c, noisy in enumerate(copies):
         for i, row in enumerate(rows):
             p = len(row.prompt)
             for j in range(len(row.region)):
                 start = j - j % block
+                causal = p + start if drafting else p  # token-causal up to here
                 if j == start:
                     x = batch["ids"][i, : p + j]
                 else:
                     x = torch.cat([batch["ids"][i, : p + start], noisy[i, p + start : p + start + block].clone()[: len(row.region) - start]])
-                want = model(x[None], key_valid=visible(p, len(x), block)[None])[0, p + j - 1]
+                want = model(x[None], key_valid=visible(causal, len(x), block)[None])[0, p + j - 1]
                 torch.testing.assert_close(got[c][i, p + j], want, atol=1e-5, rtol=1e-4)
+                if drafting and c == 0:  # the causal prediction, from the clean reply before the token
+                    x = batch["ids"][i, : p + j]
+                    want = model(x[None], key_valid=visible(len(x), len(x), 1)[None])[0, -1]
+                    torch.testing.assert_close(got[-1][i, p + j], want, atol=1e-5, rtol=1e-4)
 
 
 @torch.no_grad()
@@ -74,6 +82,49 @@ def test_at_block_size_1_the_loss_is_the_ar_models_cross_entropy(converted):
     # complementary copies score every reply token once: "mean" is the mean over all of them
     loss = diffusion_loss(model, batch, tok.special.mask, 0.5, torch.Generator().manual_seed(1), 1, tok.special.eos, "mean", complementary=True)
     torch.testing.assert_close(loss, ce.mean(), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_drafting_adds_the_causal_cross_entropy_of_every_reply_token(converted):
+    model, tok = load_model(converted, dtype="float32")
+    rows = [Row.compact(tok.apply_chat_template([{"role": "user", "content": "a cat"}]), list(range(5, 14)))]
+    batch = collate(rows, tok.special.pad)
+    ids = batch["ids"]
+    states = model(ids, key_valid=torch.tril(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool))[None])
+    ce = torch.nn.functional.cross_entropy(model.logits(states[0, :-1]), ids[0, 1:], reduction="none")[batch["region"][0, 1:]]
+    loss = lambda w: diffusion_loss(model, batch, tok.special.mask, 0.5, torch.Generator().manual_seed(1), 4, tok.special.eos, "mean", ar_weight=w)  # noqa: E731
+    torch.testing.assert_close(loss(0.5) - loss(0.0), 0.5 * ce.mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_trained_to_draft_speaks_its_reply_several_tokens_a_forward_exactly(converted, tmp_path):
+    """The recipe with drafting, then self-speculation: the reply it learned, as the model decodes
+    it one token per forward, in at least two tokens per forward."""
+    from tests.helpers import stream_turn
+
+    data = tmp_path / "data"
+    data.mkdir()
+    messages, reply = [SYSTEM, {"role": "user", "content": "hi"}], "hello there, how are you today?"
+    for name in ("self.jsonl", "self-eval.jsonl"):
+        (data / name).write_text(json.dumps({"messages": messages, "reply": reply}) + "\n")
+    cfg = TrainConfig.from_dict(dict(
+        data_dir=str(data), out_dir=str(tmp_path / "run"), init_from=str(converted), train_files=["self.jsonl"], eval_file="self-eval.jsonl",
+        reply_len=16, pad_to_block=True, block_sizes=[4], complementary_masks=True, loss_weighting="mean", drafting_ar_weight=1.0,
+        batch_tokens=512, max_steps=200, warmup_steps=1, lr=1e-2, eval_interval=200, log_interval=200, threads=0, autocast_bf16=False,
+    ))
+    train(cfg, progress=False, log=lambda *_: None)
+    model, tok = load_model(export(tmp_path / "run", tmp_path / "model", which="last", dtype=torch.float32), dtype="float32")
+    engine = Engine(model, tok, max_batch=2, max_len=256)
+
+    async def main():
+        ar = await stream_turn(engine, messages, DecodeParams(policy="vanilla", block_size=1, max_new_tokens=16))
+        return ar, await stream_turn(engine, messages, DecodeParams(policy="verify", block_size=4, max_new_tokens=16))
+
+    try:
+        (ar, _), (verified, stats) = asyncio.run(main())
+    finally:
+        engine.close()
+    assert tok.decode(verified).strip() == reply and verified == ar
+    assert stats.tokens_per_forward >= 2
 
 
 def test_prompts_assemble_as_a_template_with_a_default_system_turn_renders_them(converted):

@@ -105,6 +105,10 @@ class TrainConfig:
     # Fast-dLLM v2's complementary masks (block-causal models): a second noisy copy of each reply
     # masked where the first is not, so every token is scored in every step
     complementary_masks: bool = False
+    # Drafts for self-speculation (`policy="verify"`, TiDAR): the clean reply token-causal, as verify
+    # decodes it, and this multiple of the causal (AR) cross-entropy of every reply token added, so
+    # the predictions verify commits stay the model's own. None: not trained for verify.
+    drafting_ar_weight: float | None = None
     # pad each reply region only to the end of the largest block holding its end of turn, not to
     # reply_len: a block-causal model never decodes past that block, so the rest is compute for nothing
     pad_to_block: bool = False
@@ -162,6 +166,8 @@ class TrainConfig:
             raise ConfigError(f"certainty_weight must be >= 0, got {cfg.certainty_weight}")
         if not isinstance(cfg.certainty_from_step, int) or cfg.certainty_from_step < 0:
             raise ConfigError(f"certainty_from_step must be a whole number >= 0, got {cfg.certainty_from_step!r}")
+        if cfg.drafting_ar_weight is not None and not (isinstance(cfg.drafting_ar_weight, (int, float)) and cfg.drafting_ar_weight >= 0):
+            raise ConfigError(f"drafting_ar_weight must be a number >= 0 (or left out), got {cfg.drafting_ar_weight!r}")
         if cfg.loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(f"loss_weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {cfg.loss_weighting!r}")
         try:

@@ -300,7 +300,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 block = cfg.block_sizes[int(torch.randint(len(cfg.block_sizes), (1,), generator=gen))] if cfg.block_sizes else None
                 certainty = cfg.certainty_weight if step >= cfg.certainty_from_step else 0.0
-                loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen, block, sp.eos, cfg.loss_weighting, certainty, cfg.complementary_masks)
+                loss = diffusion_loss(model, batch, sp.mask, cfg.eps, gen, block, sp.eos, cfg.loss_weighting, certainty, cfg.complementary_masks, cfg.drafting_ar_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -18,7 +18,9 @@ from dllm_engine.model import DiffusionLM
 from .batches import Row, iter_batches
 
 
-def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor | list[torch.Tensor], batch: dict[str, torch.Tensor], block_size: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+def denoise_hidden(
+    model: DiffusionLM, noisy: torch.Tensor | list[torch.Tensor], batch: dict[str, torch.Tensor], block_size: int | None = None, drafting: bool = False
+) -> torch.Tensor | list[torch.Tensor]:
     """The hidden state that predicts each token (N, T, d) for the partly masked `noisy` ids of a
     collated batch (a list of noisy copies: one hidden tensor per copy).
 
@@ -32,10 +34,16 @@ def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor | list[torch.Tensor],
     before it: a block's first token by the clean state before the block (the AR prediction, as
     decoding takes it from the forward that settled the block before), the others by their noisy
     neighbours.
+
+    `drafting` (shifted logits only): as self-speculation (`policy="verify"`) decodes, the clean reply
+    is token-causal like the prompt, and one more hidden tensor follows the copies' (a list is
+    returned): each reply token's state in the clean reply, the model's causal prediction of it.
     """
     copies = noisy if isinstance(noisy, list) else [noisy]
     ids, region, key_valid = batch["ids"], batch["region"], batch["key_valid"]
     cfg = model.config
+    if drafting and not (cfg.block_causal and cfg.shift_logits):
+        raise ConfigError("drafting for self-speculation trains a block-causal model with shifted logits (an AR checkpoint converted)")
     if not cfg.block_causal:
         if cfg.shift_logits:
             raise ConfigError("training a bidirectional model with shifted logits (Dream) is not implemented")
@@ -58,17 +66,21 @@ def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor | list[torch.Tensor],
     blk = torch.cat([(torch.arange(t, device=dev) - start[:, None]).clamp(min=0) // block, (j // block).repeat(c).expand(n, r * c)], 1)
     copy = torch.cat([torch.zeros(t, dtype=torch.long, device=dev), torch.arange(1, c + 1, device=dev).repeat_interleave(r)]).expand(n, -1)
     q, k = (lambda x: x[:, :, None]), (lambda x: x[:, None, :])
+    at = torch.arange(t + r * c, device=dev)
     before, same = k(blk) < q(blk), (k(blk) == q(blk)) & (k(copy) == q(copy))
     if cfg.turn_blocks:  # a prompt position sees the turns up to its own
         ends = (ids == cfg.end_of_turn_token_id) & ~region
         turn = torch.cat([ends.cumsum(1) - ends.long(), zeros.long()], 1)
         sees_prompt = k(prompt) & (~q(prompt) | (k(turn) <= q(turn)))
     elif cfg.causal_prompt:  # a prompt position sees the tokens up to its own
-        at = torch.arange(t + r * c, device=dev)
         sees_prompt = k(prompt) & (~q(prompt) | (at[None, None, :] <= at[None, :, None]))
     else:
         sees_prompt = k(prompt)
-    sees = sees_prompt | (k(clean) & ~q(prompt) & (before | (same & q(clean)))) | (k(noise) & q(noise) & same)
+    if drafting:  # a clean token sees the clean ones up to its own
+        clean_sees = (before & q(noise)) | (q(clean) & (at[None, None, :] <= at[None, :, None]))
+    else:  # a clean block sees itself and the clean blocks before it
+        clean_sees = before | (same & q(clean))
+    sees = sees_prompt | (k(clean) & ~q(prompt) & clean_sees) | (k(noise) & q(noise) & same)
     attn = (sees | ~q(valid)) & k(valid)  # padding queries see every real key: no empty softmax row
     pos = torch.cat([torch.arange(t, device=dev).expand(n, t), src.repeat(1, c)], 1)
     hidden = model(torch.cat([ids] + [x.gather(1, src) for x in copies], 1), pos, attn)
@@ -80,7 +92,9 @@ def denoise_hidden(model: DiffusionLM, noisy: torch.Tensor | list[torch.Tensor],
         if cfg.shift_logits:  # any other: the noisy state before it
             states = torch.where((j % block == 0)[None, :, None], before_block, torch.cat([states[:, :1], states[:, :-1]], 1))
         out.append(hidden[:, :t].masked_scatter(region[..., None], states[in_reply]))
-    return out if isinstance(noisy, list) else out[0]
+    if drafting:  # every reply token from the clean state before it
+        out.append(hidden[:, :t].masked_scatter(region[..., None], before_block[in_reply]))
+    return out if isinstance(noisy, list) or drafting else out[0]
 
 
 def diffusion_loss(
@@ -94,6 +108,7 @@ def diffusion_loss(
     weighting: str = "elbo",
     certainty: float = 0.0,
     complementary: bool = False,
+    ar_weight: float | None = None,
 ) -> torch.Tensor:
     """LLaDA SFT loss: mask each region token w.p. t ~ U(eps, 1); CE on masked tokens / t / region length.
     With `weighting="mean"`, the mean CE over all masked tokens of the batch instead.
@@ -110,6 +125,10 @@ def diffusion_loss(
 
     `certainty` > 0 adds that multiple of the predictive entropy at each scored position whose
     argmax is already the target (TrainConfig.certainty_weight), weighted like its cross-entropy.
+
+    `ar_weight` (not None): trains drafts for self-speculation (TiDAR): the clean reply is
+    token-causal (`denoise_hidden(drafting=True)`) and that multiple of the mean causal cross-entropy
+    of every reply token is added, which keeps the predictions that verification commits the model's own.
     """
     ids, region = batch["ids"], batch["region"]
     n, width = ids.shape
@@ -137,7 +156,8 @@ def diffusion_loss(
         if not model.config.block_causal:
             raise ConfigError("complementary masks are trained for block-causal models")
         views.append((region & ~masked, region & ~masked, (1 - t).clamp(min=eps)))
-    hiddens = denoise_hidden(model, [torch.where(m, mask_id, ids) for m, _, _ in views], batch, block_size)
+    hiddens = denoise_hidden(model, [torch.where(m, mask_id, ids) for m, _, _ in views], batch, block_size, drafting=ar_weight is not None)
+    causal = F.cross_entropy(model.logits(hiddens.pop()[region]).float(), ids[region]) if ar_weight is not None else 0.0
     ces, bounds = [], []
     for hidden, (_, scored, rate) in zip(hiddens, views):
         logp = model.logits(hidden[scored]).float().log_softmax(-1)
@@ -149,8 +169,8 @@ def diffusion_loss(
         bounds.append((ce * (1 / rate / norm)[scored]).sum() / n)  # each view an estimate of the bound
     if weighting == "mean":
         ce = torch.cat(ces)
-        return ce.sum() / max(ce.numel(), 1)
-    return sum(bounds) / len(bounds)
+        return ce.sum() / max(ce.numel(), 1) + (ar_weight or 0.0) * causal
+    return sum(bounds) / len(bounds) + (ar_weight or 0.0) * causal
 
 
 @torch.no_grad()
