@@ -72,28 +72,17 @@ def test_each_token_is_predicted_from_the_state_decoding_takes_it_from(converted
 
 
 @torch.no_grad()
-def test_at_block_size_1_the_loss_is_the_ar_models_cross_entropy(converted):
+def test_at_block_size_1_the_loss_is_the_ar_models_cross_entropy_and_drafting_adds_it(converted):
     model, tok = load_model(converted, dtype="float32")
     rows = [Row.compact(tok.apply_chat_template([{"role": "user", "content": "a cat"}]), list(range(5, 14)))]
     batch = collate(rows, tok.special.pad)
     ids = batch["ids"]
     states = model(ids, key_valid=torch.tril(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool))[None])
     ce = torch.nn.functional.cross_entropy(model.logits(states[0, :-1]), ids[0, 1:], reduction="none")[batch["region"][0, 1:]]
+    loss = lambda block, **kw: diffusion_loss(model, batch, tok.special.mask, 0.5, torch.Generator().manual_seed(1), block, tok.special.eos, "mean", **kw)  # noqa: E731
     # complementary copies score every reply token once: "mean" is the mean over all of them
-    loss = diffusion_loss(model, batch, tok.special.mask, 0.5, torch.Generator().manual_seed(1), 1, tok.special.eos, "mean", complementary=True)
-    torch.testing.assert_close(loss, ce.mean(), atol=1e-5, rtol=1e-5)
-
-
-@torch.no_grad()
-def test_drafting_adds_the_causal_cross_entropy_of_every_reply_token(converted):
-    model, tok = load_model(converted, dtype="float32")
-    rows = [Row.compact(tok.apply_chat_template([{"role": "user", "content": "a cat"}]), list(range(5, 14)))]
-    batch = collate(rows, tok.special.pad)
-    ids = batch["ids"]
-    states = model(ids, key_valid=torch.tril(torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool))[None])
-    ce = torch.nn.functional.cross_entropy(model.logits(states[0, :-1]), ids[0, 1:], reduction="none")[batch["region"][0, 1:]]
-    loss = lambda w: diffusion_loss(model, batch, tok.special.mask, 0.5, torch.Generator().manual_seed(1), 4, tok.special.eos, "mean", ar_weight=w)  # noqa: E731
-    torch.testing.assert_close(loss(0.5) - loss(0.0), 0.5 * ce.mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss(1, complementary=True), ce.mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss(4, ar_weight=0.5) - loss(4, ar_weight=0.0), 0.5 * ce.mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_a_model_trained_to_draft_speaks_its_reply_several_tokens_a_forward_exactly(converted, tmp_path):
