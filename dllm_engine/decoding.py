@@ -283,6 +283,7 @@ class Speculation(Sequence):
     position is its own attention block but a step's masks, which share one after the drafts."""
 
     def __init__(self, request_id: str, prompt: list[int], params: DecodeParams, tokenizer: Tokenizer, device: torch.device) -> None:
+        params = dataclasses.replace(params, early_stop=True)  # nothing after the stop token is ever computed
         super().__init__(request_id, prompt, params, tokenizer, device, block_causal=True, causal_prompt=True, shift=True)
         self.blocks = torch.arange(self.length, device=device)
         self.committed = self.prompt_len
@@ -583,7 +584,7 @@ class Runner:
             out.text = s.detok.push(new)
             if out.text and s.t_first_text is None:
                 s.t_first_text = time.perf_counter()
-        if (s.stopped and (s.params.early_stop or isinstance(s, Speculation))) or done:
+        if (s.stopped and s.params.early_stop) or done:
             s.t_first_block = s.t_first_block or time.perf_counter()
             out.text += s.detok.flush()
             out.finished = True

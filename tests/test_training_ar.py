@@ -106,14 +106,16 @@ def test_a_model_trained_to_draft_speaks_its_reply_several_tokens_a_forward_exac
 
     async def main():
         ar = await stream_turn(engine, messages, DecodeParams(policy="vanilla", block_size=1, max_new_tokens=16))
-        return ar, await stream_turn(engine, messages, DecodeParams(policy="verify", block_size=4, max_new_tokens=16))
+        verify = DecodeParams(policy="verify", block_size=4, max_new_tokens=16)
+        return ar, await stream_turn(engine, messages, verify), await stream_turn(engine, messages, dataclasses.replace(verify, early_stop=False))
 
     try:
-        (ar, _), (verified, stats) = asyncio.run(main())
+        (ar, _), (verified, stats), (unstopped, unstopped_stats) = asyncio.run(main())
     finally:
         engine.close()
     assert tok.decode(verified).strip() == reply and verified == ar
-    assert stats.tokens_per_forward >= 2
+    assert stats.tokens_per_forward >= 2 and stats.new_tokens < 16  # it stopped
+    assert (unstopped, unstopped_stats.forwards) == (verified, stats.forwards)  # at the stop token, early stop or not
 
 
 def test_prompts_assemble_as_a_template_with_a_default_system_turn_renders_them(converted):
