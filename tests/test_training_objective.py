@@ -86,6 +86,17 @@ def test_certainty_adds_the_entropy_of_right_predictions_only():
     assert (loss(0.5) - loss(0.0)).item() == pytest.approx(0.5 * entropy.mean().item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("layout", [{}, {"block_causal": True}])  # bidirectional; block-causal without shifted logits
+def test_drafting_for_verify_needs_a_model_verify_can_decode(layout):
+    from dllm_engine.config import ConfigError, LLaDAConfig
+    from dllm_engine.model import DiffusionLM
+
+    model = DiffusionLM(LLaDAConfig(d_model=16, n_layers=1, n_heads=2, mlp_hidden_size=32, vocab_size=40, **layout))
+    batch = collate([Row([1, 5], [8, 9, 3, 0])], pad_id=0)
+    with pytest.raises(ConfigError, match="drafting for self-speculation trains a block-causal model with shifted logits"):
+        diffusion_loss(model, batch, mask_id=2, eps=0.5, gen=torch.Generator().manual_seed(1), block_size=2, weighting="mean", ar_weight=1.0)
+
+
 def test_block_masking_matches_semi_autoregressive_decoding():
     """Clean before the drawn block, fully masked after it, partly masked inside; never past the first EOS block."""
     from dllm_engine.config import LLaDAConfig
