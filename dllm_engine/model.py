@@ -29,6 +29,8 @@ from torch import nn
 
 from .config import ConfigError, LLaDAConfig
 
+FEW_ROWS = 64  # up to this many positions, `DiffusionLM.logits` puts the weight on the left on a CPU in fp32
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -275,6 +277,10 @@ class DiffusionLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         tr = self.model.transformer
         weight = tr["wte"].weight if self.config.weight_tying else tr["ff_out"].weight
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if rows.device.type == "cpu" and rows.dtype == torch.float32 and len(rows) <= FEW_ROWS:
+            # MKL multiplies a few fp32 rows by a vocabulary-sized weight 2-3x faster with the weight on the left
+            return (weight @ rows.T).T[:, : self.config.vocab_size].reshape(*hidden.shape[:-1], self.config.vocab_size)
         return F.linear(hidden, weight)[..., : self.config.vocab_size]
 
 
