@@ -122,7 +122,7 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 32.0
     # adapters on the last `lora_blocks` blocks only (0: all): the blocks below run without gradients,
-    # a step ~2.4x cheaper on a CPU (8 of SmolLM2's 30), where the top blocks can learn to draft
+    # so a step costs a fraction on a CPU, and the top blocks still see the whole context to draft from
     lora_blocks: int = 0
     # optional pretraining on plain utterances (the first pretrain_steps steps of the schedule)
     pretrain_steps: int = 0

@@ -28,8 +28,8 @@ def _key(name: str) -> str:
 
 
 class LoRA(nn.Module):
-    """Rank-`rank` adapters on every TARGETS layer of `model`'s blocks, hooked into its forward
-    (training freezes the model's own weights: `model.requires_grad_(False)`)."""
+    """Rank-`rank` adapters on every TARGETS layer of `model`'s last `blocks` blocks (0: all of
+    them), hooked into its forward (training freezes the model's own weights: `model.requires_grad_(False)`)."""
 
     def __init__(self, model: DiffusionLM, rank: int, alpha: float, blocks: int = 0) -> None:
         super().__init__()
