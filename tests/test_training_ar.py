@@ -151,17 +151,13 @@ def test_lora_starts_as_the_model_and_merges_into_what_it_computes(converted, tm
         (tmp_path / "not-an-adapter.safetensors").write_bytes(b"{}")
         with pytest.raises(ConfigError, match="not a LoRA adapter file"):
             merge_adapter(fresh, tmp_path / "not-an-adapter.safetensors")
-        with pytest.raises(ConfigError, match="LoRA on the last 3 blocks of a 2-block model"):
-            LoRA(fresh, rank=4, alpha=8.0, blocks=3)
         with pytest.raises(ConfigError, match="does not fit"):
             other, _ = load_model(converted, dtype="float32")
             other.model.transformer["blocks"] = other.model.transformer["blocks"][:1]
             merge_adapter(other, tmp_path / "lora.safetensors")
 
 
-@pytest.mark.parametrize("blocks", [0, 1])
-def test_a_lora_run_checkpoints_adapters_resumes_and_exports_the_merged_model(converted, tmp_path, blocks):
-    """`lora_blocks` 0 adapts every block; 1 the last one only, the rest exported as they were."""
+def test_a_lora_run_checkpoints_adapters_resumes_and_exports_the_merged_model(converted, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     lines = [json.dumps({"messages": [SYSTEM, {"role": "user", "content": q}], "reply": r}) for q, r in [("hi", "hello."), ("cats?", "yes, cats."), ("dogs?", "dogs are fun.")]]
@@ -170,16 +166,14 @@ def test_a_lora_run_checkpoints_adapters_resumes_and_exports_the_merged_model(co
     cfg = TrainConfig.from_dict(dict(
         data_dir=str(data), out_dir=str(tmp_path / "run"), init_from=str(converted), train_files=["self.jsonl"], eval_file="self-eval.jsonl",
         reply_len=16, pad_to_block=True, block_sizes=[4], complementary_masks=True, loss_weighting="mean", lora_rank=4, lora_alpha=8.0,
-        lora_blocks=blocks, batch_tokens=256, max_steps=6, warmup_steps=1, lr=1e-2, eval_interval=3, log_interval=3, threads=0, autocast_bf16=False,
+        batch_tokens=256, max_steps=6, warmup_steps=1, lr=1e-2, eval_interval=3, log_interval=3, threads=0, autocast_bf16=False,
     ))
     quiet = dict(progress=False, log=lambda *_: None)
     straight = TrainConfig.from_dict({**dataclasses.asdict(cfg), "out_dir": str(tmp_path / "straight")})
     train(straight, **quiet)  # the same 6 steps in one go: a resumed run must end with the same adapters
     train(cfg, steps=3, **quiet)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
-    adapted = {f"{ab}.{k}" for k in LoRA(load_model(converted, dtype="float32")[0], 4, 8.0, blocks).a for ab in "ab"}
-    assert "model" not in ckpt and set(ckpt["lora"]) == adapted
-    assert {k.split("__")[3] for k in adapted} == ({"1"} if blocks else {"0", "1"})  # block 1 of the 2
+    assert "model" not in ckpt and set(ckpt["lora"]) == {f"{ab}.{k}" for k in LoRA(load_model(converted, dtype="float32")[0], 4, 8.0).a for ab in "ab"}
     assert train(cfg, resume=True, **quiet)["step"] == 6
     resumed, whole = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["lora"] for d in ("run", "straight"))
     for k in whole:
@@ -192,9 +186,6 @@ def test_a_lora_run_checkpoints_adapters_resumes_and_exports_the_merged_model(co
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), base(ids), atol=1e-4, rtol=1e-4)
         assert not torch.allclose(merged(ids), load_model(converted, dtype="float32")[0](ids), atol=1e-3)  # it trained
-    untouched = [k for k in base.state_dict() if ".blocks.0." in k]
-    assert all(torch.equal(merged.state_dict()[k], base.state_dict()[k]) for k in untouched)
-    assert blocks == 0 or all(torch.equal(merged.state_dict()[k], load_model(converted, dtype="float32")[0].state_dict()[k]) for k in untouched)
     assert (out / "chat_template.jinja").read_text() == CHATML
     generation = json.loads((out / "generation_config.json").read_text())
     base_generation = json.loads((converted / "generation_config.json").read_text())

@@ -17,7 +17,6 @@ from training.config import TrainConfig
         ("certainty_weight", -1.0, "certainty_weight"), ("history_copies", -1, "history_copies"), ("history_turns", 0, "history_turns"),
         ("lora_rank", 8, "adapters need weights to adapt"), ("lora_rank", -1, "lora_rank must be >= 0"),
         ("pad_to_block", True, "pad_to_block pads to the largest of block_sizes"), ("certainty_from_step", -1, "certainty_from_step"),
-        ("lora_blocks", 4, "needs lora_rank"), ("lora_blocks", -1, "lora_blocks must be a whole number >= 0"), ("lora_blocks", 2.5, "lora_blocks must be"),
         ("drafting_ar_weight", -0.5, "drafting_ar_weight must be a number >= 0"), ("drafting_ar_weight", "yes", "drafting_ar_weight must be a number >= 0"),
     ],
 )

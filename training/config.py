@@ -121,9 +121,6 @@ class TrainConfig:
     # instead of the weights; the run's export writes them (adapter/lora.safetensors) beside the merged model
     lora_rank: int = 0
     lora_alpha: float = 32.0
-    # adapters on the last `lora_blocks` blocks only (0: all): the blocks below run without gradients,
-    # so a step costs a fraction on a CPU, and the top blocks still see the whole context to draft from
-    lora_blocks: int = 0
     # optional pretraining on plain utterances (the first pretrain_steps steps of the schedule)
     pretrain_steps: int = 0
     pretrain_max_tokens: int = 96
@@ -179,8 +176,6 @@ class TrainConfig:
             raise ConfigError(f"device {cfg.device!r}: {e}") from None
         if cfg.lora_rank < 0 or (cfg.lora_rank and not cfg.init_from):
             raise ConfigError(f"lora_rank must be >= 0, and adapters need weights to adapt (init_from), got {cfg.lora_rank} and {cfg.init_from!r}")
-        if not isinstance(cfg.lora_blocks, int) or cfg.lora_blocks < 0 or (cfg.lora_blocks and not cfg.lora_rank):
-            raise ConfigError(f"lora_blocks must be a whole number >= 0, and needs lora_rank, got {cfg.lora_blocks!r} with lora_rank {cfg.lora_rank}")
         if cfg.pad_to_block and not cfg.block_sizes:
             raise ConfigError("pad_to_block pads to the largest of block_sizes: give block_sizes")
         if cfg.autocast_bf16 not in ("auto", True, False):

@@ -126,7 +126,7 @@ def export(run_dir: str | Path, out_dir: str | Path, which: str = "best", dtype:
     trained = ckpt.get("train_config", {})
     if "lora" in ckpt:  # the base weights with the adapters merged in, and the adapters alone
         model, _ = load_model(trained["init_from"], dtype=torch.float32)
-        lora = LoRA(model, trained["lora_rank"], trained["lora_alpha"], trained.get("lora_blocks", 0))
+        lora = LoRA(model, trained["lora_rank"], trained["lora_alpha"])
         lora.load_state_dict(ckpt["lora"])
         lora.merge()
     else:
@@ -213,7 +213,7 @@ def train(cfg: TrainConfig, resume: bool = False, minutes: float | None = None, 
     lora = None
     if cfg.lora_rank:
         model.requires_grad_(False)
-        lora = LoRA(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_blocks)
+        lora = LoRA(model, cfg.lora_rank, cfg.lora_alpha)
     model.to(device)
     trained = lora if lora is not None else model  # what the optimizer, checkpoints and best.pt hold
     opt = make_optimizer(trained, cfg)

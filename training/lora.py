@@ -28,23 +28,18 @@ def _key(name: str) -> str:
 
 
 class LoRA(nn.Module):
-    """Rank-`rank` adapters on every TARGETS layer of `model`'s last `blocks` blocks (0: all of
-    them), hooked into its forward (training freezes the model's own weights: `model.requires_grad_(False)`)."""
+    """Rank-`rank` adapters on every TARGETS layer of `model`'s blocks, hooked into its forward
+    (training freezes the model's own weights: `model.requires_grad_(False)`)."""
 
-    def __init__(self, model: DiffusionLM, rank: int, alpha: float, blocks: int = 0) -> None:
+    def __init__(self, model: DiffusionLM, rank: int, alpha: float) -> None:
         super().__init__()
-        n_layers = model.config.n_layers
         if rank < 1:
             raise ConfigError(f"a LoRA rank must be >= 1, got {rank}")
-        if not 0 <= blocks <= n_layers:
-            raise ConfigError(f"LoRA on the last {blocks} blocks of a {n_layers}-block model")
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.a, self.b = nn.ParameterDict(), nn.ParameterDict()
         self.layers: dict[str, nn.Linear] = {}
-        first = n_layers - (blocks or n_layers)
         for name, module in model.named_modules():
-            block, _, kind = name.partition(".blocks.")[2].partition(".")
-            if isinstance(module, nn.Linear) and block.isdigit() and int(block) >= first and kind in TARGETS:
+            if isinstance(module, nn.Linear) and ".blocks." in name and name.rsplit(".", 1)[-1] in TARGETS:
                 key = _key(name)
                 w = module.weight
                 self.a[key] = nn.Parameter(torch.empty(rank, w.shape[1], device=w.device))
