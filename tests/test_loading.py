@@ -47,7 +47,7 @@ def test_round_trip_is_exact_in_fp32(model_dir):
     original = random_model(cfg, seed=0)  # what make_model_dir saved
     model, tok = load_model(model_dir, dtype="float32")
     assert model.config == dataclasses.replace(cfg, end_of_turn_token_id=tok.special.end_of_turn)  # as the tokenizer resolved it
-    assert torch.equal(logits_of(model), logits_of(original))
+    torch.testing.assert_close(logits_of(model), logits_of(original))  # the CPU's GEMM rounds by the weights' alignment
     for name, p in original.state_dict().items():
         assert torch.equal(model.state_dict()[name], p), name
     assert tok.vocab_size == cfg.vocab_size
@@ -111,7 +111,7 @@ def test_weight_tied_model_saves_without_output_head(tmp_path):
     model, _ = load_model(d, dtype="float32")
     hidden = model(IDS)
     wte = model.model.transformer["wte"].weight
-    assert torch.equal(model.logits(hidden), hidden @ wte.T)
+    torch.testing.assert_close(model.logits(hidden), hidden @ wte.T)
 
 
 # --------------------------------------------------------------------------- tokenizer files
