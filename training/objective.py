@@ -157,7 +157,7 @@ def diffusion_loss(
             raise ConfigError("complementary masks are trained for block-causal models")
         views.append((region & ~masked, region & ~masked, (1 - t).clamp(min=eps)))
     hiddens = denoise_hidden(model, [torch.where(m, mask_id, ids) for m, _, _ in views], batch, block_size, drafting=ar_weight is not None)
-    causal = F.cross_entropy(model.logits(hiddens.pop()[region]).float(), ids[region]) if ar_weight is not None else 0.0
+    causal = ar_weight * F.cross_entropy(model.logits(hiddens.pop()[region]).float(), ids[region]) if ar_weight is not None else 0.0
     ces, bounds = [], []
     for hidden, (_, scored, rate) in zip(hiddens, views):
         logp = model.logits(hidden[scored]).float().log_softmax(-1)
@@ -169,8 +169,8 @@ def diffusion_loss(
         bounds.append((ce * (1 / rate / norm)[scored]).sum() / n)  # each view an estimate of the bound
     if weighting == "mean":
         ce = torch.cat(ces)
-        return ce.sum() / max(ce.numel(), 1) + (ar_weight or 0.0) * causal
-    return sum(bounds) / len(bounds) + (ar_weight or 0.0) * causal
+        return ce.sum() / max(ce.numel(), 1) + causal
+    return sum(bounds) / len(bounds) + causal
 
 
 @torch.no_grad()
