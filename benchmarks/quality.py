@@ -100,26 +100,49 @@ def held_out_loss(model_dir: Path, data_dir: Path, reply_len: int, max_prompt_to
     return {k: round(v, 4) for k, v in res.items()}
 
 
-def questions(engine: Engine, ar_dir: Path | None, params: DecodeParams, system: str | None) -> dict:
-    """The question set (`training.data.load_questions`): how many replies hold an accepted answer,
-    from the model (`engine`) at `params` and, with `ar_dir`, from the autoregressive model it was
-    adapted from, decoded one token per forward (block size 1: its greedy decoding, token for
-    token, as tests/test_convert.py checks against transformers) with the same prompt ids and reply
-    cap, on the same device in the same dtype."""
+def questions(engine: Engine, params: DecodeParams, system: str | None) -> dict:
+    """The question set (`training.data.load_questions`): how many of the model's replies (`engine`
+    at `params`) hold an accepted answer."""
     qs = load_questions()
-    prompts = [q.text for q in qs]
-    right = lambda rs: sum(answers_right(r["reply"], q) for r, q in zip(rs, qs))  # noqa: E731
-    replies = asyncio.run(_replies(engine, prompts, params, "questions (model)", system))
-    out: dict = {"questions": len(qs), "right_model": right(replies), "replies_model": replies}
-    if ar_dir is not None:
-        weights = next(engine.model.parameters())
-        ar = Engine.from_pretrained(ar_dir, device=str(weights.device), dtype=weights.dtype, max_batch=1)
-        try:
-            replies = asyncio.run(_replies(ar, prompts, dataclasses.replace(params, policy="vanilla", block_size=1), "questions (AR)", system))
-        finally:
-            ar.close()
-        out |= {"right_ar": right(replies), "replies_ar": replies, "accuracy_vs_ar": round(out["right_model"] / max(right(replies), 1), 3)}
-    return out
+    replies = asyncio.run(_replies(engine, [q.text for q in qs], params, "questions (model)", system))
+    return {"questions": len(qs), "right_model": _right(replies, qs), "tokens_per_s_model": _tokens_per_s(replies), "replies_model": replies}
+
+
+def questions_of_ar(model: dict, ar_dir: Path, device: str, dtype: str, params: DecodeParams, system: str | None) -> dict:
+    """The same questions from the autoregressive model the dLLM was adapted from, decoded one token
+    per forward (block size 1: its greedy decoding, token for token, as tests/test_convert.py checks
+    against transformers) with the same prompt ids and reply cap, on the same device in the same
+    dtype. Run it once the model's engine is closed: a second engine's idle OpenMP threads make
+    libgomp cut the busy ones' spin-waits (more OpenMP threads than cores), which slows its steps."""
+    qs = load_questions()
+    ar = Engine.from_pretrained(ar_dir, device=device, dtype=dtype, max_batch=1)
+    one_token = dataclasses.replace(params, policy="vanilla", block_size=1)
+    try:
+        asyncio.run(ar.generate(qs[0].text, one_token))  # warm-up, as the model's engine had
+        replies = asyncio.run(_replies(ar, [q.text for q in qs], one_token, "questions (AR)", system))
+    finally:
+        ar.close()
+    return {"right_ar": _right(replies, qs), "tokens_per_s_ar": _tokens_per_s(replies), "replies_ar": replies,
+            "accuracy_vs_ar": round(model["right_model"] / max(_right(replies, qs), 1), 3)}
+
+
+def _right(replies: list[dict], qs: list) -> int:
+    return sum(answers_right(r["reply"], q) for r, q in zip(replies, qs))
+
+
+def _tokens_per_s(replies: list[dict]) -> float:
+    return round(sum(r["tokens"] for r in replies) / max(sum(r["seconds"] for r in replies), 1e-9), 1)
+
+
+def _question_summary(q: dict, answered: list[dict]) -> dict:
+    """The question set's figures, and those over every reply at the default decoding (`answered`)."""
+    return {
+        "questions_right": q["right_model"],
+        **({"questions_right_ar": q["right_ar"], "accuracy_vs_ar": q["accuracy_vs_ar"], "tokens_per_s_questions": q["tokens_per_s_model"],
+            "tokens_per_s_questions_ar": q["tokens_per_s_ar"]} if "right_ar" in q else {}),
+        "replies_with_a_3gram_thrice": sum(thrice_3gram(r["reply"]) for r in answered),
+        "tokens_per_forward_all": round(sum(r["tokens"] for r in answered) / max(sum(r["forwards"] for r in answered), 1), 2),
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -133,25 +156,27 @@ def run(args: argparse.Namespace) -> dict:
     try:
         # Warm-up: the first forwards pay for allocations; not any one decoder's time.
         asyncio.run(engine.generate([{"role": "user", "content": QUALITY_PROMPTS[0]}], default))
-        fast = asyncio.run(_replies(engine, QUALITY_PROMPTS, default, "threshold+dual", args.system))
-        slow = asyncio.run(_replies(engine, QUALITY_PROMPTS, vanilla, "vanilla", args.system))
-        ref = asyncio.run(_replies(engine, QUALITY_PROMPTS, reference, "vanilla reference", args.system))
-        by_cache = {c: asyncio.run(_replies(engine, QUALITY_PROMPTS, dataclasses.replace(default, cache=c), f"threshold+{c}", args.system)) for c in ("none", "prefix")}
-        report["dialogues"] = [asyncio.run(_dialogue(engine, d, default)) for d in DIALOGUES]
-        report["questions"] = questions(engine, args.ar_model, default, args.system)
+        if not args.questions_only:
+            fast = asyncio.run(_replies(engine, QUALITY_PROMPTS, default, "threshold+dual", args.system))
+            slow = asyncio.run(_replies(engine, QUALITY_PROMPTS, vanilla, "vanilla", args.system))
+            ref = asyncio.run(_replies(engine, QUALITY_PROMPTS, reference, "vanilla reference", args.system))
+            by_cache = {c: asyncio.run(_replies(engine, QUALITY_PROMPTS, dataclasses.replace(default, cache=c), f"threshold+{c}", args.system)) for c in ("none", "prefix")}
+            report["dialogues"] = [asyncio.run(_dialogue(engine, d, default)) for d in DIALOGUES]
+        report["questions"] = questions(engine, default, args.system)
     finally:
         engine.close()
+    if args.ar_model:
+        report["questions"] |= questions_of_ar(report["questions"], args.ar_model, str(engine.device), engine.model.weight_format, default, args.system)
+    if args.questions_only:
+        report["summary"] = _question_summary(report["questions"], report["questions"]["replies_model"])
+        return _print_and_write(report, model_dir, args)
     replies = [r["reply"] for r in fast]
-    tps = lambda rs: sum(r["tokens"] for r in rs) / max(sum(r["seconds"] for r in rs), 1e-9)  # noqa: E731
     same = lambda rs: round(sum(r["reply"] == s["reply"] for r, s in zip(rs, slow)) / len(rs), 3)  # noqa: E731
     report["decoding"] = {"default": vars(default), "vanilla": vars(vanilla), "reference": vars(reference)}
     report["replies"] = [{**f, "vanilla_reply": s["reply"], "same_as_vanilla": f["reply"] == s["reply"]} for f, s in zip(fast, slow)]
     answered = fast + report["questions"]["replies_model"]  # every reply at the default decoding
     report["summary"] = {
-        "questions_right": report["questions"]["right_model"],
-        **({"questions_right_ar": report["questions"]["right_ar"], "accuracy_vs_ar": report["questions"]["accuracy_vs_ar"]} if args.ar_model else {}),
-        "replies_with_a_3gram_thrice": sum(thrice_3gram(r["reply"]) for r in answered),
-        "tokens_per_forward_all": round(sum(r["tokens"] for r in answered) / max(sum(r["forwards"] for r in answered), 1), 2),
+        **_question_summary(report["questions"], answered),
         "prompts": len(fast),
         "ended_within_48_tokens": round(sum(r["finish"] == "stop" and r["tokens"] <= 48 for r in fast) / len(fast), 3),
         "replies_repeating_a_word_3x": sum(map(repeats_a_word, replies)),
@@ -160,11 +185,11 @@ def run(args: argparse.Namespace) -> dict:
         "commonest_reply_count": collections.Counter(replies).most_common(1)[0][1],  # one template for every prompt: 40
         "same_as_vanilla": same(fast),
         "same_as_vanilla_by_cache": {**{c: same(rs) for c, rs in by_cache.items()}, "dual": same(fast)},
-        "tokens_per_s_default": round(tps(fast), 1),
-        "tokens_per_s_vanilla": round(tps(slow), 1),
-        "speedup_vs_vanilla": round(tps(fast) / max(tps(slow), 1e-9), 2),
-        "tokens_per_s_reference": round(tps(ref), 1),
-        "speedup_vs_reference": round(tps(fast) / max(tps(ref), 1e-9), 2),  # the engine issue's headline
+        "tokens_per_s_default": _tokens_per_s(fast),
+        "tokens_per_s_vanilla": _tokens_per_s(slow),
+        "speedup_vs_vanilla": round(_tokens_per_s(fast) / max(_tokens_per_s(slow), 1e-9), 2),
+        "tokens_per_s_reference": _tokens_per_s(ref),
+        "speedup_vs_reference": round(_tokens_per_s(fast) / max(_tokens_per_s(ref), 1e-9), 2),  # the engine issue's headline
         "tokens_per_forward_default": round(sum(r["tokens"] for r in fast) / max(sum(r["forwards"] for r in fast), 1), 2),
     }
     data_dir = args.data
@@ -176,13 +201,17 @@ def run(args: argparse.Namespace) -> dict:
     if not args.no_loss:
         report["held_out_loss"] = held_out_loss(model_dir, data_dir, args.reply_len, args.max_prompt_tokens, args.examples, [0.25, 0.5, 0.75], args.eval_file)
         report["held_out_file"] = args.eval_file
+    return _print_and_write(report, model_dir, args)
+
+
+def _print_and_write(report: dict, model_dir: Path, args: argparse.Namespace) -> dict:
     s = report["summary"]
     print(f"model {model_dir}")
     for k, v in s.items():
         print(f"  {k:>28}: {v}")
     if "held_out_loss" in report:
         print(f"  {'held-out loss':>28}: " + ", ".join(f"{k} {v}" for k, v in report["held_out_loss"].items()))
-    for r in report["replies"][: args.show]:
+    for r in report.get("replies", [])[: args.show]:
         print(f"  > {r['prompt']}\n    {r['reply']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -202,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=64, help="as trained (default: %(default)s)")
     p.add_argument("--examples", type=int, default=500, help="held-out examples scored (default: %(default)s)")
     p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
+    p.add_argument("--questions-only", action="store_true",
+                   help="the question set alone (with --ar-model, the AR model's too): accuracy, tokens/s and tokens per forward, without the everyday prompts' decoder comparisons or the held-out loss")
     p.add_argument("--show", type=int, default=10, help="replies printed (all are in the JSON; default: %(default)s)")
     p.add_argument("--json", type=Path, help="write the report here")
     args = p.parse_args(argv)

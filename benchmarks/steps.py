@@ -156,7 +156,9 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     if args.shape:
         cfg = LLaDAConfig(**SHAPES[args.shape])
-        model, name = random_model(cfg, device, resolve_dtype(args.dtype, device)), f"{args.shape} (random weights)"
+        model, name = random_model(cfg, device, resolve_dtype("float32" if args.dtype == "int8" else args.dtype, device)), f"{args.shape} (random weights)"
+        if args.dtype == "int8":
+            model.quantize_int8()
     else:
         model_dir = args.model or default_model_path()
         model, _ = load_model(model_dir, device=device, dtype=args.dtype)
@@ -165,10 +167,9 @@ def run(args: argparse.Namespace) -> dict:
         model.compile_layers()  # each batch size's first (warm-up) step compiles
     if args.cuda_graphs:
         model.use_cuda_graphs()  # each kind of step is captured at its warm-up
-    dtype = next(model.parameters()).dtype
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = model.n_params
     report: dict = {
-        "model": name, "parameters": n_params, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "model": name, "parameters": n_params, "device": str(device), "dtype": model.weight_format,
         "threads": torch.get_num_threads(), "compiled": model.compiled, "cuda_graphs": model.graphed, "machine": machine(),
         "conditions": {"prompt_tokens": args.prompt_tokens, "canvas": args.canvas, "block_size": args.block_size, "repeats": args.repeats},
         "runs": [],
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     src.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a real checkpoint's shape instead of a model directory")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 on GPUs and bf16-capable CPUs (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES, "int8"], help="auto: bf16 on GPUs and bf16-capable CPUs; int8: int8 linear layers, a CPU only (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes (default: %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=210, help="prompt length (default: %(default)s)")

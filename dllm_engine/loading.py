@@ -115,12 +115,14 @@ def load_model(
     directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = "auto", config_overrides: dict | None = None
 ) -> tuple[DiffusionLM, Tokenizer]:
     """The model and tokenizer of a directory; `config_overrides` change its config.json's values
-    on the way in (an AR checkpoint's chosen mask token, see convert.py)."""
+    on the way in (an AR checkpoint's chosen mask token, see convert.py). `dtype` "int8" loads
+    fp32 weights and quantizes the linear layers (`DiffusionLM.quantize_int8`, a CPU only)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"model directory {directory} does not exist")
     device = device_of(device)
-    dtype = resolve_dtype(dtype, device)
+    int8 = dtype == "int8"
+    dtype = resolve_dtype(torch.float32 if int8 else dtype, device)
     raw = {**read_json(directory / "config.json"), **(config_overrides or {})}
     cfg = LLaDAConfig.from_dict(raw)
     # transformers' names map to LLaDA's; a tied checkpoint may still carry its output head.
@@ -161,8 +163,9 @@ def load_model(
             module.join_fused(state, f"{prefix}.")
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
-    n = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s: %.1fM parameters, %s on %s", directory, n / 1e6, str(dtype).removeprefix("torch."), device)
+    if int8:
+        model.quantize_int8()
+    log.info("loaded %s: %.1fM parameters, %s on %s", directory, model.n_params / 1e6, model.weight_format, device)
     return model, tokenizer
 
 
@@ -196,6 +199,8 @@ def merge_low_rank(layers: dict[str, torch.nn.Module], tensors: dict[str, torch.
 
 def save_model(model: DiffusionLM, directory: str | Path, dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 15 * 2**20) -> None:
     """Write weights as safetensors in LLaDA names, sharded with an index above `max_shard_bytes`."""
+    if model.int8:
+        raise ConfigError("an int8 model is for decoding only: save the model it was loaded from")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")

@@ -19,6 +19,7 @@ cached step against the (stale) keys and values of everything else.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import OrderedDict
 
@@ -57,6 +58,43 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights, for decoding on a CPU (fbgemm's dynamically quantized GEMM).
+
+    Why: a small model's decoding step multiplies a few rows by every weight, so it is bound by
+    reading the weights; int8 weights are a quarter of fp32's. Weights are quantized per output
+    channel. Activations are quantized per row: each row is scaled to an absolute maximum of 1 and
+    a constant row [1, -1, 0, ...] pins the tensor's range to [-1, 1], so one outlier row (a prompt's
+    first token) does not coarsen the others and a row's result does not depend on its batch.
+    (Rounding to a grid still turns the last-bit differences of fp32 attention over more or fewer
+    queries into a step's worth, so a verified reply is no longer bit for bit the one-token one.)
+    fbgemm's activations are 7-bit (`reduce_range`): its 8-bit products overflow 16-bit sums.
+    torchao, where quantization is maintained, has no fast int8 kernel for x86 CPUs without
+    AVX-512, so this calls torch's own quantized ops, present in the pinned torch.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        zero = torch.zeros(len(w), dtype=torch.long)
+        with warnings.catch_warnings():  # torch's quantized tensors are deprecated (see above)
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.pin = torch.zeros(1, w.shape[1])
+        self.pin[0, :2] = torch.tensor([1.0, -1.0])
+        self.out_features = len(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        peak = rows.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        y = torch.ops.quantized.linear_dynamic(torch.cat((rows / peak, self.pin)), self.packed, True)[:-1] * peak
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
 class KVCache:
@@ -184,6 +222,8 @@ class DiffusionLM(nn.Module):
         self.model = Transformer(cfg)
         self.compiled = False
         self.graphed = False
+        self.head: Int8Linear | None = None  # the output head's int8 copy, once quantized
+        self.n_params = sum(p.numel() for p in self.parameters())  # int8 weights are not torch parameters
 
     def forward(
         self,
@@ -239,6 +279,8 @@ class DiffusionLM(nn.Module):
         """
         if self.compiled:
             return
+        if self.int8:
+            raise ConfigError("int8 weights run eager: not with compiled layers")
         if regional is None:
             regional = next(self.parameters()).device.type != "cpu"
         if regional:
@@ -274,7 +316,33 @@ class DiffusionLM(nn.Module):
         self._layers = CudaGraphs(self._layers, max_query_tokens)
         self.graphed = True
 
+    @property
+    def int8(self) -> bool:
+        return self.head is not None
+
+    @property
+    def weight_format(self) -> str:
+        """What the weights are stored as, for reports: int8 or the parameters' dtype."""
+        return "int8" if self.int8 else str(next(self.parameters()).dtype).removeprefix("torch.")
+
+    def quantize_int8(self) -> None:
+        """Int8 weights (Int8Linear) in every block's projections and in the output head, for
+        decoding on a CPU. The embedding stays fp32 (a lookup reads one row); so do the norms."""
+        param = next(self.parameters())
+        if param.device.type != "cpu" or param.dtype != torch.float32:
+            raise ConfigError(f"int8 weights are for a model in float32 on a CPU, not {str(param.dtype).removeprefix('torch.')} on {param.device}")
+        if self.compiled or self.graphed:
+            raise ConfigError("int8 weights run eager: not with compiled layers or CUDA graphs")
+        for block in self.model.transformer["blocks"]:
+            for name in ("qkv_proj", "attn_out", "ff_in", "ff_out"):
+                linear = getattr(block, name)
+                setattr(block, name, Int8Linear(linear.weight, linear.bias))
+        tr = self.model.transformer
+        self.head = Int8Linear(tr["wte"].weight if self.config.weight_tying else tr.pop("ff_out").weight, None)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            return self.head(hidden)[..., : self.config.vocab_size]
         tr = self.model.transformer
         weight = tr["wte"].weight if self.config.weight_tying else tr["ff_out"].weight
         rows = hidden.reshape(-1, hidden.shape[-1])

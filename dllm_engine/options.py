@@ -36,7 +36,8 @@ def add_model_args(p: argparse.ArgumentParser, threads_default: str = "torch's c
     """Which model to load, where and how (what `engine_from_args` and `setup_torch` read)."""
     p.add_argument("--model", type=Path, help="model directory (HF layout); default: the shipped model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights/compute dtype; auto = bf16 where the hardware has it (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                   help="weights/compute dtype; auto = bf16 where the hardware has it; int8 = int8 weights in the linear layers, fp32 elsewhere, a CPU only (faster steps, slightly different answers) (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, help=f"torch intra-op threads (default: {threads_default})")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block: fused kernels, faster on some machines (measure), after a start-up compile (about a minute the first time, less once inductor has them on disk)")

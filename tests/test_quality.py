@@ -42,6 +42,23 @@ def test_the_report_decodes_as_its_flags_say(tiny_chat, tmp_path):
         main(["--model", str(tiny_chat / "model"), "--threshold", "0"])
 
 
+def test_the_question_set_alone_is_scored_against_the_ar_model_in_the_models_dtype(converted, tmp_path):
+    """--questions-only: the question set from the model and from the AR model, nothing else decoded.
+    Verified decoding is the AR model's own (in fp32, bit for bit), so both score alike."""
+    import json
+
+    from benchmarks.quality import main
+
+    main(["--model", str(converted), "--questions-only", "--ar-model", str(converted), "--policy", "verify", "--block-size", "4",
+          "--max-new-tokens", "6", "--dtype", "float32", "--json", str(tmp_path / "q.json")])
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert "replies" not in report and "held_out_loss" not in report
+    q, s = report["questions"], report["summary"]
+    assert [r["reply"] for r in q["replies_model"]] == [r["reply"] for r in q["replies_ar"]]
+    assert s["questions_right"] == s["questions_right_ar"] == q["right_ar"] and s["tokens_per_s_questions_ar"] > 0
+    assert s["tokens_per_forward_all"] == round(sum(r["tokens"] for r in q["replies_model"]) / sum(r["forwards"] for r in q["replies_model"]), 2)
+
+
 def test_quality_report_refuses_a_missing_eval_file_before_decoding(tmp_path, capsys):
     from benchmarks.quality import main
 

@@ -40,11 +40,13 @@ def test_a_dual_step_writes_only_its_blocks_keys():
         assert changed[:, 12:20].any() and not changed[:, :12].any() and not changed[:, 20:].any()
 
 
-def test_the_report_has_every_step_kind_for_every_batch(random_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_the_report_has_every_step_kind_for_every_batch(random_model_dir, tmp_path, capsys, dtype):
     out = tmp_path / "steps.json"
     report = main(["--model", str(random_model_dir), "--batches", "1", "3", "--prompt-tokens", "20", "--canvas", "16",
-                   "--block-size", "8", "--repeats", "1", "--dtype", "float32", "--json", str(out)])
+                   "--block-size", "8", "--repeats", "1", "--dtype", dtype, "--json", str(out)])
     assert json.loads(out.read_text()) == report
+    assert report["dtype"] == dtype
     assert [r["batch"] for r in report["runs"]] == [1, 3]
     assert all(r[k] > 0 for r in report["runs"] for k in ("full_ms", "prefix_ms", "dual_ms"))
     assert report["conditions"] == {"prompt_tokens": 20, "canvas": 16, "block_size": 8, "repeats": 1}

@@ -267,19 +267,22 @@ def test_the_engine_bench_runs_a_converted_model_one_token_per_forward_beside_th
     assert [r["replies"] for r in runs if r["name"] == bench.VERIFY[0]] == [r["replies"] for r in ar]  # the AR model's replies
 
 
-def test_the_question_set_is_scored_for_the_model_and_the_ar_model_on_the_same_prompts(converted):
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_the_question_set_is_scored_for_the_model_and_the_ar_model_on_the_same_prompts(converted, dtype):
     """`benchmarks.quality.questions`: the model's replies from its engine, the AR model's one token
-    per forward; with the same weights, decoded one token per forward both ways, the same replies."""
-    from benchmarks.quality import questions
+    per forward in the same dtype; with the same weights, decoded one token per forward both ways,
+    the same replies."""
+    from benchmarks.quality import questions, questions_of_ar
     from training.data import answers_right, load_questions
 
-    model, tok = load_model(converted, dtype="float32")
+    model, tok = load_model(converted, dtype=dtype)
     engine = Engine(model, tok, max_batch=1, max_len=256)
     params = DecodeParams(policy="vanilla", block_size=1, max_new_tokens=4)
     try:
-        out = questions(engine, converted, params, "answer briefly.")
+        out = questions(engine, params, "answer briefly.")
     finally:
         engine.close()
+    out |= questions_of_ar(out, converted, "cpu", dtype, params, "answer briefly.")
     qs = load_questions()
     assert len(qs) >= 50 and out["questions"] == len(qs)
     assert [r["reply"] for r in out["replies_model"]] == [r["reply"] for r in out["replies_ar"]]

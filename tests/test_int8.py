@@ -1,0 +1,60 @@
+"""Int8 weights on a CPU (`dtype="int8"`): close to the float model row by row, whatever the other rows
+hold, and a linear layer's result for a row the same in any batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dllm_engine.config import ConfigError
+from dllm_engine.loading import load_model, save_model
+from dllm_engine.model import Int8Linear
+
+
+def test_every_row_is_close_to_float_beside_an_outlier_row():
+    """An outlier row (a prompt's first token carries activations hundreds of times the rest) must not
+    coarsen the others' quantization, as one scale for the whole tensor would."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    x = torch.randn(6, 96)
+    x[0] *= 500
+    exact = linear(x).detach()
+    error = (Int8Linear(linear.weight, linear.bias)(x) - exact).norm(dim=1) / exact.norm(dim=1)
+    assert error.max() < 0.03
+
+
+def test_a_rows_result_does_not_depend_on_its_batch():
+    torch.manual_seed(1)
+    linear = nn.Linear(64, 32, bias=False)
+    q = Int8Linear(linear.weight, None)
+    x = torch.randn(2, 5, 64)
+    x[1, 2] *= 50  # a row with a wider range than the rest
+    batched = q(x)
+    assert batched.shape == (2, 5, 32)
+    assert torch.equal(batched, torch.cat([q(row[None]) for row in x.reshape(-1, 64)]).reshape(2, 5, 32))
+
+
+def test_an_int8_model_predicts_as_its_float_model(converted):
+    fp32, _ = load_model(converted, dtype="float32")
+    int8, _ = load_model(converted, dtype="int8")
+    assert (int8.weight_format, fp32.weight_format) == ("int8", "float32") and int8.n_params == fp32.n_params
+    ids = torch.randint(0, fp32.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = fp32.logits(fp32(ids)), int8.logits(int8(ids))
+    # A tiny model's rows are short (7-bit steps weigh more) and its logits flat: a loose bound, which a
+    # wrong scale, weight or head exceeds many times over.
+    assert ((a - b).norm(dim=-1) / a.norm(dim=-1)).max() < 0.15
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.85
+
+
+def test_int8_is_refused_where_it_cannot_run(converted, tmp_path):
+    bf16, _ = load_model(converted, dtype="bfloat16")
+    with pytest.raises(ConfigError, match="float32 on a CPU"):
+        bf16.quantize_int8()
+    int8, _ = load_model(converted, dtype="int8")
+    with pytest.raises(ConfigError, match="eager"):
+        int8.compile_layers()
+    with pytest.raises(ConfigError, match="decoding only"):
+        save_model(int8, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
