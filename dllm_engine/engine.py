@@ -203,9 +203,9 @@ class Engine:
 
     def _compile(self) -> None:
         """Compile the model's layers and run each kind of forward once, before serving."""
+        self.model.compile_layers()  # wraps the layers (or refuses: int8 weights); they compile at their first call
         log.info("compiling the model's layers (torch.compile): up to a minute per kind of forward the first time, less once inductor has them on disk")
         t0 = time.perf_counter()
-        self.model.compile_layers()
         try:
             self.runner.warm_up()
         except Exception as e:  # inductor needs a C++ compiler on a CPU, Triton on a GPU
