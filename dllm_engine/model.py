@@ -328,6 +328,8 @@ class DiffusionLM(nn.Module):
     def quantize_int8(self) -> None:
         """Int8 weights (Int8Linear) in every block's projections and in the output head, for
         decoding on a CPU. The embedding stays fp32 (a lookup reads one row); so do the norms."""
+        if self.int8:
+            return
         param = next(self.parameters())
         if param.device.type != "cpu" or param.dtype != torch.float32:
             raise ConfigError(f"int8 weights are for a model in float32 on a CPU, not {str(param.dtype).removeprefix('torch.')} on {param.device}")

@@ -39,6 +39,9 @@ def test_an_int8_model_predicts_as_its_float_model(converted):
     fp32, _ = load_model(converted, dtype="float32")
     int8, _ = load_model(converted, dtype="int8")
     assert (int8.weight_format, fp32.weight_format) == ("int8", "float32") and int8.n_params == fp32.n_params
+    head = int8.head
+    int8.quantize_int8()  # once only
+    assert int8.head is head
     ids = torch.randint(0, fp32.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a, b = fp32.logits(fp32(ids)), int8.logits(int8(ids))
