@@ -23,6 +23,15 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"  # the model shipped inside the package
+# Everyday exchanges an int8 model calibrates on (`DiffusionLM.smooth`): activations as chat turns have them.
+CALIBRATION_CHATS = [
+    ("Hello, how are you today?", "I'm doing well, thank you for asking! How about you?"),
+    ("Can you tell me a fun fact about the ocean?", "Sure! Most of the ocean floor has never been mapped in detail."),
+    ("I was thinking about going hiking this weekend.", "That sounds lovely. Take water, good shoes and a map."),
+    ("What should I cook for dinner tonight?", "How about a simple pasta with tomatoes, garlic and basil?"),
+    ("My phone keeps running out of battery.", "Try lowering the screen brightness and closing apps you are not using."),
+    ("Thanks, that was helpful. Goodbye!", "You're welcome! Have a great day."),
+]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INDEX_FILE = "model.safetensors.index.json"
 T = TypeVar("T")
@@ -164,9 +173,21 @@ def load_model(
     model.load_state_dict(state, assign=True, strict=True)
     model.eval().requires_grad_(False)
     if int8:
-        model.quantize_int8()
+        model.quantize_int8(calibration_rows(tokenizer))
     log.info("loaded %s: %.1fM parameters, %s on %s", directory, model.n_params / 1e6, model.weight_format, device)
     return model, tokenizer
+
+
+def calibration_rows(tokenizer: Tokenizer) -> list[torch.Tensor]:
+    """`CALIBRATION_CHATS` as token ids, through the model's chat template where it has one."""
+    rows = []
+    for user, reply in CALIBRATION_CHATS:
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+        else:
+            ids = tokenizer.encode(f"{user} {reply}")
+        rows.append(torch.tensor(ids))
+    return rows
 
 
 def merge_adapter(model: DiffusionLM, path: str | Path) -> None:

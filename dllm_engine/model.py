@@ -325,9 +325,11 @@ class DiffusionLM(nn.Module):
         """What the weights are stored as, for reports: int8 or the parameters' dtype."""
         return "int8" if self.int8 else str(next(self.parameters()).dtype).removeprefix("torch.")
 
-    def quantize_int8(self) -> None:
+    def quantize_int8(self, calibration: list[torch.Tensor] = ()) -> None:
         """Int8 weights (Int8Linear) in every block's projections and in the output head, for
-        decoding on a CPU. The embedding stays fp32 (a lookup reads one row); so do the norms."""
+        decoding on a CPU. The embedding stays fp32 (a lookup reads one row); so do the norms.
+        With `calibration` (rows of token ids), activation outliers are first moved into the
+        weights (`smooth`), where per-channel scales absorb them."""
         if self.int8:
             return
         param = next(self.parameters())
@@ -335,12 +337,48 @@ class DiffusionLM(nn.Module):
             raise ConfigError(f"int8 weights are for a model in float32 on a CPU, not {str(param.dtype).removeprefix('torch.')} on {param.device}")
         if self.compiled or self.graphed:
             raise ConfigError("int8 weights run eager: not with compiled layers or CUDA graphs")
+        if len(calibration):
+            self.smooth(calibration)
         for block in self.model.transformer["blocks"]:
             for name in ("qkv_proj", "attn_out", "ff_in", "ff_out"):
                 linear = getattr(block, name)
                 setattr(block, name, Int8Linear(linear.weight, linear.bias))
         tr = self.model.transformer
         self.head = Int8Linear(tr["wte"].weight if self.config.weight_tying else tr.pop("ff_out").weight, None)
+
+    @torch.no_grad()
+    def smooth(self, calibration: list[torch.Tensor], alpha: float = 0.5) -> None:
+        """SmoothQuant's migration (Xiao et al., 2023), the same function in exact arithmetic: input
+        channel j of `qkv_proj`, `ff_in` and `ff_out` is divided by s_j = max|x_j|^alpha /
+        max|w_j|^(1 - alpha) (x from causal forwards over `calibration`) and its weight column
+        multiplied by it; the division is folded into the RMSNorm gain before the first two and
+        into `up_proj`'s rows before `ff_out`. Why: a few channels carry activations tens of times
+        the rest, which a per-row activation scale must cover; weights take them per channel."""
+        blocks = self.model.transformer["blocks"]
+        peaks: dict[nn.Module, torch.Tensor] = {}
+
+        def record(module: nn.Module, args: tuple, _: torch.Tensor) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).abs().amax(0)
+            peaks[module] = torch.maximum(peaks[module], x) if module in peaks else x
+
+        hooks = [getattr(b, name).register_forward_hook(record) for b in blocks for name in ("qkv_proj", "ff_in", "ff_out")]
+        try:
+            for ids in calibration:
+                t = len(ids)
+                self(ids[None], key_valid=torch.ones(1, t, t, dtype=torch.bool).tril())
+        finally:
+            for h in hooks:
+                h.remove()
+
+        def scale(linear: nn.Linear) -> torch.Tensor:
+            s = (peaks[linear].clamp(min=1e-5) ** alpha / linear.weight.abs().amax(0).clamp(min=1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)
+            linear.weight.mul_(s)
+            return s
+
+        for b in blocks:
+            b.attn_norm.weight.div_(scale(b.qkv_proj))
+            b.ff_norm.weight.div_(scale(b.ff_in))
+            b.ff_in.weight[b.sizes["ff_in"][0] :].div_(scale(b.ff_out)[:, None])  # the rows of up_proj
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.head is not None:

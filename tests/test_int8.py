@@ -3,12 +3,14 @@ hold, and a linear layer's result for a row the same in any batch."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from dllm_engine.config import ConfigError
-from dllm_engine.loading import load_model, save_model
+from dllm_engine.loading import calibration_rows, load_model, save_model
 from dllm_engine.model import Int8Linear
 
 
@@ -49,6 +51,34 @@ def test_an_int8_model_predicts_as_its_float_model(converted):
     # wrong scale, weight or head exceeds many times over.
     assert ((a - b).norm(dim=-1) / a.norm(dim=-1)).max() < 0.15
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.85
+
+
+def test_smoothing_keeps_the_function_and_moves_an_outlier_channel_into_the_weights(converted):
+    """One channel of every norm's output made 100x the rest, the weights reading it scaled down to
+    match (the same function, the outlier channels real models have): smoothing leaves the fp32
+    logits as they were, and int8 logits come back near fp32's, which the outlier ruins without it."""
+    ref, tok = load_model(converted, dtype="float32")
+    with torch.no_grad():
+        for b in ref.model.transformer["blocks"]:
+            for norm, linear in ((b.attn_norm, b.qkv_proj), (b.ff_norm, b.ff_in)):
+                norm.weight[0] *= 100
+                linear.weight[:, 0] /= 100
+    ids = torch.randint(0, ref.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    causal = torch.ones(1, 24, 24, dtype=torch.bool).tril()
+
+    def logits(m):
+        with torch.inference_mode():
+            return m.logits(m(ids, key_valid=causal))
+
+    def error(m):
+        return ((logits(m) - logits(ref)).norm(dim=-1) / logits(ref).norm(dim=-1)).max()
+
+    smoothed, plain, calibrated = copy.deepcopy(ref), copy.deepcopy(ref), copy.deepcopy(ref)
+    smoothed.smooth(calibration_rows(tok))
+    assert error(smoothed) < 1e-4
+    plain.quantize_int8()
+    calibrated.quantize_int8(calibration_rows(tok))
+    assert error(calibrated) < 0.15 < error(plain)
 
 
 def test_int8_is_refused_where_it_cannot_run(converted, tmp_path):
