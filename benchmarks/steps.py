@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from dllm_engine.config import ConfigError, LLaDAConfig
 from dllm_engine.decoding import attention_blocks, block_causal_keys, predict
-from dllm_engine.loading import DTYPES, device_of, load_model, resolve_dtype
+from dllm_engine.loading import DTYPE_CHOICES, device_of, load_model, resolve_dtype
 from dllm_engine.model import DiffusionLM, KVCache
 from dllm_engine.options import default_model_path
 
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     if args.shape:
         cfg = LLaDAConfig(**SHAPES[args.shape])
-        model, name = random_model(cfg, device, resolve_dtype("float32" if args.dtype == "int8" else args.dtype, device)), f"{args.shape} (random weights)"
+        model, name = random_model(cfg, device, resolve_dtype(args.dtype, device)), f"{args.shape} (random weights)"
         if args.dtype == "int8":
             model.quantize_int8()
     else:
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     src.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a real checkpoint's shape instead of a model directory")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES, "int8"], help="auto: bf16 on GPUs and bf16-capable CPUs; int8: int8 linear layers, a CPU only (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bf16 on GPUs and bf16-capable CPUs; int8: int8 linear layers, a CPU only (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes (default: %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=210, help="prompt length (default: %(default)s)")

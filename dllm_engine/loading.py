@@ -33,6 +33,7 @@ CALIBRATION_CHATS = [
     ("Thanks, that was helpful. Goodbye!", "You're welcome! Have a great day."),
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ["auto", *DTYPES, "int8"]  # what a model loads as (int8: fp32 with int8 linear layers, `load_model`)
 INDEX_FILE = "model.safetensors.index.json"
 T = TypeVar("T")
 
@@ -63,15 +64,18 @@ def device_of(name: str | torch.device) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`auto` is bf16 on CUDA and on CPUs with native bf16 matmuls, else fp32."""
+    """The dtype a model's tensors run in: `auto` is bf16 on CUDA and on CPUs with native bf16
+    matmuls, else fp32; `int8` (int8 linear layers) runs in fp32 around them."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "int8":
+        return torch.float32
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16
         return torch.bfloat16 if torch.backends.mkldnn.is_available() and cpu_has_bf16() else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[dtype]
 
 
@@ -131,7 +135,7 @@ def load_model(
         raise ConfigError(f"model directory {directory} does not exist")
     device = device_of(device)
     int8 = dtype == "int8"
-    dtype = resolve_dtype(torch.float32 if int8 else dtype, device)
+    dtype = resolve_dtype(dtype, device)
     raw = {**read_json(directory / "config.json"), **(config_overrides or {})}
     cfg = LLaDAConfig.from_dict(raw)
     # transformers' names map to LLaDA's; a tied checkpoint may still carry its output head.

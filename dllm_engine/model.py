@@ -334,7 +334,7 @@ class DiffusionLM(nn.Module):
             return
         param = next(self.parameters())
         if param.device.type != "cpu" or param.dtype != torch.float32:
-            raise ConfigError(f"int8 weights are for a model in float32 on a CPU, not {str(param.dtype).removeprefix('torch.')} on {param.device}")
+            raise ConfigError(f"int8 weights are for a model in float32 on a CPU, not {self.weight_format} on {param.device}")
         if self.compiled or self.graphed:
             raise ConfigError("int8 weights run eager: not with compiled layers or CUDA graphs")
         if len(calibration):

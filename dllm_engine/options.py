@@ -14,7 +14,7 @@ import torch
 
 from .decoding import CACHES, POLICIES, DecodeParams
 from .engine import Engine
-from .loading import DEFAULT_MODEL_DIR
+from .loading import DEFAULT_MODEL_DIR, DTYPE_CHOICES
 
 
 def default_model_path() -> Path:
@@ -36,7 +36,7 @@ def add_model_args(p: argparse.ArgumentParser, threads_default: str = "torch's c
     """Which model to load, where and how (what `engine_from_args` and `setup_torch` read)."""
     p.add_argument("--model", type=Path, help="model directory (HF layout); default: the shipped model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights/compute dtype; auto = bf16 where the hardware has it; int8 = int8 weights in the linear layers, fp32 elsewhere, a CPU only (faster steps, slightly different answers) (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, help=f"torch intra-op threads (default: {threads_default})")
     p.add_argument("--compile", action="store_true",
