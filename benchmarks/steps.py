@@ -36,7 +36,7 @@ from dllm_engine.config import ConfigError, LLaDAConfig
 from dllm_engine.decoding import attention_blocks, block_causal_keys, predict
 from dllm_engine.loading import DTYPE_CHOICES, device_of, load_model, resolve_dtype
 from dllm_engine.model import DiffusionLM, KVCache
-from dllm_engine.options import default_model_path
+from dllm_engine.options import model_path
 
 from .common import machine
 
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.dtype == "int8":
             model.quantize_int8()
     else:
-        model_dir = args.model or default_model_path()
+        model_dir = model_path(args)
         model, _ = load_model(model_dir, device=device, dtype=args.dtype)
         name = str(model_dir)
     if args.compile:
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.steps", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", type=Path, help="model directory (default: the shipped model)")
+    src.add_argument("--model", type=Path, help="model directory or named model (smollm2) (default: the shipped model)")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a real checkpoint's shape instead of a model directory")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: bf16 on GPUs and bf16-capable CPUs; int8: int8 linear layers, a CPU only (default: %(default)s)")

@@ -24,8 +24,8 @@ from dllm_engine.options import (
     add_decode_args,
     add_model_args,
     decode_params,
-    default_model_path,
     engine_from_args,
+    model_path,
     positive_int,
     setup_torch,
 )
@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: binding to {args.host} lets other machines in: pass --token (or set DLLM_API_TOKEN)")
     setup_torch(args)
     params = decode_params(args)
-    model = args.model or default_model_path()
+    model = model_path(args)
     engine = engine_from_args(args, max_batch=args.max_batch)
     settings = ApiSettings(host=args.host, port=args.port, token=token, model_name=args.served_model_name or model.name,
                            max_requests=args.max_requests, decode=params, tokenizer_fingerprint=tokenizer_fingerprint(model))
@@ -130,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     out = convert(args.src, args.out, args.mask_token, DTYPES[args.dtype])
-    print(f"wrote {out}: serve it with `dllm generate --model {out} ...` (--block-size 1 decodes exactly as the AR model)")
+    print(f"wrote {out}: serve it with `dllm generate --model {out} ...` (one token per forward, exactly as the AR model, until trained for blocks)")
 
 
 def build_parser() -> argparse.ArgumentParser:

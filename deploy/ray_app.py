@@ -12,8 +12,8 @@ and WebSocket handshake names its replica in `X-Replica`. Run with `serve run de
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -25,9 +25,9 @@ from agent.hub import ServerSettings
 from agent.server import create_app as voice_app
 from agent.voice_agent import Agent, AgentConfig
 from dllm_engine.config import ConfigError
-from dllm_engine.decoding import SPOKEN, DecodeParams
+from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
-from dllm_engine.loading import DEFAULT_MODEL_DIR
+from dllm_engine.default_model import resolve_model
 from serving.openai_api import ApiSettings
 from serving.openai_api import create_app as api_app
 from serving.protocol import tokenizer_fingerprint
@@ -64,10 +64,10 @@ class LLM:
 
     def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "cpu", max_batch: int = 8,
                  max_requests: int = 32, token: str | None = None, decode: dict[str, Any] | None = None) -> None:
-        path = Path(model or DEFAULT_MODEL_DIR)
+        path = resolve_model(model)
         self.engine = Engine.from_pretrained(path, device=device, dtype=dtype, max_batch=max_batch)
         settings = ApiSettings(token=token, model_name=path.name, max_requests=max_requests,
-                               decode=DecodeParams(**(decode or {})), tokenizer_fingerprint=tokenizer_fingerprint(path))
+                               decode=dataclasses.replace(self.engine.default_params, **(decode or {})), tokenizer_fingerprint=tokenizer_fingerprint(path))
         self.asgi = api_app(self.engine, settings)
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
@@ -85,7 +85,7 @@ class VoiceSessions:
 
     def __init__(self, llm_url: str, settings: dict[str, Any] | None = None, agent: dict[str, Any] | None = None) -> None:
         settings = ServerSettings(**(settings or {}))
-        config = AgentConfig(**{"max_sessions": settings.max_sessions, "decode": SPOKEN, **(agent or {}), "llm_url": llm_url})
+        config = AgentConfig(**{"max_sessions": settings.max_sessions, **(agent or {}), "llm_url": llm_url})
         if isinstance(config.decode, dict):
             config.decode = DecodeParams(**config.decode)
         self.agent = _when_engine_is_up(config)

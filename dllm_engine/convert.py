@@ -26,6 +26,7 @@ from .config import ConfigError, read_json
 from .loading import load_model, save_model
 
 AR_TYPES = ("llama", "qwen2", "qwen3")
+AR_DECODING = {"policy": "vanilla", "block_size": 1}  # `loading.generation_defaults`: the AR model's greedy decoding
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -48,7 +49,10 @@ def convert(src: str | Path, out: str | Path, mask_token: str | None = None, dty
         if (src / name).exists():
             shutil.copy(src / name, out / name)
     stop = sorted(tokenizer.special.stop)  # every stop id, also those only generation_config.json listed
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": stop}, indent=2) + "\n")
+    # Untrained for blocks, it decodes as the AR model does, one token per forward (`dllm export` of a
+    # run that trains it says what it is trained for).
+    generation = {"eos_token_id": stop, **AR_DECODING}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out
 
 

@@ -180,6 +180,9 @@ class Sequence:
         self.id = request_id
         self.params = params
         self.block_causal = block_causal
+        # Every position its own attention block (a token-causal prompt, then blocks of one token): a
+        # settled position's keys are those any longer sequence repeating it computes, reply and all.
+        self.token_causal = causal_prompt and params.block_size == 1 and not attention_block
         self.shift = int(shift)  # the window's predictions come from the positions one before it
         w = params.block_size
         self.prompt_len = n = len(prompt)
@@ -286,6 +289,7 @@ class Speculation(Sequence):
         params = dataclasses.replace(params, early_stop=True)  # nothing after the stop token is ever computed
         super().__init__(request_id, prompt, params, tokenizer, device, block_causal=True, causal_prompt=True, shift=True)
         self.blocks = torch.arange(self.length, device=device)
+        self.token_causal = True  # what it settles, it computed token-causally
         self.committed = self.prompt_len
         self.drafts = 0
 

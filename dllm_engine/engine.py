@@ -24,7 +24,7 @@ from typing import AsyncIterator, Union
 import torch
 
 from .decoding import DecodeParams, Output, Runner, Sequence, sequence_length
-from .loading import generation_limits, load_model, on_own_thread
+from .loading import GENERATION_LIMITS, generation_defaults, load_model, model_params, on_own_thread
 from .model import DiffusionLM, KVCache
 from .prefix_cache import Prefix, PrefixCache
 from .scheduler import Scheduler
@@ -76,9 +76,11 @@ class Engine:
     def __init__(
         self, model: DiffusionLM, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None, max_conversations: int = 16,
         max_new_tokens: int | None = None, max_prompt_tokens: int | None = None, compile: bool = False, cuda_graphs: bool = False,
+        default_params: DecodeParams | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.default_params = default_params or DecodeParams()  # the decoding the model was made for: for requests that name none
         self.max_new_tokens = max_new_tokens  # the model's reply length, for params that leave it open
         # The longest prompt the model was trained on, for callers that can trim their history
         # (the agent's Dialogue); not enforced here: a longer prompt still decodes.
@@ -106,8 +108,10 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = "auto", **kwargs) -> "Engine":
-        for key, value in generation_limits(path).items():
-            kwargs.setdefault(key, value)
+        limits = generation_defaults(path)
+        for key in GENERATION_LIMITS:
+            kwargs.setdefault(key, limits.get(key))
+        kwargs.setdefault("default_params", model_params(path))
         # Loaded and its cache zeroed off the caller's thread, so that the engine thread's OpenMP
         # team is the only one (see on_own_thread): a second team competes for the same cores.
         return on_own_thread(lambda: cls(*load_model(path, device=device, dtype=dtype), **kwargs))
@@ -139,7 +143,7 @@ class Engine:
         Leaving the loop early (break, task cancellation) cancels the request. With `conversation`,
         the prefix this prompt shares with that conversation's previous request is not recomputed.
         """
-        req = self._submit(prompt, params or DecodeParams(), request_id, step_events, conversation)
+        req = self._submit(prompt, params or self.default_params, request_id, step_events, conversation)
         finished = False
         try:
             while True:

@@ -7,6 +7,7 @@ each tensor, read from a memory-mapped safetensors file, is assigned to its para
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, LLaDAConfig, read_json, uses_hf_names
+from .decoding import POLICIES, DecodeParams
 from .model import Block, DiffusionLM, hf_name
 from .tokenizer import Tokenizer
 
@@ -103,25 +105,36 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 GENERATION_LIMITS = ("max_new_tokens", "max_prompt_tokens")
+MODEL_DECODING = ("policy", "block_size")
 
 
-def generation_limits(directory: str | Path) -> dict[str, int]:
-    """The reply canvas (`max_new_tokens`) and prompt length (`max_prompt_tokens`, this project's
-    key) a small model was trained on, from the directory's generation_config.json (HF's file of
-    generation defaults), where it says them: a model never saw a longer canvas or prompt, and on
-    one it runs on or loses the thread."""
+def generation_defaults(directory: str | Path) -> dict[str, int | str]:
+    """What a model directory's generation_config.json (HF's file of generation defaults) says about
+    decoding it, in this project's keys, where it says it. The reply canvas (`max_new_tokens`) and
+    prompt length (`max_prompt_tokens`) a small model was trained on: on a longer canvas it runs on,
+    after a longer prompt it loses the thread. The decoding it was made for (`MODEL_DECODING`): a
+    converted AR checkpoint decodes one token per forward until it is trained to draft (`dllm
+    convert`, `dllm export` write them); flags and requests that choose their own win."""
     path = Path(directory) / "generation_config.json"
     if not path.exists():
         return {}
     try:
         raw = json.loads(path.read_text())
-        limits = {key: raw[key] for key in GENERATION_LIMITS if raw.get(key) is not None}
+        found = {key: raw[key] for key in (*GENERATION_LIMITS, *MODEL_DECODING) if raw.get(key) is not None}
     except (json.JSONDecodeError, AttributeError) as e:
         raise ConfigError(f"{path}: not a JSON object: {e}") from None
-    for key, value in limits.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    for key, value in found.items():
+        if key == "policy":
+            if value not in POLICIES:
+                raise ConfigError(f"{path}: policy must be one of {', '.join(POLICIES)}, got {value!r}")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{path}: {key} must be a positive integer, got {value!r}")
-    return limits
+    return found
+
+
+def model_params(directory: str | Path, base: DecodeParams = DecodeParams()) -> DecodeParams:
+    """`base` with the policy and block size the model directory names (`generation_defaults`)."""
+    return dataclasses.replace(base, **{k: v for k, v in generation_defaults(directory).items() if k in MODEL_DECODING})
 
 
 def load_model(

