@@ -125,8 +125,7 @@ class Agent:
         torch.set_num_threads(config.torch_threads)
         t0 = time.perf_counter()
         turn_model = load_turn_model(config)  # first: a bad file fails fast
-        config = dataclasses.replace(config, model=resolve_model(config.model))  # a named model is built here, once
-        model = config.model
+        model = resolve_model(config.model)  # a named model is built here, once (and keeps its name in config)
         if config.llm_url:
             engine = RemoteEngine(config.llm_url, model, config.llm_token)
         else:

@@ -82,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     params = decode_params(args)
     model = model_path(args)
     engine = engine_from_args(args, max_batch=args.max_batch)
-    settings = ApiSettings(host=args.host, port=args.port, token=token, model_name=args.served_model_name or model.name,
+    settings = ApiSettings(host=args.host, port=args.port, token=token, model_name=args.served_model_name or (args.model or model).name,
                            max_requests=args.max_requests, decode=params, tokenizer_fingerprint=tokenizer_fingerprint(model))
     print(f"serving {settings.model_name} at http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="interface to bind; anything but loopback needs --token (default: %(default)s)")
     s.add_argument("--port", type=int, default=8001, help="(default: %(default)s; the voice agent's is 8000)")
     s.add_argument("--token", help="API key clients send as 'Authorization: Bearer TOKEN' (or set DLLM_API_TOKEN)")
-    s.add_argument("--served-model-name", help="the model id in /v1/models and requests (default: the model directory's name)")
+    s.add_argument("--served-model-name", help="the model id in /v1/models and requests (default: the model directory's name, or the named model's)")
     s.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together in one batch (default: %(default)s)")
     s.add_argument("--max-requests", type=positive_int, default=32, help="requests decoding or waiting for the batch; more get 429 (default: %(default)s)")
     s.add_argument("--drain-s", type=float, default=30.0, metavar="SECONDS", help="on shutdown, how long running requests may finish (default: %(default)s)")

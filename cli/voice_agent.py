@@ -21,7 +21,7 @@ from benchmarks import latency as bench
 from dllm_engine.config import ConfigError
 from dllm_engine.decoding import SPOKEN
 from dllm_engine.engine import RequestError
-from dllm_engine.options import add_decode_args, add_model_args, decode_params, engine_from_args, model_path, positive_int, setup_torch
+from dllm_engine.options import add_decode_args, add_model_args, decode_params, default_model_path, engine_from_args, positive_int, setup_torch
 
 from .common import run_command
 
@@ -101,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if settings.twilio_auth_token and not args.public_url:
         logging.getLogger(__name__).warning("TWILIO_AUTH_TOKEN without --public-url: signatures are checked against the URL this server sees")
     config = AgentConfig(
-        model=model_path(args),
+        model=args.model or default_model_path(),  # a named model by its name (Agent.load builds it)
         llm_url=args.llm_url,
         llm_token=os.environ.get("DLLM_API_TOKEN") or None,
         device=args.device,
