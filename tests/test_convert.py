@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
+from agent.voice_agent import Agent, AgentConfig
 from cli.dllm import main
 from dllm_engine.decoding import DecodeParams
 from dllm_engine.engine import Engine
@@ -119,6 +121,11 @@ def test_the_named_model_smollm2_is_built_once_and_answers(tmp_path, capsys, mon
     stamp = (built / "config.json").stat().st_mtime_ns
     main(["generate", "--model", "smollm2", "--dtype", "float32", "--max-new-tokens", "4", "hi"])
     assert (built / "config.json").stat().st_mtime_ns == stamp  # not built again
+    agent = Agent(AgentConfig(model="smollm2"), types.SimpleNamespace(max_new_tokens=None), None, None, None)
+    for pool in (agent.asr_pool, agent.tts_pool, agent.turn_pool):
+        pool.shutdown()
+    assert agent.model_names()["llm"] == "smollm2"  # /health names it, not its cache directory
+    assert (agent.config.decode.policy, agent.config.decode.block_size) == ("vanilla", 1)  # the build's own decoding
     monkeypatch.chdir(tmp_path)
     (tmp_path / "smollm2").mkdir()
     assert resolve_model("smollm2") == Path("smollm2")
