@@ -431,7 +431,7 @@ def test_an_open_max_new_tokens_is_the_models_reply_length_from_its_generation_c
         assert eng.max_prompt_tokens is None
     finally:
         eng.close()
-    for bad, key in (('{"max_new_tokens": "long"}', "max_new_tokens"), ('{"max_prompt_tokens": 0}', "max_prompt_tokens")):
+    for bad, key in (('{"max_new_tokens": "long"}', "max_new_tokens"), ('{"max_prompt_tokens": 0}', "max_prompt_tokens"), ('{"block_size": true}', "block_size")):
         (d / "generation_config.json").write_text(bad)
         with pytest.raises(ConfigError, match=f"generation_config.json: {key} must be a positive integer"):
             Engine.from_pretrained(d, dtype="float32")
