@@ -35,9 +35,9 @@ DECODE = {
     "max_new_tokens": Live(int, 1, 1024, "reply length cap, in tokens"),
 }
 TURNS = {
-    "end_ms": Live(int, 40, 10_000, "silence that ends a turn (no transcript yet, or a statement)"),
+    "end_ms": Live(int, 40, 10_000, "silence that ends a turn (no speculation, or a statement)"),
     "question_end_ms": Live(int, 0, 10_000, "silence that ends a turn whose pause transcript ends in '?' (0: off)"),
-    "unfinished_end_ms": Live(int, 0, 10_000, "silence that ends a turn whose pause transcript stops mid-phrase (0: off)"),
+    "unfinished_end_ms": Live(int, 0, 10_000, "silence that ends a turn whose pause transcript stops mid-phrase or has not come yet (0: off)"),
     "turn_model": Live(bool, doc="ask the end-of-turn model at each pause (the server must have loaded it)"),
     "complete_end_ms": Live(int, 0, 10_000, "silence that ends a turn the end-of-turn model hears as finished (0: off)"),
     "incomplete_end_ms": Live(int, 0, 10_000, "silence that ends a turn the end-of-turn model hears as unfinished (0: off)"),

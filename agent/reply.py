@@ -173,13 +173,13 @@ class Reply:
             if fixed_text is None:
                 self.user_text = await asyncio.get_running_loop().run_in_executor(agent.asr_pool, agent.asr.transcribe, audio)
                 self.timeline.mark("asr_final")
+                if self.confirmed and self.user_text:  # else `confirm` adds it, maybe in `transcribed` just below
+                    self.host.dialogue.add("user", self.user_text)
                 self._emit(ev.Transcript(self.turn, self.user_text, len(audio) / ASR_RATE))
                 self.host.transcribed(self)
                 if not self.user_text:
                     self.done = True
                     return
-                if self.confirmed:
-                    self.host.dialogue.add("user", self.user_text)
                 await asyncio.gather(self._generate(sentences), self._speak(sentences))
             else:
                 for sentence in SentenceSplitter().push(fixed_text + "\n"):

@@ -3,8 +3,8 @@
 
 - speech start opens a turn; a short pause starts the reply speculatively (its events held back)
   and asks the end-of-turn model whether the speaker is done; its verdict and the pause's
-  transcript move the end of the turn (`turns.end_of_turn_ms`); speech that resumes discards the
-  speculation; the end of turn confirms it (or starts the reply then);
+  transcript move the end of the turn (`turns.end_of_turn_ms`: the end waits for that transcript);
+  speech that resumes discards the speculation; the end of turn confirms it (or starts the reply then);
 - speech that starts while the agent's voice is playing is not a turn until it interrupts: after
   the echo guard, `barge_in_ms` of it is a barge-in, an explicit `Interrupted` event after which
   none of that reply's audio leaves the session and the history keeps only what the listener
@@ -181,6 +181,7 @@ class Session:
                 task.add_done_callback(self._judging.discard)
             if self.config.speculation:
                 self._start_turn_reply(h.audio, confirmed=False)
+                self._move_end()  # its transcript is on its way: the end waits for it
         elif h.signal is Signal.RESUME:
             self._discard_speculation()
         elif h.signal in (Signal.END_OF_TURN, Signal.CAPPED):
@@ -242,8 +243,14 @@ class Session:
 
     def _move_end(self) -> None:
         """This pause's end of turn, from its transcript and verdict so far; the turn ends now if the silence reaches it."""
-        if self.listener.move_end(end_of_turn_ms(self._pause_text, self._verdict and self._verdict.complete, self.config.turns)):
+        ms = end_of_turn_ms(self._pause_text, self._verdict and self._verdict.complete, self.config.turns, self._transcribing())
+        if self.listener.move_end(ms):
             self._end_of_turn(None)
+
+    def _transcribing(self) -> bool:
+        """This pause's speculative transcript is still on its way."""
+        r = self._reply
+        return self._pause_text is None and r is not None and r.turn == self._turn and not (r.confirmed or r.discarded or r.done)
 
     def _end_of_turn(self, audio: np.ndarray | None) -> None:
         verdict, self._pause = self._verdict, next(self._pause_ids)  # a verdict still on its way is too late
@@ -330,3 +337,5 @@ class Session:
 
     def finished(self, reply: Reply) -> None:
         self.listener.reset_idle()  # idle time counts from the end of the reply
+        if reply is self._reply and reply.turn == self._turn and not reply.confirmed:
+            self._move_end()  # a speculation that failed before its transcript holds the end no longer

@@ -12,7 +12,7 @@ class TurnConfig:
     vad_threshold: float = 0.5
     min_speech_ms: int = 160  # speech this long starts a turn (shorter blips are ignored)
     pause_ms: int = 200  # silence this long: a short pause, where speculative work starts
-    end_ms: int = 500  # silence this long: end of turn (no transcript yet, or one that reads as a statement)
+    end_ms: int = 500  # silence this long: end of turn (no speculation, or a transcript that reads as a statement)
     # With speculation, the transcript taken at the pause moves the end (0 disables either rule):
     question_end_ms: int = 300  # it ends in "?": the user asked and is waiting
     unfinished_end_ms: int = 2000  # it stops mid-phrase ("I was thinking about", "my favorite food is"): a thinking pause
@@ -71,10 +71,15 @@ def transcript_end_ms(text: str, config: TurnConfig) -> int:
     return config.end_ms
 
 
-def end_of_turn_ms(text: str | None, complete: float | None, config: TurnConfig) -> int:
+def end_of_turn_ms(text: str | None, complete: float | None, config: TurnConfig, transcribing: bool = False) -> int:
     """The end-of-turn silence for a pause, from what is known of it so far: its transcript (None: not
     yet, or no speculation) and the turn model's probability that the turn is complete (None: not yet,
     or off).
+
+    While the pause's transcript is on its way (`transcribing`), the words may yet stop mid-phrase, so
+    the end waits for them, up to `unfinished_end_ms`: on a busy CPU the transcript comes after `end_ms`,
+    and ending on silence alone would then answer half a sentence. Waiting costs the reply nothing,
+    since the speculative reply needs those words before it can say anything.
 
     The model hears what words cannot (a voice that stays up, a drawn-out "and…"): when it hears a
     speaker who is not done, the end moves later, unless the words are a question (Whisper's "?" is
@@ -83,7 +88,10 @@ def end_of_turn_ms(text: str | None, complete: float | None, config: TurnConfig)
     voice at a phrase boundary ("I would like to know") would cut the speaker off. Punctuation missing
     from the words does not hold a sure model back: Whisper leaves some finished sentences bare.
     """
-    rule = config.end_ms if text is None else transcript_end_ms(text, config)
+    if text is not None:
+        rule = transcript_end_ms(text, config)
+    else:
+        rule = max(config.end_ms, config.unfinished_end_ms) if transcribing else config.end_ms
     if complete is None:
         return rule
     question = text is not None and reads_question(text)

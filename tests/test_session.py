@@ -68,7 +68,7 @@ STEP_TOKEN = 7
 
 
 class ScriptedASR:
-    """Scripted transcripts (the last one again once they run out); `gate` holds each back until set."""
+    """Scripted transcripts (the last one again once they run out; "!fail" raises); `gate` holds each back until set."""
 
     def __init__(self, *texts: str) -> None:
         self.texts = list(texts)
@@ -79,7 +79,10 @@ class ScriptedASR:
     def transcribe(self, audio: np.ndarray) -> str:
         self.heard.append((len(audio), threading.current_thread().name))
         self.gate.wait(10)
-        return self.texts.pop(0) if len(self.texts) > 1 else self.texts[0]
+        text = self.texts.pop(0) if len(self.texts) > 1 else self.texts[0]
+        if text == "!fail":
+            raise RuntimeError("the transcriber failed")
+        return text
 
 
 class WordTTS:
@@ -254,6 +257,54 @@ async def test_a_question_at_the_pause_ends_the_turn_sooner_and_words_that_trail
     await c.say((QUIET, 6))  # 288 ms: past end_ms, short of the 320 ms a trailing phrase gets
     assert not stopped(c)
     await c.say((QUIET, 1))
+    assert stopped(c)
+
+
+LATE = dataclasses.replace(TURNS, unfinished_end_ms=320)  # 10 frames: the end waits this long for a late transcript
+
+
+@pytest.mark.parametrize("transcript,stops_at", [("Tell me a joke.", 0), ("I was thinking about", 4)])
+async def test_the_end_of_a_turn_waits_for_a_late_pause_transcript(call, transcript, stops_at):
+    """On a busy CPU the transcript comes after end_ms of silence: the words it brings still decide."""
+    c = await call(["Go on."], (transcript,), turns=LATE)
+    c.agent.asr.gate.clear()
+    await c.say((LOUD, 4), (QUIET, 3 + 3))  # 192 ms of silence: end_ms, but the transcript is late
+    await settle()
+    assert not stopped(c)
+    c.agent.asr.gate.set()
+    await c.until_true(lambda: c.session._pause_text is not None)
+    await settle()
+    assert stopped(c) == (stops_at == 0)  # a statement: the silence so far is enough
+    if stops_at:
+        await c.say((QUIET, stops_at - 1))  # 288 ms in all: short of the 320 ms a trailing phrase gets
+        assert not stopped(c)
+        await c.say((QUIET, 1))
+        assert stopped(c)
+    assert of(c.events, ev.Transcript)[0].text == transcript  # the speculation was kept
+    await c.until(ev.ResponseDone)
+    assert c.session.dialogue.turns == [{"role": "user", "content": transcript}, {"role": "assistant", "content": "Go on."}]
+
+
+async def test_without_a_transcript_to_wait_for_the_end_is_end_ms(call):
+    c = await call(["Hi."], ("!fail",), turns=LATE)
+    c.agent.asr.gate.clear()
+    await c.say((LOUD, 4), (QUIET, 6))
+    await settle()
+    assert not stopped(c)
+    c.agent.asr.gate.set()  # the transcription fails: nothing more to wait for
+    await c.until_true(lambda: stopped(c))
+    assert of(c.events, ev.Error)[0].code == "reply_failed"
+    c = await call(["Hi."], turns=dataclasses.replace(LATE, push_to_talk=True))
+    c.agent.asr.gate.clear()
+    await c.say((LOUD, 4))
+    await c.session.commit(16000)  # the client ends the turn: its silence does, transcript or not
+    await settle()
+    assert stopped(c)
+    c.agent.asr.gate.set()
+    await c.until(ev.ResponseDone)
+    c = await call(["Hi."], turns=LATE, speculation=False)
+    await c.say((LOUD, 4), (QUIET, 6))  # no speculation: no transcript at the pause to wait for
+    await settle()
     assert stopped(c)
 
 

@@ -5,6 +5,7 @@ synthesized and real speech, bad model files."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from agent import events as ev
 from agent.turns import TurnConfig, end_of_turn_ms
 from audio.turn_model import SAMPLE_RATE, WINDOW_S, TurnModel, TurnModelError, default_model_path
-from tests.helpers import WAIT, silence, trim
+from tests.helpers import WAIT, settle, silence, trim
 
 FINISHED = "I would like to book a table for two."
 UNFINISHED = "So I was thinking that maybe we could"
@@ -54,6 +55,9 @@ def test_it_hears_a_finished_sentence_and_an_unfinished_one(turn_model, piper_sp
 def test_the_end_of_turn_rule():
     cfg = TurnConfig(end_ms=500, question_end_ms=300, unfinished_end_ms=1200, complete_end_ms=200, incomplete_end_ms=2000)
     assert end_of_turn_ms(None, None, cfg) == 500  # nothing known yet
+    assert end_of_turn_ms(None, None, cfg, transcribing=True) == 1200  # ... but the pause's words are on their way
+    assert end_of_turn_ms(None, 0.9, cfg, transcribing=True) == 1200
+    assert end_of_turn_ms(None, None, dataclasses.replace(cfg, unfinished_end_ms=0), transcribing=True) == 500  # 0: off
     assert end_of_turn_ms("Tell me a joke.", None, cfg) == 500  # the transcript alone, as before
     assert end_of_turn_ms("Tell me a joke.", 0.9, cfg) == 200  # both hear a finished turn: now
     assert end_of_turn_ms("What time is it?", 0.9, cfg) == 200
@@ -107,6 +111,7 @@ async def run_session(agent, audio_parts: list[np.ndarray], rate: int = 16000, u
         for part in audio_parts:
             await feed(s, part, rate)
             await settled(s)
+        await settle()  # what the last transcript or verdict decided reaches the reader
         if until is not None:
             await asyncio.wait_for(reader, WAIT)
         reader.cancel()
@@ -148,10 +153,10 @@ async def test_real_speech_with_a_long_pause_mid_sentence_is_one_turn(voice_agen
     gap = longest_inner_pause(prompt)
     spoken = stretch(prompt, gap, 1.5).astype(np.float32) / 32768
     cut = gap[0] + int(0.5 * prompt.rate)  # the first part, and 500 ms of its pause: judged and transcribed
-    parts = [np.concatenate([silence(0.5, 8000), spoken[:cut]]), spoken[cut:], silence(1.0, 8000)]
+    parts = [np.concatenate([silence(0.5, 8000), spoken[:cut]]), spoken[cut:], silence(2.5, 8000)]  # past incomplete_end_ms
     with_model = await run_session(voice_agent, parts, rate=8000, speculation=True, turns=TurnConfig(turn_model=True))
     without = await run_session(voice_agent, parts, rate=8000, speculation=True, turns=TurnConfig(turn_model=False))
-    assert len(stopped(with_model)) == 1 and len(stopped(without)) == 2
+    assert len(stopped(with_model)) == 1 and len(stopped(without)) == 2, (with_model, without)
 
 
 async def test_turn_metrics_report_the_verdict(voice_agent, piper_speech):
