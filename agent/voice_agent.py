@@ -29,12 +29,15 @@ from dllm_engine.default_model import resolve_model
 from dllm_engine.loading import model_params
 from serving.remote import RemoteEngine
 
+from .dialogue import Dialogue
 from .turns import TurnConfig
 
 if TYPE_CHECKING:
     from .session import Session
 
 log = logging.getLogger(__name__)
+
+WARM_UP = "agent-warm-up"  # the engine conversation of the warm-up turn, whose prefix callers may share
 
 
 @dataclasses.dataclass
@@ -139,9 +142,13 @@ class Agent:
 
     def warm_up(self) -> None:
         """One pass through each model, so the first caller's first turn does not pay for the
-        kernels and buffers their first call creates."""
+        kernels and buffers their first call creates. The engine's pass is a session's first turn:
+        where prefixes are shared, its system prompt is then every caller's without a prefill."""
+        c = self.config
+        prompt = Dialogue.for_engine(self.engine, c.system_prompt, c.max_history_tokens).prompt([{"role": "user", "content": "Hello!"}])
+        conversation = WARM_UP if self.engine.exact_prefix_reuse else None
         with concurrent.futures.ThreadPoolExecutor(1) as pool:  # its own event loop, whatever the caller runs
-            pool.submit(asyncio.run, self.engine.generate([{"role": "user", "content": "Hello!"}], self.config.decode)).result()
+            pool.submit(asyncio.run, self.engine.generate(prompt, c.decode, conversation=conversation)).result()
         self.asr.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32))
         for _ in self.tts.synthesize("Hello."):
             pass

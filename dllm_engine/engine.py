@@ -7,7 +7,9 @@ and leave between steps, at their own block boundaries, while sharing forwards w
 
 Requests that name a `conversation` reuse its cached prefix (prefix_cache.py): exact for a
 `turn_blocks` model or a token-causal prompt's (`Engine.exact_prefix_reuse`), an approximation for
-any other, so callers ask for it only when they accept that.
+any other, so callers ask for it only when they accept that. Where it is exact, a conversation
+also takes any other's prefix that shares more of its prompt (`share_prefixes`): every call's
+first turn starts with the same system prompt.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class Engine:
     def __init__(
         self, model: DiffusionLM, tokenizer: Tokenizer, max_batch: int = 8, max_len: int | None = None, max_conversations: int = 16,
         max_new_tokens: int | None = None, max_prompt_tokens: int | None = None, compile: bool = False, cuda_graphs: bool = False,
-        default_params: DecodeParams | None = None,
+        default_params: DecodeParams | None = None, share_prefixes: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -101,6 +103,7 @@ class Engine:
         self._scheduler: Scheduler[_Request] = Scheduler(max_batch)  # the engine thread's alone
         self._requests: dict[str, _Request] = {}  # every request not yet finished
         self._prefixes = PrefixCache(max_conversations)  # both under _lock
+        self.share_prefixes = share_prefixes  # where reuse is exact, a conversation may load another's prefix
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="dllm-engine", daemon=True)
         self._stopped: str | None = None  # why it stopped serving (closed, or its thread failed); set once, under _lock
@@ -291,8 +294,13 @@ class Engine:
                     req.post(out)
 
     def _load_prefix(self, req: _Request) -> None:
+        if req.conversation is None:
+            return
         with self._lock:
-            prefix = self._prefixes.get(req.conversation) if req.conversation else None
+            if self.share_prefixes and self.exact_prefix_reuse:
+                prefix = self._prefixes.longest(req.seq.ids[: req.seq.prompt_len].tolist(), req.conversation)
+            else:
+                prefix = self._prefixes.get(req.conversation)
         if prefix is not None:
             prefix.load_into(req.seq, self.cache)
 

@@ -3,12 +3,14 @@
 When a request that names a `conversation` finishes, the keys and values of its settled positions
 are copied out of its KV-cache slot (`Prefix.of_sequence`); the next request of that conversation
 loads the longest common token prefix back into its own slot (`Prefix.load_into`) instead of
-recomputing it. For a `turn_blocks` model this is exact: only the previous prompt's whole turns are
-kept, whose keys never saw anything after them; for a token-causal prompt (`causal_prompt`, an AR
-checkpoint converted) too: the previous prompt is kept, every position of which saw only those
-before it, and the reply as well where it was decoded token-causally. For any other model it is an approximation (their
-keys saw the rest of the prompt, or the canvas; see decoding.py), so callers ask for it only when
-they accept that.
+recomputing it. For a `turn_blocks` model this is exact: only the previous prompt's whole turns
+are kept, whose keys never saw anything after them; for a token-causal prompt (`causal_prompt`, an
+AR checkpoint converted) too: the previous prompt is kept, every position of which saw only those
+before it, and the reply as well where it was decoded token-causally. Being exact, such keys serve
+any conversation whose prompt starts with the same tokens, so a request may take another
+conversation's longer prefix (`PrefixCache.longest`): a call's first turn reuses the system prompt
+of those before it. For any other model it is an approximation (their keys saw the rest of the
+prompt, or the canvas; see decoding.py), so callers ask for it only when they accept that.
 """
 
 from __future__ import annotations
@@ -88,3 +90,14 @@ class PrefixCache(Mapping[str, Prefix]):
 
     def forget(self, conversation: str) -> None:
         self._prefixes.pop(conversation, None)
+
+    def longest(self, ids: list[int], conversation: str) -> Prefix | None:
+        """The prefix that serves most of a prompt with these ids: the conversation's own, unless
+        another's serves more (for a model whose keys depend only on the tokens before them, keys
+        are keys: one call's system prompt is every call's)."""
+        best = self._prefixes.get(conversation)
+        n = best.reusable(ids) if best is not None else 0
+        for prefix in self._prefixes.values():
+            if (m := prefix.reusable(ids)) > n:
+                best, n = prefix, m
+        return best

@@ -379,7 +379,11 @@ async def reused_as_recomputed(engine, messages, params) -> tuple[list[int], obj
     the same token ids, which it returns with the kept turn's stats."""
     reused, stats = await stream_turn(engine, messages, params, "kept")
     engine.forget("fresh")
-    fresh, _ = await stream_turn(engine, messages, params, "fresh")
+    engine.share_prefixes, shares = False, engine.share_prefixes  # nothing borrowed from "kept"
+    try:
+        fresh, _ = await stream_turn(engine, messages, params, "fresh")
+    finally:
+        engine.share_prefixes = shares
     assert reused == fresh
     return reused, stats
 

@@ -256,6 +256,67 @@ def test_a_token_causal_prompt_keeps_only_its_prompt_and_reuses_it_exactly(tmp_p
         engine.close()
 
 
+@pytest.mark.parametrize("layout", [{"turn_blocks": True}, {"causal_prompt": True}])
+def test_a_new_conversation_starts_from_the_system_prompt_another_left(tmp_path, layout):
+    """Where reuse is exact, a conversation's first request takes the keys another conversation left
+    for the same leading tokens (every call's system prompt), and decodes as if it had recomputed them."""
+    model, tok = load_model(make_model_dir(tmp_path, {"block_causal": True, **layout}), dtype="float32")
+    engine = Engine(model, tok, max_batch=2, max_len=512)
+    params = DecodeParams(threshold=0.3, block_size=8, max_new_tokens=16)
+    system = {"role": "system", "content": "You are a kind assistant who answers in one short sentence."}
+    second = [system, {"role": "user", "content": "what do you like to do?"}]
+    prompt = engine.encode_prompt(second)
+
+    async def main():
+        await engine.generate([system, {"role": "user", "content": "hello there"}], params, conversation="a")
+        shared = engine._prefixes["a"].reusable(prompt)
+        assert shared > len(tok.encode(system["content"]))  # the system turn at least
+        _, out = await engine.generate(second, params, conversation="b")
+        assert out.stats.reused_tokens == shared
+        assert engine._prefixes["b"].ids[:shared] == prompt[:shared]
+        kept = engine._prefixes["b"]
+        engine.share_prefixes = False  # the same first request, recomputed from nothing
+        engine.forget("b")
+        _, alone = await engine.generate(second, params, conversation="b")
+        assert alone.stats.reused_tokens == 0
+        assert engine._prefixes["b"].ids == kept.ids
+        for a, b in zip(kept.k + kept.v, engine._prefixes["b"].k + engine._prefixes["b"].v):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
+class Mute:
+    """The agent's ASR and TTS where only its engine matters: nothing heard, nothing said."""
+
+    def transcribe(self, audio) -> str:  # noqa: ANN001
+        return ""
+
+    def synthesize(self, text: str):  # noqa: ANN201
+        return iter(())
+
+
+def test_the_agents_warm_up_leaves_its_system_prompt_to_the_first_caller(tmp_path):
+    from agent.dialogue import Dialogue
+    from agent.voice_agent import WARM_UP, Agent, AgentConfig
+
+    model, tok = load_model(make_model_dir(tmp_path, {"block_causal": True, "causal_prompt": True}), dtype="float32")
+    config = AgentConfig(system_prompt="You are a kind assistant who answers in one short sentence.", decode=DecodeParams(threshold=0.3, block_size=8, max_new_tokens=8))
+    agent = Agent(config, Engine(model, tok, max_batch=2, max_len=512), Mute(), Mute(), None)
+    try:
+        agent.warm_up()
+        first_turn = Dialogue.for_engine(agent.engine, config.system_prompt, config.max_history_tokens).prompt([{"role": "user", "content": "What time is it?"}])
+        shared = agent.engine._prefixes[WARM_UP].reusable(first_turn)
+        assert shared > len(tok.encode(config.system_prompt))
+        _, out = asyncio.run(agent.engine.generate(first_turn, agent.config.decode, conversation="call-1"))
+        assert out.stats.reused_tokens == shared
+    finally:
+        agent.close()
+
+
 def test_turn_blocks_need_a_block_causal_model():
     with pytest.raises(ConfigError, match="turn_blocks needs block_causal"):
         tiny_config(turn_blocks=True)

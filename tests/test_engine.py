@@ -227,6 +227,22 @@ def test_prefix_reuse_loads_the_common_prefix_and_never_recomputes_it(engine):
     asyncio.run(main())
 
 
+def test_an_approximate_prefix_is_never_shared_between_conversations(engine):
+    """A bidirectional model's cached keys saw their own prompt's end: another conversation whose
+    prompt starts the same way recomputes it."""
+    params = DecodeParams(cache="dual", threshold=0.3, block_size=8, max_new_tokens=8)
+    assert not engine.exact_prefix_reuse and engine.share_prefixes
+
+    async def main():
+        await engine.generate(chat("hello there"), params, conversation="first")
+        _, out = await engine.generate(chat("hello there, friend"), params, conversation="second")
+        return out
+
+    out = asyncio.run(main())
+    assert engine._prefixes["first"].reusable(engine.encode_prompt(chat("hello there, friend"))) > 0
+    assert out.stats.reused_tokens == 0
+
+
 def test_generate_reuses_a_conversations_prefix_as_stream_does(engine):
     params = DecodeParams(cache="dual", threshold=0.3, block_size=8, max_new_tokens=16, early_stop=False)
     turn1 = chat("hello there")
