@@ -23,6 +23,7 @@ from audio.asr import SAMPLE_RATE, Transcriber
 from audio.tts import Synthesizer
 from audio.turn_model import TurnModel, TurnModelError
 from audio.vad import load_session
+from dllm_engine.config import ConfigError
 from dllm_engine.decoding import SPOKEN, DecodeParams
 from dllm_engine.engine import Engine
 from dllm_engine.default_model import resolve_model
@@ -145,7 +146,11 @@ class Agent:
         kernels and buffers their first call creates. The engine's pass is a session's first turn:
         where prefixes are shared, its system prompt is then every caller's without a prefill."""
         c = self.config
-        prompt = Dialogue.for_engine(self.engine, c.system_prompt, c.max_history_tokens).prompt([{"role": "user", "content": "Hello!"}])
+        try:
+            dialogue = Dialogue.for_engine(self.engine, c.system_prompt, c.max_history_tokens)
+        except ValueError as e:  # every session would refuse it: say so at load
+            raise ConfigError(f"system prompt: {e}") from None
+        prompt = dialogue.prompt([{"role": "user", "content": "Hello!"}])
         conversation = WARM_UP if self.engine.exact_prefix_reuse else None
         with concurrent.futures.ThreadPoolExecutor(1) as pool:  # its own event loop, whatever the caller runs
             pool.submit(asyncio.run, self.engine.generate(prompt, c.decode, conversation=conversation)).result()

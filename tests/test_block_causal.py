@@ -4,6 +4,7 @@ decoding sees. The reference here builds its attention mask by hand, independent
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -313,6 +314,9 @@ def test_the_agents_warm_up_leaves_its_system_prompt_to_the_first_caller(tmp_pat
         assert shared > len(tok.encode(config.system_prompt))
         _, out = asyncio.run(agent.engine.generate(first_turn, agent.config.decode, conversation="call-1"))
         assert out.stats.reused_tokens == shared
+        agent.config = dataclasses.replace(config, system_prompt="Be brief. " * 400)  # every session would refuse it
+        with pytest.raises(ConfigError, match=r"^system prompt: instructions must fit in \d+ tokens"):
+            agent.warm_up()
     finally:
         agent.close()
 
