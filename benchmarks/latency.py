@@ -65,6 +65,7 @@ from agent import events as ev
 from agent import live_settings
 from agent.turns import COMPLETE
 from audio.codec import AudioError, resample, to_float32, trim
+from dllm_engine.loading import DTYPE_CHOICES
 from dllm_engine.options import positive_int
 
 from . import report as html_report
@@ -481,6 +482,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--asr-window", type=float, default=15.0, metavar="SECONDS", help="the agent's Whisper window, as `serve --asr-window` (default: %(default)s); not with --url")
     t.add_argument("--threads", type=positive_int, help="the agent's torch threads, as `serve --threads` (default: AgentConfig's); not with --url")
     t.add_argument("--compile", action="store_true", help="compile the agent's dLLM layers, as `serve --compile`; not with --url")
+    t.add_argument("--dtype", choices=DTYPE_CHOICES, help="the agent's dLLM weights, as `serve --dtype` (default: auto); not with --url")
     t.add_argument("--voice", type=Path, help="piper voice .onnx that synthesizes the questions (default: the agent's voice)")
     t.add_argument("--speech-dir", type=Path, help="WAVs + transcripts.tsv to speak instead of synthesized questions (format above)")
     load = p.add_argument_group("load")
@@ -555,7 +557,8 @@ async def bench(args: argparse.Namespace, agent=None, utterances: list[Utterance
     """Every configuration × concurrency level; `agent` is None against --url."""
     report: dict = {
         "machine": machine(), **describe(args), "runs": [],
-        **({"asr_window_s": agent.config.asr_window_s, "torch_threads": agent.config.torch_threads, "compiled": agent.config.compile} if agent else {}),
+        **({"asr_window_s": agent.config.asr_window_s, "torch_threads": agent.config.torch_threads, "compiled": agent.config.compile,
+            "llm": agent.model_names()["llm"], "dtype": agent.engine.model.weight_format} if agent else {}),
     }
     if args.url:
         report["server_health"] = check_reachable(args.url)
@@ -590,14 +593,14 @@ def run(args: argparse.Namespace) -> dict:
         if args.url:
             if args.transport == "inproc":
                 raise BenchError("--transport inproc runs sessions in this process: it takes no --url")
-            if args.model or args.threads or args.compile:
-                raise BenchError("--model, --threads and --compile set up the agent loaded here; against --url the server's own answers")
+            if args.model or args.threads or args.compile or args.dtype:
+                raise BenchError("--model, --threads, --compile and --dtype set up the agent loaded here; against --url the server's own answers")
             args.url = base_url(args.url)
             check_reachable(args.url)
         utterances = load_speech(args.speech_dir) if args.speech_dir else None
         agent = None if args.url else Agent.load(AgentConfig(
             model=args.model, asr_window_s=args.asr_window, max_sessions=max(args.callers), compile=args.compile,
-            **({"torch_threads": args.threads} if args.threads else {}),
+            **({"torch_threads": args.threads} if args.threads else {}), **({"dtype": args.dtype} if args.dtype else {}),
         ))
         try:
             return asyncio.run(bench(args, agent, utterances))
