@@ -82,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     params = decode_params(args)
     model = model_path(args)
     engine = engine_from_args(args, max_batch=args.max_batch)
+    engine.share_prefixes = not args.own_prefixes
     settings = ApiSettings(host=args.host, port=args.port, token=token, model_name=args.served_model_name or (args.model or model).name,
                            max_requests=args.max_requests, decode=params, tokenizer_fingerprint=tokenizer_fingerprint(model))
     print(f"serving {settings.model_name} at http://{args.host}:{args.port}/v1", file=sys.stderr)
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together in one batch (default: %(default)s)")
     s.add_argument("--max-requests", type=positive_int, default=32, help="requests decoding or waiting for the batch; more get 429 (default: %(default)s)")
     s.add_argument("--drain-s", type=float, default=30.0, metavar="SECONDS", help="on shutdown, how long running requests may finish (default: %(default)s)")
+    s.add_argument("--own-prefixes", action="store_true",
+                   help="a conversation reuses only its own cached prefix, never another's matching one (clients who must not learn from each other's timing)")
     add_model_args(s)
     add_decode_args(s)
     s.set_defaults(func=cmd_serve)

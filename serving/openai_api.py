@@ -84,6 +84,7 @@ class Api:
             "dllm": {  # what a client that renders its own prompts (serving.remote) needs to know
                 "tokenizer_sha256": self.settings.tokenizer_fingerprint, "max_new_tokens": e.max_new_tokens,
                 "max_prompt_tokens": e.max_prompt_tokens, "exact_prefix_reuse": e.exact_prefix_reuse, "max_batch": e.max_batch,
+                "shared_prefixes": e.share_prefixes and e.exact_prefix_reuse,
             },
         }
 

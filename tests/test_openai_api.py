@@ -146,3 +146,33 @@ def test_dllm_serve_off_loopback_needs_a_token(monkeypatch):
     monkeypatch.delenv("DLLM_API_TOKEN", raising=False)
     with pytest.raises(SystemExit, match="--token"):
         main(["serve", "--host", "0.0.0.0"])
+
+
+@pytest.mark.parametrize("flags, shared", [([], True), (["--own-prefixes"], False)])
+def test_serve_shares_exact_prefixes_between_conversations_unless_told_not_to(flags, shared):
+    """`dllm serve` on the shipped (turn-blocks, exact) model: /v1/models says whether one conversation may
+    load another's matching prefix, and --own-prefixes turns that off."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cli.dllm", "serve", "--port", str(port), *flags],
+                            cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 3 * WAIT
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "no /v1/models"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+                    card = json.load(r)["data"][0]["dllm"]
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert card["exact_prefix_reuse"] is True and card["shared_prefixes"] is shared
+    finally:
+        proc.terminate()
+        proc.wait(30)
