@@ -155,8 +155,13 @@ def test_options_for_the_agent_loaded_here_are_refused_with_a_url(option: list[s
 
 
 def test_the_agent_loaded_here_takes_int8_weights(tiny_chat, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    bench.main(["--model", str(tiny_chat / "model"), "--dtype", "int8", "--callers", "1", "--turns", "1", "--no-baseline", "--timeout", "60", "--json", str(out)])
+    import torch
+
+    out, threads = tmp_path / "bench.json", torch.get_num_threads()
+    try:
+        bench.main(["--model", str(tiny_chat / "model"), "--dtype", "int8", "--callers", "1", "--turns", "1", "--no-baseline", "--timeout", "60", "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the agent set its own: later tests (compiled graphs) guard on it
     report = json.loads(out.read_text())
     assert report["dtype"] == "int8" and report["runs"][0]["turns"] == 1
 
