@@ -61,8 +61,17 @@ class Dialogue:
             raise ValueError(f"instructions must fit in {limit} tokens (half this model's prompt budget), got {tokens}")
         return text
 
-    def add(self, role: str, text: str) -> None:
+    def add(self, role: str, text: str) -> dict[str, str]:
+        """Append a turn; the entry returned is the handle to `remove` it by."""
         self.turns.append({"role": role, "content": text.strip()})
+        return self.turns[-1]
+
+    def remove(self, entry: dict[str, str] | None) -> None:
+        """Take out the turn `add` returned (by identity: two turns may say the same)."""
+        i = next((i for i, t in enumerate(self.turns) if t is entry), None)
+        if i is not None:
+            del self.turns[i]
+            self.dropped -= i < self.dropped
 
     def prompt(self, pending: list[dict[str, str]] | None = None) -> list[int]:
         """Token ids ending in the assistant header; always keeps the last user turn.

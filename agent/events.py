@@ -39,6 +39,16 @@ class Speculation(Event):
 
 
 @dataclasses.dataclass
+class TurnContinued(Event):
+    """The user went on after a pause the agent took for the end of their turn: this turn continues
+    turn `previous`, whose words its Transcript carries; `previous` and the reply it cut short
+    leave the history (the Realtime transport deletes both items)."""
+
+    type: ClassVar[str] = "turn.continued"
+    previous: int
+
+
+@dataclasses.dataclass
 class Transcript(Event):
     type: ClassVar[str] = "conversation.item.input_audio_transcription.completed"
     text: str

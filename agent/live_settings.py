@@ -41,6 +41,7 @@ TURNS = {
     "turn_model": Live(bool, doc="ask the end-of-turn model at each pause (the server must have loaded it)"),
     "complete_end_ms": Live(int, 0, 10_000, "silence that ends a turn the end-of-turn model hears as finished (0: off)"),
     "incomplete_end_ms": Live(int, 0, 10_000, "silence that ends a turn the end-of-turn model hears as unfinished (0: off)"),
+    "continue_ms": Live(int, 0, 10_000, "speech this soon after a turn's end, while its reply plays, continues that turn: answered as one (0: off)"),
     "pause_ms": Live(int, 20, 5_000, "silence that starts speculative ASR and reply"),
     "min_speech_ms": Live(int, 20, 5_000, "speech that starts a turn"),
     "vad_threshold": Live(float, 0.01, 0.99, "Silero speech probability that counts as speech"),

@@ -61,7 +61,9 @@ class Reply:
     done: bool = False
     task: asyncio.Task | None = None
     pending: list[ev.Event] = dataclasses.field(default_factory=list)
+    carried: str = ""  # the words of the turn this one continues (the user had only paused)
     user_text: str = ""
+    user_entry: dict | None = None  # the user turn in the dialogue history
     text: str = ""
     spoken: list[Spoken] = dataclasses.field(default_factory=list)
     sample_rate: int = 0
@@ -80,7 +82,7 @@ class Reply:
         """The turn really ended: release what was held back and let the reply into the history."""
         self.confirmed = True
         if self.user_text:
-            self.host.dialogue.add("user", self.user_text)
+            self.user_entry = self.host.dialogue.add("user", self.user_text)
         for e in self.pending:
             self.host.emit(e)
         self.pending.clear()
@@ -91,6 +93,12 @@ class Reply:
         """The user talked on: drop the speculation, unseen."""
         self.done = self.discarded = True
         self.task.cancel()
+
+    def withdraw(self) -> None:
+        """The user's turn went on past this reply (cut by now): it and the words it answered leave the history."""
+        for entry in (self.user_entry, self.recorded):
+            self.host.dialogue.remove(entry)
+        self.user_entry = self.recorded = None
 
     def stop(self) -> bool:
         """Barge-in: stop producing; True if it was still being produced."""
@@ -171,10 +179,11 @@ class Reply:
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
         try:
             if fixed_text is None:
-                self.user_text = await asyncio.get_running_loop().run_in_executor(agent.asr_pool, agent.asr.transcribe, audio)
+                heard = await asyncio.get_running_loop().run_in_executor(agent.asr_pool, agent.asr.transcribe, audio)
+                self.user_text = f"{self.carried} {heard}".strip()
                 self.timeline.mark("asr_final")
                 if self.confirmed and self.user_text:  # else `confirm` adds it, maybe in `transcribed` just below
-                    self.host.dialogue.add("user", self.user_text)
+                    self.user_entry = self.host.dialogue.add("user", self.user_text)
                 self._emit(ev.Transcript(self.turn, self.user_text, len(audio) / ASR_RATE))
                 self.host.transcribed(self)
                 if not self.user_text:

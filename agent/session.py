@@ -5,6 +5,9 @@
   and asks the end-of-turn model whether the speaker is done; its verdict and the pause's
   transcript move the end of the turn (`turns.end_of_turn_ms`: the end waits for that transcript);
   speech that resumes discards the speculation; the end of turn confirms it (or starts the reply then);
+- speech that starts within `continue_ms` of a turn's end, while the reply to it has not finished
+  playing, continues that turn: the speaker had only paused. The reply is cut, it and the turn's
+  words leave the history, and the new turn's reply answers both parts (`TurnContinued`);
 - speech that starts while the agent's voice is playing is not a turn until it interrupts: after
   the echo guard, `barge_in_ms` of it is a barge-in, an explicit `Interrupted` event after which
   none of that reply's audio leaves the session and the history keeps only what the listener
@@ -54,6 +57,8 @@ class Session:
         self._pause = 0  # a fresh id at each pause, resume and turn end: a verdict for an older one is stale
         self._pause_text: str | None = None  # this pause's transcript (speculative ASR)
         self._verdict: TurnVerdict | None = None  # this pause's end-of-turn model verdict
+        self._turn_end_ms: int | None = None  # media ms where the last turn's speech ended
+        self._carried: tuple[int, str] | None = None  # (turn, the words of the turn it continues)
         self._over_reply: int | None = None  # media ms where speech began over the agent's voice, until it is a turn
         self._over_reply_long = False  # that speech has had a run as long as a barge-in (the echo guard held it off)
         self._judging: set[asyncio.Task] = set()
@@ -225,9 +230,25 @@ class Session:
         return True
 
     def _open_turn(self, media_ms: int) -> None:
+        continued = self._continued_reply(media_ms)
         self._turn += 1
         self.stats["turns"] += 1
         self.emit(ev.SpeechStarted(self._turn, media_ms))
+        if continued is not None:
+            self._interrupt()
+            continued.withdraw()
+            self._carried = (self._turn, continued.user_text)
+            self.stats["turns_continued"] += 1
+            self.emit(ev.TurnContinued(self._turn, continued.turn))
+
+    def _continued_reply(self, media_ms: int) -> Reply | None:
+        """The reply to the last turn, if speech starting at `media_ms` goes on with that turn: it
+        starts within `continue_ms` of the turn's end and the reply has not finished playing."""
+        r, cfg = self._reply, self.config.turns
+        if not cfg.continue_ms or cfg.push_to_talk or r is None or not r.turn or r.turn != self._turn or not (r.confirmed and r.user_text):
+            return None
+        near = self._turn_end_ms is not None and media_ms - self._turn_end_ms <= cfg.continue_ms
+        return r if near and (not r.done or r.audible(echo_guard_ms=None)) else None
 
     async def _judge(self, audio: np.ndarray, pause: int) -> None:
         """Ask the end-of-turn model about this pause (off the event loop); its verdict moves the end."""
@@ -255,7 +276,8 @@ class Session:
     def _end_of_turn(self, audio: np.ndarray | None) -> None:
         verdict, self._pause = self._verdict, next(self._pause_ids)  # a verdict still on its way is too late
         speech_end = self.listener.speech_end
-        self.emit(ev.SpeechStopped(self._turn, speech_end[0] if speech_end else self.listener.media_ms))
+        self._turn_end_ms = speech_end[0] if speech_end else self.listener.media_ms
+        self.emit(ev.SpeechStopped(self._turn, self._turn_end_ms))
         r = self._reply
         if r and r.turn == self._turn and not r.confirmed and not r.discarded:
             r.timeline.mark("endpoint")
@@ -297,7 +319,8 @@ class Session:
         if r and (not r.done or r.audible(echo_guard_ms=None)):
             self._interrupt() if r.confirmed else self._discard_speculation()
         self._timelines[turn] = timeline
-        self._reply = Reply(turn, timeline, self, confirmed=confirmed)
+        carried = self._carried[1] if self._carried and self._carried[0] == turn else ""
+        self._reply = Reply(turn, timeline, self, confirmed=confirmed, carried=carried)
         self._reply.start(audio, fixed_text)
 
     def _discard_speculation(self) -> None:

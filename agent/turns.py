@@ -22,6 +22,10 @@ class TurnConfig:
     turn_model: bool = False
     complete_end_ms: int = 200  # it hears a finished turn and the transcript reads as finished: answer now
     incomplete_end_ms: int = 2000  # it hears a speaker who is not done: keep listening this long
+    # Speech that starts this soon after the end of a turn, while the reply to it has not finished
+    # playing, continues that turn (the speaker had only paused): the reply is cut, and the two parts
+    # are answered as one (0 disables).
+    continue_ms: int = 2000
     max_turn_s: float = 30.0  # longer turns are cut here (and the session says so)
     push_to_talk: bool = False  # silence never ends a turn: the client does (Session.commit)
 

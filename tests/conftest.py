@@ -145,12 +145,13 @@ def srv(voice_agent):
 
 @pytest.fixture(scope="module")
 def question(piper_speech):
-    """`question(text, rate)`: 0.5 s silence, the spoken text, 1.5 s silence (the endpointer needs 0.6 s)."""
+    """`question(text, rate)`: 0.5 s silence, the spoken text, 2.5 s silence: past the longest end of
+    turn (2 s, when Whisper's transcript trails off: tiny.en hears "What do you eat?" at 8 kHz as "what do you")."""
     import numpy as np
 
     from tests.helpers import silence
 
     def make(text: str, rate: int) -> np.ndarray:
-        return np.concatenate([silence(0.5, rate), piper_speech(text, rate), silence(1.5, rate)])
+        return np.concatenate([silence(0.5, rate), piper_speech(text, rate), silence(2.5, rate)])
 
     return make

@@ -192,6 +192,24 @@ async def aiortc_call(srv, wav: Path) -> dict:
     return {"events": seen, **got}
 
 
+def test_a_continued_turn_leaves_the_conversation_on_the_page(srv, browser):
+    """After `turn.continued` the page shows the joined turn only (the view the page's handler calls)."""
+    browser.get(srv.url("/", "http"))
+    turns = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        import('./views.js').then(({ Conversation }) => {
+          const list = document.createElement('ol');
+          const c = new Conversation(list);
+          c.userState(1, 'Please enter your password.', false);
+          c.text(1, 'Okay, go ahead.');
+          c.userState(2, 'Please enter your password. Followed by the pound key.', false);
+          c.remove(1);
+          c.remove(7);  // a turn the page never showed
+          done([...list.children].map((li) => [li.dataset.turn, li.textContent]));
+        }, (e) => done(String(e)));""")
+    assert turns == [["2", "Please enter your password. Followed by the pound key."]]
+
+
 def test_webrtc_call_from_aiortc(srv, question_wav):
     out = asyncio.run(aiortc_call(srv, question_wav))
     types = [e["type"] for e in out["events"]]

@@ -79,3 +79,14 @@ def test_instructions_stay_at_the_head_and_within_their_share_of_the_budget(rand
             dialogue.check_system_prompt(["not", "text"])
     finally:
         engine.close()
+
+
+def test_remove_takes_out_the_turn_it_was_given_and_keeps_the_dropped_ones_dropped(random_model):
+    dialogue = Dialogue(random_model[1])
+    first, _, again = dialogue.add("user", "yes"), dialogue.add("assistant", "Good."), dialogue.add("user", "yes")
+    dialogue.dropped = 2  # the first exchange no longer fits
+    dialogue.remove(again)  # by identity: the first "yes" stays
+    assert dialogue.turns == [{"role": "user", "content": "yes"}, {"role": "assistant", "content": "Good."}] and dialogue.turns[0] is first
+    dialogue.remove(first)
+    dialogue.remove(None)  # nothing recorded: nothing to remove
+    assert dialogue.turns == [{"role": "assistant", "content": "Good."}] and dialogue.dropped == 1

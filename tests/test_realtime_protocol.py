@@ -422,11 +422,16 @@ def test_the_projects_events_field_by_field():
     conn = connect()
     conn.denoise_steps = True
     msgs = without_ids(emit(conn, ev.Speculation(2, "started"), ev.DenoiseStep(2, 1, 3, 4, [0, 2], ["Hi", "."], 5),
-                            ev.Error(2, "engine_busy", "try again"), ev.HangUp(None, "idle")))
+                            ev.TurnContinued(3, 2), ev.Error(2, "engine_busy", "try again"), ev.HangUp(None, "idle")))
     assert msgs[0] == {"type": "turn.speculation", "turn": 2, "action": "started"}
     assert msgs[5] == {"type": "response.denoise.step", "turn": 2, "block": 1, "step": 3, "block_size": 4, "positions": [0, 2],
                        "tokens": ["Hi", "."], "masked_left": 5, "response_id": "resp_2"}
-    assert msgs[6:] == [
+    assert msgs[6:9] == [  # turn 3 continues turn 2: its user item and the reply it cut short leave the conversation
+        {"type": "conversation.item.deleted", "turn": 3, "item_id": "item_2_user"},
+        {"type": "conversation.item.deleted", "turn": 3, "item_id": "item_2_agent"},
+        {"type": "turn.continued", "turn": 3, "previous": 2},
+    ]
+    assert msgs[9:] == [
         {"type": "error", "turn": 2, "error": {"type": "server_error", "code": "engine_busy", "message": "try again", "param": None,
                                                "event_id": None, "event": None}},
         {"type": "session.hangup", "turn": None, "reason": "idle"},
@@ -524,7 +529,7 @@ def test_farewell_is_an_error_event_naming_the_close():
 
 # ---- against the official SDK's types ----------------------------------------------------------
 
-EXTENSIONS = {"turn.metrics", "turn.speculation", "response.denoise.step", "response.interrupted", "session.hangup"}
+EXTENSIONS = {"turn.metrics", "turn.speculation", "turn.continued", "response.denoise.step", "response.interrupted", "session.hangup"}
 
 
 @pytest.mark.parametrize("text_only", [False, True])
@@ -541,12 +546,12 @@ def test_every_server_event_validates_as_the_official_sdks_type(text_only):
     msgs = sent(conn)
     msgs += emit(conn, ev.SpeechStarted(1, 500), ev.SpeechStopped(1, 2000), ev.Transcript(1, "hello", 1.5), ev.AgentText(1, "Hi there."),
                  audio(1), ev.ResponseDone(1, "Hi there."), ev.TurnMetrics(1, {}), ev.AgentText(2, "Well"), audio(2),
-                 ev.Interrupted(2), ev.ResponseDone(2, "Well", interrupted=True), ev.Error(2, "engine_busy", "try again"))
+                 ev.Interrupted(2), ev.ResponseDone(2, "Well", interrupted=True), ev.TurnContinued(3, 2), ev.Error(2, "engine_busy", "try again"))
     msgs += handle(conn, {"type": "conversation.item.truncate", "item_id": "item_1_agent", "content_index": 0, "audio_end_ms": 300},
                    {"type": "session.update", "session": {"instructions": "Be brief."}}, {"type": "response.dance"})
     checked = [m for m in msgs if m["type"] not in EXTENSIONS]
     assert {m["type"] for m in checked} >= {"session.created", "session.updated", "response.created", "response.done", "error",
-                                           "conversation.item.truncated", "input_audio_buffer.speech_started"}
+                                           "conversation.item.truncated", "input_audio_buffer.speech_started", "conversation.item.deleted"}
     for m in checked:
         parsed = adapter.validate_python(m)
         assert parsed.type == m["type"] and parsed.event_id == m["event_id"]

@@ -25,7 +25,7 @@ from dllm_engine.decoding import SPOKEN, DecodeParams, Output, Stats, StepInfo
 from tests.helpers import LOUD, QUIET, LoudnessVAD, ManualClock, eventually, of, settle
 
 VAD_SESSION = object()  # stands for the onnxruntime session: every session's listener is handed it (tests then swap in LoudnessVAD)
-TURNS = TurnConfig(min_speech_ms=64, pause_ms=96, end_ms=192, question_end_ms=0, unfinished_end_ms=0)  # 2, 3 and 6 frames of 32 ms
+TURNS = TurnConfig(min_speech_ms=64, pause_ms=96, end_ms=192, question_end_ms=0, unfinished_end_ms=0, continue_ms=0)  # 2, 3 and 6 frames of 32 ms; continuing a turn: its own tests
 
 
 class ScriptedEngine:
@@ -420,6 +420,59 @@ async def test_played_reports_only_touch_their_own_turn(call):
     assert c.session.dialogue.turns[-1]["content"] == "One two three four."
     c.session.played(1, 0.2)
     assert c.session.dialogue.turns[-1]["content"] == "One two"
+
+
+# ---- a turn that goes on after the agent took its pause for the end ----------------------------
+
+CONTINUING = dataclasses.replace(TURNS, continue_ms=640)  # 20 frames
+
+
+async def test_speech_soon_after_a_turns_end_continues_it_and_both_parts_are_answered_as_one(call):
+    c = await call(["One two three four five six seven eight.", "Press pound."], ("Please enter your password.", "Followed by the pound key."),
+                   turns=CONTINUING)
+    await speaking(c)  # the speaker paused; the agent took it for the end and is answering the first part
+    c.clock.advance(0.2)
+    c.session.played(1, 0.2)
+    await c.say((QUIET, 4), (LOUD, 3))  # they go on: 320 ms after their turn's end, a barge-in
+    await c.until(ev.TurnContinued)
+    assert of(c.events, ev.Interrupted) == [ev.Interrupted(1)] and of(c.events, ev.TurnContinued) == [ev.TurnContinued(2, 1)]
+    assert c.session.dialogue.turns == []  # the first part and the reply it got are out of the history
+    await c.say((QUIET, 6))
+    await c.until(ev.ResponseDone, 2)
+    assert of(c.events, ev.Transcript)[-1].text == "Please enter your password. Followed by the pound key."
+    assert "One two" not in c.engine.prompts[-1] and "Please enter your password. Followed by the pound key." in c.engine.prompts[-1]
+    assert c.session.dialogue.turns == [
+        {"role": "user", "content": "Please enter your password. Followed by the pound key."}, {"role": "assistant", "content": "Press pound."}]
+    assert c.session.stats["turns_continued"] == 1
+
+
+async def test_a_turn_that_goes_on_before_its_reply_is_heard_stops_that_reply_at_once(call):
+    c = await call(["Slow reply.", "Fast reply."], ("My number is", "five five five."), turns=CONTINUING)
+    c.engine.gate.clear()  # turn 1's reply is still being generated: nothing audible yet
+    await c.say((LOUD, 4), (QUIET, 6))
+    await c.until_true(lambda: bool(c.engine.requests))
+    await c.say((LOUD, 2))  # the speaker goes on: the reply to half a sentence stops now, not when it would start playing
+    assert of(c.events, ev.Interrupted) == [ev.Interrupted(1)] and of(c.events, ev.TurnContinued) == [ev.TurnContinued(2, 1)]
+    c.engine.gate.set()
+    await c.say((LOUD, 2), (QUIET, 6))
+    await c.until(ev.ResponseDone, 2)
+    assert of(c.events, ev.ResponseDone) == [ev.ResponseDone(1, "", interrupted=True), ev.ResponseDone(2, "Fast reply.")]
+    assert c.session.dialogue.turns[0] == {"role": "user", "content": "My number is five five five."} and len(c.session.dialogue.turns) == 2
+
+
+@pytest.mark.parametrize("setting", ["later", "played out", "off"])
+async def test_speech_later_than_continue_ms_after_a_reply_that_played_out_or_with_it_off_is_a_turn_of_its_own(call, setting):
+    turns = dataclasses.replace(TURNS, continue_ms=0) if setting == "off" else CONTINUING
+    c = await call(["One two three four five six seven eight.", "Okay."], ("Hi.", "Wait."), turns=turns)
+    await speaking(c)
+    if setting == "later":
+        await c.say((QUIET, 20))  # 640 ms after the end of turn 1 (its speech started at the 2nd of the loud frames below)
+    if setting == "played out":
+        c.clock.advance(1.0)  # its eight words have played
+    await c.say((LOUD, 3), (QUIET, 6))
+    await c.until(ev.ResponseDone, 2)
+    assert of(c.events, ev.TurnContinued) == [] and of(c.events, ev.Transcript)[-1].text == "Wait."
+    assert c.session.dialogue.turns[0] == {"role": "user", "content": "Hi."} and len(c.session.dialogue.turns) == 4
 
 
 # ---- settings, limits, bad input --------------------------------------------------------------

@@ -34,8 +34,9 @@ class TwilioCaller:
             if msg["event"] == "mark":  # played up to here (the server paces in real time)
                 await self.ws.send(json.dumps({"event": "mark", "sequenceNumber": "99", "streamSid": SID, "mark": msg["mark"]}))
 
-    async def say(self, text: str | np.ndarray, pause_s: float = 1.5) -> None:
-        """Speak `text` (or ready 8 kHz audio: no synthesis delay where timing matters)."""
+    async def say(self, text: str | np.ndarray, pause_s: float = 2.5) -> None:
+        """Speak `text` (or ready 8 kHz audio: no synthesis delay where timing matters), then `pause_s` of
+        silence: by default past the longest end of turn (2 s, for a transcript that trails off)."""
         speech = self.piper_speech(text, 8000) if isinstance(text, str) else text
         for m in media_msgs(np.concatenate([speech, silence(pause_s, 8000)])):
             await self.ws.send(m)

@@ -6,6 +6,7 @@ Audio is fed faster than real time: endpointing counts media time, so decisions 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import numpy as np
@@ -130,7 +131,8 @@ async def a_reply_playing(s, piper_speech, clock: ManualClock) -> ev.AgentAudio:
 
 
 async def test_barge_in_cancels_the_reply_and_history_keeps_what_was_heard(voice_agent, piper_speech):
-    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=200, speculation=False) as s:
+    alone = dataclasses.replace(voice_agent.config.turns, continue_ms=0)  # the user answers the reply, not goes on with their turn
+    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=200, speculation=False, turns=alone) as s:
         first = await a_reply_playing(s, piper_speech, ManualClock())
         heard_s = 0.6 * len(first.samples) / first.sample_rate
         s.played(first.turn, heard_s)  # the listener heard 60 % of the first sentence, then talked over it
@@ -141,6 +143,20 @@ async def test_barge_in_cancels_the_reply_and_history_keeps_what_was_heard(voice
     assert expected, "the test's premise: some words were heard"
     [reply] = [t["content"] for t in s.dialogue.turns if t["role"] == "assistant"]
     assert reply == expected
+
+
+async def test_a_speaker_who_goes_on_after_the_agent_began_is_answered_once_for_the_whole_turn(voice_agent, piper_speech):
+    first, second = "I would like to book a table.", "For two people tonight."
+    turns = dataclasses.replace(voice_agent.config.turns, continue_ms=3000)  # past any end-of-turn wait (2 s), then on
+    async with voice_agent.session(echo_guard_ms=0, barge_in_ms=200, turns=turns) as s:
+        s.clock = ManualClock()  # the reply to the first part stays 'playing'
+        await converse(s, np.concatenate([silence(0.5), piper_speech(first), silence(2.1)]), until=ev.AgentAudio)
+        got = await converse(s, np.concatenate([piper_speech(second), silence(1.2)]), until=ev.TurnContinued)
+        got += await converse(s, silence(0), until=ev.TurnMetrics)
+    assert of(got, ev.Interrupted) == [ev.Interrupted(1)] and of(got, ev.TurnContinued) == [ev.TurnContinued(2, 1)]
+    [transcript] = of(got, ev.Transcript)
+    assert similarity(transcript.text, f"{first} {second}") >= 0.7, transcript.text
+    assert [t["role"] for t in s.dialogue.turns] == ["user", "assistant"] and s.dialogue.turns[0]["content"] == transcript.text
 
 
 async def test_the_echo_guard_holds_barge_in_off_until_it_has_passed(voice_agent, piper_speech):

@@ -5,7 +5,7 @@ Stock Realtime clients work unchanged: `session.update` in the current or the be
 `response.output_audio.delta`, in pcm16 or G.711. Events carry the current API's names, or the beta's
 for a client that asks for them (the `OpenAI-Beta: realtime=v1` header the beta SDKs send, a
 session.update in the beta shape, or `event_names: "beta"`). The project's own events
-(`turn.metrics`, `turn.speculation`, `response.denoise.step`, `response.interrupted`,
+(`turn.metrics`, `turn.speculation`, `turn.continued`, `response.denoise.step`, `response.interrupted`,
 `session.hangup`) and fields (`turn` on every event) are extensions. The protocol table is in
 README.md ("WebSocket protocol").
 """
@@ -240,6 +240,9 @@ class RealtimeConnection(Connection):
         if isinstance(e, ev.Transcript):
             return [{"type": e.type, "turn": turn, "item_id": user_item(turn), "content_index": 0, "transcript": e.text,
                      "usage": {"type": "duration", "seconds": round(e.audio_s, 3)}}]
+        if isinstance(e, ev.TurnContinued):  # the earlier turn and the reply it cut short leave the conversation
+            deleted = [{"type": "conversation.item.deleted", "turn": turn, "item_id": item} for item in (user_item(e.previous), agent_item(e.previous))]
+            return [*deleted, {"type": e.type, "turn": turn, "previous": e.previous}]
         if isinstance(e, ev.AgentText):
             kind = "response.output_text.delta" if self.text_only else "response.output_audio_transcript.delta"
             return [{"type": kind, **self._part_ids(turn), "delta": e.text}]

@@ -172,6 +172,9 @@ function onEvent(msg) {
     case 'response.interrupted':
       call?.transport.stopPlayback(turn);
       break;
+    case 'turn.continued':
+      conversation.remove(msg.previous);
+      break;
     case 'response.done':
       conversation.done(turn, msg.response.output[0]?.content[0]?.transcript ?? '', msg.response.status === 'cancelled');
       break;

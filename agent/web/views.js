@@ -80,6 +80,11 @@ export class Conversation {
     t.agent.classList.toggle('interrupted', interrupted);
   }
 
+  remove(turn) { // the user went on with this turn: its words and the reply it cut short leave the page
+    this.turns.get(turn)?.li.remove();
+    this.turns.delete(turn);
+  }
+
   scroll() { this.list.scrollTop = this.list.scrollHeight; }
 }
 
