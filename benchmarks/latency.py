@@ -7,7 +7,8 @@ The true end of each utterance is known from the audio itself (it is trimmed), s
     caller voice-to-voice = first audible reply audio (> -40 dBFS) of the turn − true end of speech
 
 next to the server's own timeline for the same turn (`turn.metrics`). Utterances with 300-700 ms
-pauses measure the premature-endpoint rate; transcripts give the ASR word error rate. The same
+pauses measure the premature-endpoint rate (and how many of those the server then answered as one
+turn, `turn.continued`); transcripts give the ASR word error rate. The same
 load runs against a baseline configuration (no speculation, vanilla decoding, 800 ms endpointing)
 so every gain shows as a ratio.
 
@@ -125,6 +126,7 @@ class TurnResult:
     caller_v2v_ms: float | None = None
     server: dict | None = None  # the server's timeline for the turn
     premature: bool = False  # the server decided the turn had ended before the speaker had
+    continued: bool = False  # ... and then joined the rest to that turn (turn.continued): answered as one
     send_lag_ms: float = 0.0  # how far the caller fell behind real time while speaking (an overloaded bench machine)
     failed: str | None = None
 
@@ -239,6 +241,7 @@ class Probe:
     transcript: str | None = None
     server: dict | None = None
     stops_ms: list[int] = dataclasses.field(default_factory=list)  # media times of the server's speech_stopped
+    continued: bool = False  # the server said a turn of this utterance continues the one before (turn.continued)
 
     def hear(self, samples: np.ndarray, rate: int, now: float) -> None:
         """Reply audio plays from its arrival or from the end of the audio before it, whichever is later."""
@@ -280,6 +283,8 @@ class Listener:
             p.hear(e.samples, e.sample_rate, now)
         elif isinstance(e, ev.Transcript):
             p.transcript = e.text
+        elif isinstance(e, ev.TurnContinued):
+            p.continued = True
         elif isinstance(e, ev.ResponseDone):
             p.replied = bool(e.text.strip()) and not e.interrupted
         elif isinstance(e, ev.TurnMetrics):
@@ -330,6 +335,7 @@ class Caller:
         res.failed = await self.wait_reply(p)
         res.server_turn, res.transcript, res.server = p.turn, p.transcript, p.server
         res.premature = p.early_audio or any(p.began_ms <= s < end_ms - PREMATURE_SLACK_MS for s in p.stops_ms)
+        res.continued = res.premature and p.continued
         if p.first_audible is not None:
             res.caller_v2v_ms = round((p.first_audible - p.speech_end) * 1000, 1)
         elif res.failed is None:
@@ -391,6 +397,7 @@ def summarize(results: list[TurnResult], wall_s: float, cpu_s: float) -> dict:
         "paused_utterances": len(paused),
         "premature_by_pause": {k: {"premature": sum(r.premature for r in paused if r.paused == k), "utterances": sum(r.paused == k for r in paused)} for k in sorted({r.paused for r in paused})},
         "premature_all_rate": None if not results else round(sum(r.premature for r in results) / len(results), 3),
+        "premature_continued": {"continued": sum(r.continued for r in results), "premature": sum(r.premature for r in results)},
         "asr_wer": None if not heard else round(word_error_rate([r.text for r in heard], [r.transcript for r in heard]), 3),
         "cpu_util": round(cpu_s / wall_s / (os.cpu_count() or 1), 3),
         "max_send_lag_ms": max((r.send_lag_ms for r in results), default=0.0),
@@ -510,6 +517,8 @@ def print_table(runs: list[dict]) -> None:
     for r in runs:
         if len(kinds := r.get("premature_by_pause") or {}) > 1:
             print(f"{r['config']:<10} {r['callers']:>2} premature by kind of pause: " + ", ".join(f"{k} {v['premature']}/{v['utterances']}" for k, v in kinds.items()))
+        if (c := r.get("premature_continued")) and c["premature"]:
+            print(f"{r['config']:<10} {r['callers']:>2} premature ends the speaker then continued (turn.continued): {c['continued']}/{c['premature']}")
 
 
 def _turn_ms(t: dict | None) -> str:

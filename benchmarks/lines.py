@@ -128,6 +128,8 @@ def decode_realtime(msg: dict) -> ev.Event | None:
         return ev.ResponseDone(turn, content[0].get("transcript") or "" if content else "", response.get("status") == "cancelled")
     if kind == "turn.metrics":
         return ev.TurnMetrics(turn, msg["timeline"])
+    if kind == "turn.continued":
+        return ev.TurnContinued(turn, msg["previous"])
     if kind == "session.hangup":
         return ev.HangUp(turn, msg.get("reason", "closed"))
     if kind == "error":

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from benchmarks import latency as bench
+from benchmarks import lines as bench_lines
 from benchmarks.latency import first_audible_s, word_error_rate
 from benchmarks.lines import LineError, LocalServer, webrtc_line
 
@@ -56,6 +57,20 @@ def test_a_turn_the_server_ends_inside_an_utterance_is_followed_by_the_next():
     assert p.first_audible == pytest.approx(2.4) and p.server == {"turn": 2} and listener.finished(p, now=4.0)
 
 
+def test_an_utterance_the_server_joined_after_a_premature_end_counts_as_continued():
+    from agent import events as ev
+
+    listener = bench.Listener(turn_ids=True)
+    p = listener.probe = bench.Probe(began_ms=0)
+    for e in (ev.SpeechStarted(1, 100), ev.SpeechStopped(1, 900), ev.SpeechStarted(2, 1300), bench_lines.decode_realtime(
+            {"type": "turn.continued", "turn": 2, "previous": 1}), ev.TurnContinued(1, 0)):  # the last: another turn's, ignored
+        listener.on(e, now=1.0)
+    assert p.continued and p.turn == 2
+    q = listener.probe = bench.Probe(began_ms=0)
+    listener.on(ev.SpeechStarted(3, 100), now=1.0)
+    assert not q.continued
+
+
 @pytest.fixture
 def steady_agent(voice_agent):
     """The voice agent with endpointing on silence alone: a turn ends after 1 s of it, never at a pause the
@@ -81,6 +96,8 @@ def test_short_run_over_websocket(steady_agent, tmp_path: Path) -> None:
     assert {"server_v2v_ms", "premature_endpoint_rate", "asr_wer", "cpu_util", "failed"} <= set(run)
     assert run["paused_utterances"] == 1  # the synthesized pool alternates plain and paused questions
     assert run["premature_by_pause"] == {"paused": {"premature": int(run["premature_endpoint_rate"]), "utterances": 1}}
+    premature = sum(t["premature"] for t in run["results"])
+    assert run["premature_continued"] == {"continued": sum(t["continued"] for t in run["results"]), "premature": premature}
     assert len(run["results"]) == 2 and run["failed"] == 0, [{k: v for k, v in t.items() if k != "server"} for t in run["results"]]
     for turn in run["results"]:  # answered: the caller heard it, and the server's timeline is paired with it
         assert turn["failed"] is None and turn["caller_v2v_ms"] is not None
