@@ -71,7 +71,8 @@ class Dialogue:
         i = next((i for i, t in enumerate(self.turns) if t is entry), None)
         if i is not None:
             del self.turns[i]
-            self.dropped -= i < self.dropped
+            if i < self.dropped:
+                self.dropped -= 1
 
     def prompt(self, pending: list[dict[str, str]] | None = None) -> list[int]:
         """Token ids ending in the assistant header; always keeps the last user turn.

@@ -58,7 +58,7 @@ class Session:
         self._pause_text: str | None = None  # this pause's transcript (speculative ASR)
         self._verdict: TurnVerdict | None = None  # this pause's end-of-turn model verdict
         self._turn_end_ms: int | None = None  # media ms where the last turn's speech ended
-        self._carried: tuple[int, str] | None = None  # (turn, the words of the turn it continues)
+        self._carried = ""  # the words of the turn the current one continues
         self._over_reply: int | None = None  # media ms where speech began over the agent's voice, until it is a turn
         self._over_reply_long = False  # that speech has had a run as long as a barge-in (the echo guard held it off)
         self._judging: set[asyncio.Task] = set()
@@ -233,11 +233,12 @@ class Session:
         continued = self._continued_reply(media_ms)
         self._turn += 1
         self.stats["turns"] += 1
+        self._carried = ""
         self.emit(ev.SpeechStarted(self._turn, media_ms))
         if continued is not None:
             self._interrupt()
             continued.withdraw()
-            self._carried = (self._turn, continued.user_text)
+            self._carried = continued.user_text
             self.stats["turns_continued"] += 1
             self.emit(ev.TurnContinued(self._turn, continued.turn))
 
@@ -319,8 +320,7 @@ class Session:
         if r and (not r.done or r.audible(echo_guard_ms=None)):
             self._interrupt() if r.confirmed else self._discard_speculation()
         self._timelines[turn] = timeline
-        carried = self._carried[1] if self._carried and self._carried[0] == turn else ""
-        self._reply = Reply(turn, timeline, self, confirmed=confirmed, carried=carried)
+        self._reply = Reply(turn, timeline, self, confirmed=confirmed, carried=self._carried)
         self._reply.start(audio, fixed_text)
 
     def _discard_speculation(self) -> None:

@@ -444,6 +444,10 @@ async def test_speech_soon_after_a_turns_end_continues_it_and_both_parts_are_ans
     assert c.session.dialogue.turns == [
         {"role": "user", "content": "Please enter your password. Followed by the pound key."}, {"role": "assistant", "content": "Press pound."}]
     assert c.session.stats["turns_continued"] == 1
+    c.clock.advance(10.0)  # the reply has played out
+    await c.say((QUIET, 30), (LOUD, 3), (QUIET, 6))  # a later turn of its own carries nothing
+    await c.until(ev.ResponseDone, 3)
+    assert of(c.events, ev.Transcript)[-1].text == "Followed by the pound key."
 
 
 async def test_a_turn_that_goes_on_before_its_reply_is_heard_stops_that_reply_at_once(call):
